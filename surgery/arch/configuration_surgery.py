@@ -1,0 +1,93 @@
+"""Config of the surgery decoder: a llama-style family description plus a per-layer plan.
+
+This file is shipped flat inside every converted checkpoint, so it imports only torch,
+huggingface_hub and the public API of transformers.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+
+@strict
+class SurgeryConfig(PreTrainedConfig):
+    r"""
+    The family fields (`hidden_size`, `attention_bias`, ...) describe the source model. They cover llama,
+    mistral, qwen2 and qwen3, which differ only in biases, the per-head q/k norm and sliding windows.
+
+    The plan fields say how each layer deviates from the source:
+
+    kv_source (`list[int]`, *optional*):
+        For each layer, the layer whose key/value cache it attends to. A layer equal to its own index computes
+        and caches its own K/V; any other value makes it a *sharing* layer (KVSharer): it has no `k_proj` or
+        `v_proj` and stores nothing in the cache. `None` means every layer owns its K/V.
+    surgery_recipes (`list[str]`):
+        The recipes applied at conversion, for provenance.
+    source_model_type (`str`):
+        The `model_type` of the source checkpoint.
+    """
+
+    model_type = "surgery"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    attention_dropout: int | float | None = 0.0
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+
+    kv_source: list[int] | None = None
+    surgery_recipes: list[str] | None = None
+    source_model_type: str | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
+        if self.kv_source is None:
+            self.kv_source = list(range(self.num_hidden_layers))
+        if self.surgery_recipes is None:
+            self.surgery_recipes = []
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Reject plans that cannot run: a layer may only read the cache of an earlier layer that owns its K/V."""
+        if len(self.kv_source) != self.num_hidden_layers:
+            raise ValueError(f"kv_source has {len(self.kv_source)} entries for {self.num_hidden_layers} layers")
+        for layer, source in enumerate(self.kv_source):
+            if not 0 <= source <= layer:
+                raise ValueError(f"layer {layer} cannot read the cache of layer {source}: it must be an earlier layer")
+            if self.kv_source[source] != source:
+                raise ValueError(f"layer {layer} reads layer {source}, which itself shares; point it at the root")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+
+    @property
+    def sharing_layers(self) -> list[int]:
+        """Layers that attend to another layer's cache and hold no K/V of their own."""
+        return [layer for layer, source in enumerate(self.kv_source) if source != layer]
+
+
+__all__ = ["SurgeryConfig"]

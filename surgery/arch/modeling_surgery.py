@@ -1,0 +1,379 @@
+"""The surgery decoder: one llama-family model whose layers are configured by a conversion plan.
+
+With an empty plan it computes exactly what the source family (llama, mistral, qwen2, qwen3) computes. The plan
+changes individual layers: a *sharing* layer (KVSharer) has no k_proj/v_proj and attends to an earlier layer's
+cached K/V. There is one attention path and one cache (`SurgeryCache`) for every plan.
+
+Shipped flat inside every converted checkpoint, so it imports only torch and the public API of transformers.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+from .cache_surgery import SurgeryCache
+from .configuration_surgery import SurgeryConfig
+
+
+class SurgeryRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class SurgeryRotaryEmbedding(nn.Module):
+    """RoPE cos/sin from the original token positions, for every rope type transformers knows."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: SurgeryConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: SurgeryConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """Plain RoPE; the name is the hook transformers' weight init calls to rebuild `inv_freq`."""
+        base, dim = config.rope_parameters["rope_theta"], config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (batch, heads, seq, head_dim) by the per-position cos/sin (batch, seq, head_dim)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    query_length: int,
+    past_length: int,
+    sliding_window: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Additive (batch|1, 1, q, kv) mask: causal over cache slots, padding from the 2-D mask, optional window.
+
+    Returns None when plain causal attention is exact (no padding, no window), so SDPA can take its fast path.
+    """
+    kv_length = past_length + query_length
+    has_padding = attention_mask is not None and not bool(attention_mask[:, :kv_length].all())
+    window_bites = sliding_window is not None and kv_length > sliding_window
+    if not has_padding and not window_bites and (query_length == 1 or past_length == 0):
+        return None
+    query_slots = torch.arange(past_length, kv_length, device=device)[:, None]
+    key_slots = torch.arange(kv_length, device=device)[None, :]
+    allowed = key_slots <= query_slots
+    if sliding_window is not None:
+        allowed = allowed & (key_slots > query_slots - sliding_window)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :kv_length].bool()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    implementation: str,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Grouped-query attention over (batch, heads, seq, dim) tensors; returns (batch, seq, heads, dim).
+
+    `mask=None` means causal with queries aligned to the end of the keys (prefill or single-token decode).
+    """
+    n_rep = query.shape[1] // key.shape[1]
+    is_causal = mask is None and query.shape[2] > 1
+    if implementation == "eager":
+        key = key.repeat_interleave(n_rep, dim=1)
+        value = value.repeat_interleave(n_rep, dim=1)
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if mask is not None:
+            scores = scores + mask
+        elif is_causal:
+            q_len, k_len = scores.shape[-2:]
+            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        probs = F.dropout(probs, p=dropout)
+        out = torch.matmul(probs, value)
+    else:
+        if is_causal and query.shape[2] != key.shape[2]:
+            raise ValueError("causal SDPA without a mask needs as many queries as keys")
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
+            enable_gqa=n_rep > 1,
+        )
+    return out.transpose(1, 2)
+
+
+class SurgeryAttention(nn.Module):
+    """Attention whose K/V come from its own projections or, for a sharing layer, from an earlier layer's cache."""
+
+    def __init__(self, config: SurgeryConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.kv_source = config.kv_source[layer_idx]
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if is_sliding else None
+
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = SurgeryRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        if self.owns_kv:
+            kv_width = self.num_kv_heads * self.head_dim
+            self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+            self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+            if config.qk_norm:
+                self.k_norm = SurgeryRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    @property
+    def owns_kv(self) -> bool:
+        return self.kv_source == self.layer_idx
+
+    def _heads(self, projected: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = projected.shape
+        return projected.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        masks: dict[int | None, torch.Tensor | None],
+        cache: SurgeryCache,
+    ) -> torch.Tensor:
+        cos, sin = position_embeddings
+        query = self._heads(self.q_proj(hidden_states))
+        if self.config.qk_norm:
+            query = self.q_norm(query)
+        query = apply_rope(query, cos, sin)
+
+        if self.owns_kv:
+            key = self._heads(self.k_proj(hidden_states))
+            value = self._heads(self.v_proj(hidden_states))
+            if self.config.qk_norm:
+                key = self.k_norm(key)
+            key = apply_rope(key, cos, sin)
+            key, value = cache.update(key, value, self.layer_idx)
+        else:
+            key, value = cache.read(self.layer_idx)
+
+        dropout = self.config.attention_dropout if self.training else 0.0
+        out = attend(
+            query, key, value, masks[self.sliding_window], self.scaling, self.config._attn_implementation, dropout
+        )
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
+
+
+class SurgeryMLP(nn.Module):
+    def __init__(self, config: SurgeryConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SurgeryDecoderLayer(nn.Module):
+    def __init__(self, config: SurgeryConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = SurgeryAttention(config, layer_idx)
+        self.mlp = SurgeryMLP(config)
+        self.input_layernorm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, masks, cache) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, masks, cache
+        )
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class SurgeryPreTrainedModel(PreTrainedModel):
+    config_class = SurgeryConfig
+    config: SurgeryConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["SurgeryDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_attention_backend = False
+
+
+class SurgeryModel(SurgeryPreTrainedModel):
+    def __init__(self, config: SurgeryConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(SurgeryDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = SurgeryRotaryEmbedding(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_hidden_states = bool(output_hidden_states)
+
+        cache = self._resolve_cache(past_key_values)
+        past_length = cache.get_seq_length()
+        query_length = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + query_length, device=inputs_embeds.device)[None]
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("the surgery model takes a 2-D (batch, keys) padding mask")
+
+        windows = {layer.self_attn.sliding_window for layer in self.layers}
+        masks = {
+            window: build_attention_mask(
+                attention_mask, query_length, past_length, window, inputs_embeds.dtype, inputs_embeds.device
+            )
+            for window in windows
+        }
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = [] if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            hidden_states = layer(hidden_states, position_embeddings, masks, cache)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
+
+    def _resolve_cache(self, past_key_values: Cache | None) -> SurgeryCache:
+        """Our cache, whatever generate() offers: it pre-builds an empty DynamicCache, which cannot hold our plan."""
+        if isinstance(past_key_values, SurgeryCache):
+            return past_key_values
+        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            return SurgeryCache(self.config.kv_source)
+        raise ValueError(
+            f"a filled {type(past_key_values).__name__} cannot be used with this model; pass a SurgeryCache"
+        )
+
+
+class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SurgeryConfig):
+        super().__init__(config)
+        self.model = SurgeryModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def set_kv_sources(self, kv_source: list[int]) -> None:
+        """Re-point layers at other layers' caches in place, as a plan search does between trial forwards.
+
+        Layers keep their projections, so any plan whose owners still have k_proj/v_proj can be tried.
+        """
+        for layer, source in zip(self.model.layers, kv_source):
+            attention = layer.self_attn
+            if source == attention.layer_idx and not hasattr(attention, "k_proj"):
+                raise ValueError(f"layer {attention.layer_idx} has no K/V projections and cannot own a cache")
+            attention.kv_source = source
+        self.config.kv_source = list(kv_source)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = ["SurgeryForCausalLM", "SurgeryModel", "SurgeryPreTrainedModel", "SurgeryCache"]

@@ -1,0 +1,93 @@
+"""Translate a source `config.json` (llama, mistral, qwen2, qwen3) into the surgery architecture's config.
+
+The four families share one decoder and differ only in biases, the per-head q/k norm and sliding windows, so
+each family is a few lines of field mapping rather than a model class.
+"""
+
+from typing import Any
+
+from transformers import AutoConfig
+
+from .arch.configuration_surgery import SurgeryConfig
+from .errors import SurgeryError
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+_COMMON_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "attention_dropout",
+)
+
+
+def _family_fields(model_type: str, source: Any) -> dict[str, Any]:
+    """The fields in which the families differ."""
+    if model_type == "llama":
+        return {
+            "attention_bias": source.attention_bias,
+            "attention_out_bias": source.attention_bias,
+            "mlp_bias": source.mlp_bias,
+        }
+    if model_type == "mistral":
+        window = source.sliding_window
+        return {
+            "sliding_window": window,
+            "layer_types": ["sliding_attention" if window else "full_attention"] * source.num_hidden_layers,
+        }
+    if model_type == "qwen2":
+        return {
+            "attention_bias": True,
+            "sliding_window": source.sliding_window,
+            "layer_types": list(source.layer_types),
+        }
+    if model_type == "qwen3":
+        return {
+            "attention_bias": source.attention_bias,
+            "attention_out_bias": source.attention_bias,
+            "qk_norm": True,
+            "sliding_window": source.sliding_window,
+            "layer_types": list(source.layer_types),
+        }
+    raise unsupported(model_type)
+
+
+def unsupported(model_type: str | None) -> SurgeryError:
+    return SurgeryError(
+        f"unsupported model_type {model_type!r}: surgery converts {', '.join(SUPPORTED_FAMILIES)}",
+        hint="pick a model of a supported family",
+    )
+
+
+def read_model_type(config_dict: dict[str, Any]) -> str:
+    model_type = config_dict.get("model_type")
+    if model_type not in SUPPORTED_FAMILIES and model_type != SurgeryConfig.model_type:
+        raise unsupported(model_type)
+    return model_type
+
+
+def surgery_config_from_source(config_dict: dict[str, Any]) -> SurgeryConfig:
+    """Build the identity-plan surgery config for a source `config.json` dict (without executing remote code)."""
+    model_type = read_model_type(config_dict)
+    if model_type == SurgeryConfig.model_type:
+        raise SurgeryError("the source is already a surgery checkpoint", hint="convert the original model instead")
+    fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version")}
+    source = AutoConfig.for_model(model_type, **fields)
+    kwargs = {name: getattr(source, name) for name in _COMMON_FIELDS if getattr(source, name, None) is not None}
+    kwargs.update(_family_fields(model_type, source))
+    kwargs["source_model_type"] = model_type
+    kwargs["dtype"] = config_dict.get("dtype") or config_dict.get("torch_dtype")
+    return SurgeryConfig(**kwargs)

@@ -1,0 +1,1 @@
+"""Triton kernels for the attention layouts a plan creates. Bundled flat into checkpoints beside `arch/`."""
