@@ -1,0 +1,86 @@
+"""recipe.yaml and the model card (README.md) of a converted checkpoint."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from .recipes import recipe_class
+
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+RECIPE_FILE = "recipe.yaml"
+EVAL_FILE = "eval_results.json"
+
+
+def write_recipe(folder: Path, record: dict[str, Any]) -> None:
+    (folder / RECIPE_FILE).write_text(yaml.safe_dump(record, sort_keys=False, width=120))
+
+
+def read_recipe(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / RECIPE_FILE
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def _eval_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    candidate, baseline = results.get("model", {}), results.get("baseline", {})
+    for key, label, fmt in METRICS:
+        if key in candidate:
+            base = fmt.format(baseline[key]) if key in baseline else "-"
+            rows.append((label, fmt.format(candidate[key]), base))
+    return rows
+
+
+METRICS = (
+    ("perplexity", "perplexity (held-out)", "{:.3f}"),
+    ("kv_bytes_per_token", "KV-cache bytes per token (measured)", "{:,.0f}"),
+    ("greedy_agreement", "greedy agreement with base", "{:.1%}"),
+    ("prefill_tokens_per_s", "prefill tokens/s", "{:.1f}"),
+    ("decode_tokens_per_s", "decode tokens/s", "{:.1f}"),
+    ("peak_memory_mib", "peak memory (MiB)", "{:.0f}"),
+)
+
+
+def render_card(folder: Path, model_id: str | None = None) -> str:
+    """Render README.md from templates/ with the recipe record and, when present, the eval results."""
+    folder = Path(folder)
+    record = read_recipe(folder)
+    results = json.loads((folder / EVAL_FILE).read_text()) if (folder / EVAL_FILE).is_file() else {}
+    recipes = []
+    for entry in record.get("recipes", []):
+        recipe = recipe_class(entry["name"])(**entry.get("options", {}))
+        recipes.append({
+            "name": entry["name"],
+            "paper": recipe.paper,
+            "saves": recipe.saves,
+            "options": entry.get("options", {}),
+            "plan_lines": recipe.describe(entry.get("plan", {})),
+        })
+    base_model = record.get("source", {}).get("name", "unknown")
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["surgery", *[entry["name"] for entry in record.get("recipes", [])]],
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=f"{base_model.split('/')[-1]} ({', '.join(r['name'] for r in recipes)})",
+        model_id=model_id or str(folder),
+        base_model=base_model,
+        recipes=recipes,
+        eval_rows=_eval_rows(results),
+        eval_note=results.get("note", ""),
+        command=record.get("command", ""),
+        recipe_yaml=yaml.safe_dump(record, sort_keys=False, width=120).strip(),
+        transformers_version=transformers.__version__,
+        torch_version=torch.__version__.split("+")[0],
+    )
+    text = str(card)
+    (folder / "README.md").write_text(text)
+    return text

@@ -1,0 +1,204 @@
+"""The `surgery` command line. Bad input prints one line naming the problem and the fix, and exits non-zero."""
+
+import functools
+import logging
+import re
+import shlex
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import click
+
+from .errors import SurgeryError
+from .recipes import RECIPES, recipe_class
+
+log = logging.getLogger("surgery")
+
+
+def friendly_errors(command):
+    """Turn SurgeryError and Ctrl-C into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SurgeryError as error:
+            click.secho(f"error: {error}", fg="red", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.secho("interrupted: nothing was written to the output", fg="red", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def parse_size(text: str) -> int:
+    """Bytes, optionally with a K/M/G/T suffix (powers of 1024): 500000000, 2G, 512MB."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not match:
+        raise SurgeryError(f"cannot read size {text!r}", hint="give bytes, e.g. 2000000000 or 2G")
+    return int(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " ")
+
+
+def _click_type(annotation):
+    """The click type for a recipe field annotation such as `int | None`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] if isinstance(annotation, types.UnionType) else [annotation]
+    return {int: int, float: float, str: str, bool: bool}.get(args[0], str)
+
+
+def recipe_options(command):
+    """Add every recipe's dataclass fields as options. Defaults stay None so each recipe keeps its own."""
+    seen = {}
+    for recipe in RECIPES.values():
+        for spec in fields(recipe):
+            if spec.name in seen:
+                continue
+            seen[spec.name] = spec
+    for name, spec in reversed(list(seen.items())):
+        default = None if spec.default is MISSING else spec.default
+        help_text = spec.metadata.get("help", "") + (f" [{default}]" if default is not None else "")
+        choices = spec.metadata.get("choices")
+        kind = click.Choice(choices) if choices else _click_type(spec.type)
+        command = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None, help=help_text)(command)
+    return command
+
+
+def build_recipes(names: str, options: dict) -> list:
+    recipes = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        cls = recipe_class(name)
+        own = {spec.name for spec in fields(cls)}
+        recipes.append(cls(**{k: v for k, v in options.items() if k in own and v is not None}))
+    if not recipes:
+        raise SurgeryError("no recipe given", hint=f"choose from {', '.join(RECIPES)}")
+    foreign = [k for k, v in options.items() if v is not None and all(k not in {s.name for s in fields(r)} for r in recipes)]
+    if foreign:
+        raise SurgeryError(f"--{foreign[0].replace('_', '-')} does not apply to recipe {names}", hint="remove it")
+    return recipes
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or info logs.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
+@click.version_option(package_name="surgery")
+@click.pass_context
+def main(ctx, quiet: bool, verbose: bool):
+    """Convert Hugging Face LLMs into compressed architectures (KV sharing, and more)."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    ctx.obj = {"progress": not quiet}
+
+
+@main.command("recipes")
+def recipes_command():
+    """List the recipes, their papers and what each saves."""
+    for name, recipe in RECIPES.items():
+        click.secho(name, bold=True)
+        click.echo(f"  paper: {recipe.paper}")
+        click.echo(f"  saves: {recipe.saves}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickled .bin weights.")
+@friendly_errors
+def inspect(model: str, allow_pickle: bool):
+    """Show the family, layers, heads and KV bytes per token of MODEL."""
+    from .inspection import describe
+
+    for key, value in describe(model, allow_pickle).items():
+        click.echo(f"{key:28s} {value}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--recipe", "recipe_names", default="kvsharer", show_default=True, help="Recipe(s), comma-separated.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--calib", default=None, help="Calibration data: .txt/.jsonl/.parquet, a dataset folder or a Hub dataset name. Default: text the model generates itself (offline).")
+@click.option("--num-samples", type=int, default=None, help="Calibration samples (default: the recipe's paper setting).")
+@click.option("--seq-len", type=int, default=None, help="Tokens per calibration sample (default: the recipe's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Weight dtype (default: the source's).")
+@click.option("--max-shard-size", default="5G", show_default=True, help="Largest shard, in bytes (K/M/G suffixes allowed).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new checkpoint is complete).")
+@click.option("--no-verify", is_flag=True, help="Skip loading the result in a fresh interpreter.")
+@click.option("--eval", "run_eval", is_flag=True, help="Run `surgery eval` against the source and put the numbers in the card.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickled .bin weights.")
+@click.option("--revision", default=None, help="Hub revision of MODEL.")
+@recipe_options
+@click.pass_context
+@friendly_errors
+def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dtype, max_shard_size, overwrite,
+            no_verify, run_eval, allow_pickle, revision, **recipe_kwargs):
+    """Convert MODEL (Hub id, folder, .gguf, or `demo`) with a recipe into --out."""
+    from .convert import ConvertRequest
+    from .convert import convert as run_convert
+
+    request = ConvertRequest(
+        model=model, recipes=build_recipes(recipe_names, recipe_kwargs), out=out, calib=calib,
+        num_samples=num_samples, seq_len=seq_len, seed=seed, dtype=dtype, max_shard_size=parse_size(max_shard_size),
+        overwrite=overwrite, verify=not no_verify, evaluate=run_eval, allow_pickle=allow_pickle, revision=revision,
+        progress=ctx.obj["progress"], command=shlex.join(["surgery", *sys.argv[1:]]),
+    )
+    folder = run_convert(request)
+    click.echo(f"wrote {folder}")
+
+
+@main.command("eval")
+@click.argument("checkpoint")
+@click.option("--baseline", default=None, help="Model to compare with (any MODEL that convert accepts).")
+@click.option("--data", default=None, help="Held-out text (file, folder or dataset). Default: Python's reference manual prose, offline.")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Tokens of held-out text to score.")
+@click.option("--context", "speed_context", type=int, default=512, show_default=True, help="Context length for the speed test.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Where to write the JSON (default: CHECKPOINT/eval_results.json).")
+@click.pass_context
+@friendly_errors
+def eval_command(ctx, checkpoint, baseline, data, max_tokens, speed_context, json_path):
+    """Measure CHECKPOINT: perplexity, KV bytes per token, greedy agreement, speed, memory."""
+    from .card import EVAL_FILE, render_card
+    from .evaluate import evaluate, print_report, write_results
+
+    results = evaluate(checkpoint, baseline, progress=ctx.obj["progress"], data=data, max_tokens=max_tokens,
+                       speed_context=speed_context)
+    print_report(results)
+    folder = Path(checkpoint)
+    is_surgery_checkpoint = (folder / "recipe.yaml").is_file()
+    target = json_path or (folder / EVAL_FILE if is_surgery_checkpoint else None)
+    if target is not None:
+        write_results(results, target)
+        click.echo(f"wrote {target}")
+    if is_surgery_checkpoint and json_path is None:
+        render_card(folder)
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--prompt", default="Write one sentence about the sea.", show_default=True)
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@friendly_errors
+def generate(checkpoint, prompt, max_new_tokens):
+    """Greedy-generate from CHECKPOINT, using its chat template when it has one."""
+    import torch
+
+    from .evaluate import load_model
+
+    model, tokenizer = load_model(checkpoint)
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    click.echo(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""One conversion, in one direction: source -> calibrate -> plan -> rewrite -> export -> verify (-> eval)."""
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .arch.configuration_surgery import SurgeryConfig
+from .arch.modeling_surgery import SurgeryForCausalLM
+from .calibration import CalibrationSettings, calibration_ids
+from .card import EVAL_FILE, render_card, write_recipe
+from .errors import SurgeryError
+from .export import DTYPES, bundle_remote_code, carry_files, staging, write_config, write_weights
+from .families import surgery_config_from_source
+from .recipes import Recipe
+from .sources import Source, resolve
+from .tensor_io import LazyCheckpoint
+from .verify import verify_checkpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+
+
+@dataclass
+class ConvertRequest:
+    """Everything one conversion needs; `command` is recorded so recipe.yaml can reproduce it."""
+
+    model: str
+    recipes: list[Recipe]
+    out: Path
+    calib: str | None = None
+    num_samples: int | None = None
+    seq_len: int | None = None
+    seed: int = 0
+    dtype: str | None = None
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    overwrite: bool = False
+    verify: bool = True
+    evaluate: bool = False
+    allow_pickle: bool = False
+    revision: str | None = None
+    progress: bool = True
+    command: str = ""
+    eval_options: dict = field(default_factory=dict)
+
+
+def calibration_settings(request: ConvertRequest) -> CalibrationSettings | None:
+    """The recipe's paper defaults, overridden by what the user passed; None when no recipe calibrates."""
+    wanted = [recipe.calibration for recipe in request.recipes if recipe.calibration is not None]
+    if not wanted:
+        return None
+    return CalibrationSettings(
+        source=request.calib,
+        num_samples=request.num_samples or max(w.num_samples for w in wanted),
+        seq_len=request.seq_len or max(w.seq_len for w in wanted),
+        seed=request.seed,
+    )
+
+
+def load_calibration_model(source: Source, config: SurgeryConfig) -> SurgeryForCausalLM:
+    """The source weights in the surgery architecture with the identity plan, in float32 for calibration."""
+    return SurgeryForCausalLM.from_pretrained(source.folder, config=copy.deepcopy(config), dtype=torch.float32).eval()
+
+
+def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
+                 settings: CalibrationSettings | None) -> list[dict]:
+    """Run calibration once and let each recipe plan, in order, applying each plan before the next."""
+    if settings is None:
+        plans = [recipe.plan(None, None, request.seed, request.progress) for recipe in request.recipes]
+        for recipe, plan in zip(request.recipes, plans):
+            recipe.apply(config, plan)
+        return plans
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(request.seed)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    model = load_calibration_model(source, config)
+    ids = calibration_ids(settings, tokenizer, model)
+    plans = []
+    for recipe in request.recipes:
+        plan = recipe.plan(model, ids, request.seed, request.progress)
+        recipe.apply(config, plan)
+        plans.append(plan)
+    del model
+    return plans
+
+
+def recipe_record(request: ConvertRequest, source: Source, settings: CalibrationSettings | None,
+                  plans: list[dict], dtype: torch.dtype) -> dict:
+    return {
+        "surgery_version": __version__,
+        "command": request.command,
+        "source": {"model": request.model, "name": source.name, "model_type": source.model_type},
+        "recipes": [
+            {"name": recipe.name, "options": recipe.options(), "plan": plan}
+            for recipe, plan in zip(request.recipes, plans)
+        ],
+        "calibration": None if settings is None else {
+            "data": settings.description, "num_samples": settings.num_samples,
+            "seq_len": settings.seq_len, "seed": settings.seed,
+        },
+        "export": {"dtype": str(dtype).removeprefix("torch."), "max_shard_size": request.max_shard_size},
+    }
+
+
+def convert(request: ConvertRequest) -> Path:
+    """Convert `request.model` and write the checkpoint to `request.out`; returns the output folder."""
+    if request.dtype is not None and request.dtype not in DTYPES:
+        raise SurgeryError(f"unknown --dtype {request.dtype!r}", hint=f"choose from {', '.join(DTYPES)}")
+    if Path(request.out).exists() and not request.overwrite:
+        raise SurgeryError(f"{request.out} already exists", hint="pass --overwrite to replace it, or choose another --out")
+    source = resolve(request.model, request.allow_pickle, request.revision)
+    config = surgery_config_from_source(source.config)
+    for recipe in request.recipes:
+        recipe.validate(config)
+    dtype = DTYPES[request.dtype] if request.dtype else LazyCheckpoint(source.folder).dtype()
+
+    settings = calibration_settings(request)
+    plans = plan_recipes(request, source, config, settings)
+    config.surgery_recipes = [recipe.name for recipe in request.recipes]
+
+    with staging(Path(request.out), request.overwrite) as folder:
+        write_weights(source.folder, config, folder, dtype, request.max_shard_size, request.progress)
+        write_config(config, folder, dtype)
+        bundle_remote_code(folder)
+        carry_files(source.folder, folder)
+        write_recipe(folder, recipe_record(request, source, settings, plans, dtype))
+        if request.verify:
+            log.info("verifying the checkpoint in a fresh interpreter without surgery")
+            verify_checkpoint(folder)
+        if request.evaluate:
+            from .evaluate import evaluate, print_report
+
+            results = evaluate(folder, str(source.folder), progress=request.progress, **request.eval_options)
+            (folder / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
+            print_report(results)
+        render_card(folder, model_id=str(request.out))
+    return Path(request.out)

@@ -1,0 +1,44 @@
+"""What every recipe is: options (a dataclass), a calibration request, a plan, and how the plan edits the config.
+
+Only the planning differs between recipes; calibration, rewriting and export are shared, as in kvpress's presses.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from ..arch.configuration_surgery import SurgeryConfig
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """How much calibration data a recipe wants by default (its paper's setting)."""
+
+    num_samples: int = 30
+    seq_len: int = 64
+
+
+@dataclass
+class Recipe:
+    """Base class. Subclasses are dataclasses whose fields are their CLI options (help text in field metadata)."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    saves: ClassVar[str]
+    calibration: ClassVar[CalibrationRequest | None] = None
+
+    def validate(self, config: SurgeryConfig) -> None:
+        """Raise SurgeryError when the options cannot apply to this model."""
+
+    def plan(self, model, calibration_ids, progress: bool = True) -> dict[str, Any]:
+        """Decide, from the source model and calibration tokens, what to change. Small and serialisable."""
+        return {}
+
+    def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
+        """Write the plan into the surgery config."""
+
+    def describe(self, plan: dict[str, Any]) -> list[str]:
+        """The plan as short readable lines for the model card."""
+        return []
+
+    def options(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}

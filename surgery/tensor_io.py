@@ -1,0 +1,111 @@
+"""Lazy safetensors reading and streaming sharded writing, so a conversion never holds the model twice."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import SurgeryError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class LazyCheckpoint:
+    """Tensor names of a folder of safetensors shards; each tensor is read only when asked for."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            shards = sorted(self.folder.glob("*.safetensors"))
+            if not shards:
+                raise SurgeryError(f"no .safetensors weights in {self.folder}", hint="convert from a safetensors model")
+            weight_map = {name: shard.name for shard in shards for name in self._header_names(shard)}
+        self.weight_map: dict[str, str] = weight_map
+        for shard in sorted(set(weight_map.values())):
+            self._header_names(self.folder / shard)  # fail early on a missing or corrupt shard
+
+    @staticmethod
+    def _header_names(shard: Path) -> list[str]:
+        try:
+            with safe_open(shard, framework="pt") as handle:
+                return list(handle.keys())
+        except (SafetensorError, OSError, ValueError) as error:
+            raise SurgeryError(
+                f"cannot read safetensors file {shard}: {error}", hint="re-download or re-export the source"
+            ) from None
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shards(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def iter_shard(self, shard: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield the tensors of one shard, one at a time."""
+        with safe_open(self.folder / shard, framework="pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the floating tensors (the checkpoint's storage dtype)."""
+        for shard in self.shards():
+            with safe_open(self.folder / shard, framework="pt") as handle:
+                for name in handle.keys():
+                    dtype = handle.get_slice(name).get_dtype()
+                    if dtype in ("F32", "F16", "BF16", "F64"):
+                        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                                "F64": torch.float64}[dtype]
+        return torch.float32
+
+
+class ShardWriter:
+    """Accumulate tensors and flush a shard whenever the next tensor would push it past `max_shard_size` bytes."""
+
+    def __init__(self, folder: Path, max_shard_size: int):
+        if max_shard_size <= 0:
+            raise SurgeryError(f"--max-shard-size must be positive, got {max_shard_size}")
+        self.folder = Path(folder)
+        self.max_shard_size = max_shard_size
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_size:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        temp_name = f"shard-{len(self._written):05d}.safetensors"
+        save_file(self._pending, self.folder / temp_name, metadata={"format": "pt"})
+        self._written.append((temp_name, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Flush, give the shards their final names and write the index when there is more than one shard."""
+        if self._pending or not self._written:
+            self._flush()
+        count = len(self._written)
+        if count == 1:
+            (self.folder / self._written[0][0]).rename(self.folder / SINGLE_NAME)
+            return [SINGLE_NAME]
+        weight_map, names = {}, []
+        for number, (temp_name, tensor_names) in enumerate(self._written, start=1):
+            final = f"model-{number:05d}-of-{count:05d}.safetensors"
+            (self.folder / temp_name).rename(self.folder / final)
+            weight_map.update(dict.fromkeys(tensor_names, final))
+            names.append(final)
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return names
