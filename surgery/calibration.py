@@ -137,7 +137,8 @@ def windows(token_ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) 
 @torch.no_grad()
 def self_generated(model, tokenizer, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """Sample calibration sequences from the model itself, starting at BOS: offline and deterministic per seed."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else model.config.bos_token_id
+    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = model.config.bos_token_id if bos is None else bos
     start = torch.full((num_samples, 1), bos, dtype=torch.long)
     torch.manual_seed(seed)
     out = model.generate(
@@ -161,6 +162,8 @@ def calibration_ids(settings: CalibrationSettings, tokenizer, model) -> torch.Te
         raise SurgeryError("--num-samples must be positive and --seq-len at least 2")
     if settings.source is None:
         return self_generated(model, tokenizer, settings.num_samples, settings.seq_len, settings.seed)
+    if tokenizer is None:
+        raise SurgeryError("the source folder has no tokenizer to read calibration text", hint="add its tokenizer files")
     if settings.source in GPTQ_DATASETS:
         from optimum.gptq.data import get_dataset
 

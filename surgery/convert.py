@@ -62,6 +62,15 @@ def calibration_settings(request: ConvertRequest) -> CalibrationSettings | None:
     )
 
 
+def load_tokenizer(folder: Path):
+    """The source tokenizer, or None for a weights-only folder (self-generated calibration still works)."""
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def load_calibration_model(source: Source, config: SurgeryConfig) -> SurgeryForCausalLM:
     """The source weights in the surgery architecture with the identity plan, in float32 for calibration."""
     return SurgeryForCausalLM.from_pretrained(source.folder, config=copy.deepcopy(config), dtype=torch.float32).eval()
@@ -75,10 +84,8 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
         for recipe, plan in zip(request.recipes, plans):
             recipe.apply(config, plan)
         return plans
-    from transformers import AutoTokenizer
-
     torch.manual_seed(request.seed)
-    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    tokenizer = load_tokenizer(source.folder)
     model = load_calibration_model(source, config)
     ids = calibration_ids(settings, tokenizer, model)
     plans = []

@@ -42,7 +42,7 @@ def load_model(spec: str, allow_pickle: bool = False):
     source = resolve(spec, allow_pickle=allow_pickle)
     remote = source.model_type == "surgery"  # our own shipped code; a source model's remote code never runs
     model = AutoModelForCausalLM.from_pretrained(source.folder, trust_remote_code=remote, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(source.folder)
+    return model.eval(), AutoTokenizer.from_pretrained(source.folder, trust_remote_code=remote)
 
 
 @torch.no_grad()

@@ -89,6 +89,7 @@ class ShardWriter:
     def _flush(self) -> None:
         temp_name = f"shard-{len(self._written):05d}.safetensors"
         save_file(self._pending, self.folder / temp_name, metadata={"format": "pt"})
+        (self.folder / temp_name).chmod(0o644)
         self._written.append((temp_name, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

@@ -29,7 +29,7 @@ class Recipe:
     def validate(self, config: SurgeryConfig) -> None:
         """Raise SurgeryError when the options cannot apply to this model."""
 
-    def plan(self, model, calibration_ids, progress: bool = True) -> dict[str, Any]:
+    def plan(self, model, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
         """Decide, from the source model and calibration tokens, what to change. Small and serialisable."""
         return {}
 

