@@ -56,3 +56,14 @@ def demo_source():
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory, demo_source) -> Path:
+    """A tiny random llama that uses SmolLM2's tokenizer, so text-based commands run in seconds."""
+    import shutil
+
+    folder = save_tiny(tmp_path_factory.mktemp("tinytok") / "llama", "llama", seed=2, vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_source.folder / name, folder / name)
+    return folder
