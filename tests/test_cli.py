@@ -102,3 +102,17 @@ def test_recipes_lists_papers():
 
 def test_parse_size():
     assert parse_size("1000") == 1000 and parse_size("2G") == 2 * 1024**3 and parse_size("512MB") == 512 * 1024**2
+
+
+def test_unreachable_hub_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    result = run("inspect", "some-org/not-a-cached-model")
+    assert_clean_failure(result, "some-org/not-a-cached-model")
+
+
+def test_ratio_sets_the_number_of_sharing_layers():
+    from surgery.recipes.kvsharer import KVSharer
+
+    assert KVSharer(ratio=0.25).target(30) == 8 and KVSharer(share_layers=7).target(30) == 7
+    assert KVSharer().target(32) == 8  # the default: a quarter of the layers
