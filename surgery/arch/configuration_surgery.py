@@ -21,6 +21,9 @@ class SurgeryConfig(PreTrainedConfig):
         For each layer, the layer whose key/value cache it attends to. A layer equal to its own index computes
         and caches its own K/V; any other value makes it a *sharing* layer (KVSharer): it has no `k_proj` or
         `v_proj` and stores nothing in the cache. `None` means every layer owns its K/V.
+    kv_key_ranks, kv_value_ranks (`list[list[int] | None]`, *optional*):
+        MatryoshkaKV: for each layer that owns its K/V, the rank kept per KV head of the orthogonal key and value
+        bases; keys and values are cached at that reduced width. `None` (or a `None` entry) means no projection.
     surgery_recipes (`list[str]`):
         The recipes applied at conversion, for provenance.
     source_model_type (`str`):
@@ -56,6 +59,8 @@ class SurgeryConfig(PreTrainedConfig):
     layer_types: list[str] | None = None
 
     kv_source: list[int] | None = None
+    kv_key_ranks: list[list[int] | None] | None = None
+    kv_value_ranks: list[list[int] | None] | None = None
     surgery_recipes: list[str] | None = None
     source_model_type: str | None = None
 
@@ -81,8 +86,25 @@ class SurgeryConfig(PreTrainedConfig):
                 raise ValueError(f"layer {layer} cannot read the cache of layer {source}: it must be an earlier layer")
             if self.kv_source[source] != source:
                 raise ValueError(f"layer {layer} reads layer {source}, which itself shares; point it at the root")
+        for name in ("kv_key_ranks", "kv_value_ranks"):
+            ranks = getattr(self, name)
+            if ranks is None:
+                continue
+            if len(ranks) != self.num_hidden_layers:
+                raise ValueError(f"{name} has {len(ranks)} entries for {self.num_hidden_layers} layers")
+            for layer, layer_ranks in enumerate(ranks):
+                if layer_ranks is None:
+                    continue
+                if len(layer_ranks) != self.num_key_value_heads or not all(0 < r <= self.head_dim for r in layer_ranks):
+                    raise ValueError(f"{name}[{layer}] needs one rank in 1..{self.head_dim} per KV head")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+
+    def projected_ranks(self, layer: int) -> tuple[list[int], list[int]] | None:
+        """The (key, value) ranks per KV head of a layer whose cache is projected, else None."""
+        if self.kv_key_ranks is None or self.kv_key_ranks[layer] is None:
+            return None
+        return self.kv_key_ranks[layer], self.kv_value_ranks[layer]
 
     @property
     def sharing_layers(self) -> list[int]:

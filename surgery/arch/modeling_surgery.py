@@ -7,6 +7,8 @@ cached K/V. There is one attention path and one cache (`SurgeryCache`) for every
 Shipped flat inside every converted checkpoint, so it imports only torch and the public API of transformers.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -145,6 +147,76 @@ def attend(
     return out.transpose(1, 2)
 
 
+class HeadBasis(nn.Module):
+    """Orthonormal columns (head_dim × stored rank) of one KV head's basis; the first `rank` columns are used.
+
+    `rank` can be lowered at run time, which is how the rank search and Matryoshka training try smaller ranks.
+    """
+
+    def __init__(self, head_dim: int, rank: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(head_dim, rank))
+        self.rank = rank
+
+    def forward(self) -> torch.Tensor:
+        return self.weight[:, : self.rank]
+
+
+class KVProjection(nn.Module):
+    """MatryoshkaKV (Lin et al., arXiv 2410.14731): per-KV-head orthogonal bases applied after RoPE.
+
+    k̃ = (RoPE(k) − μ_K)·U_K[:, :r_k] and ṽ = (v − μ_V)·U_V[:, :r_v] are cached, packed head after head along the
+    last dim, so a layer's cache is exactly Σ r_k + Σ r_v wide. Attention uses q̃ = RoPE(q)·U_K[:, :r_k] and returns
+    softmax(q̃·k̃ᵀ·scale)·ṽ·U_V[:, :r_v]ᵀ + μ_V. The paper's extra score term RoPE(q)·μ_Kᵀ is the same for every
+    key of a query, so softmax cancels it and it is not computed. Bases are per KV head (not per query head as in
+    the official code), so a GQA model keeps its GQA saving.
+    """
+
+    def __init__(self, head_dim: int, key_ranks: list[int], value_ranks: list[int]):
+        super().__init__()
+        self.key_bases = nn.ModuleList(HeadBasis(head_dim, r) for r in key_ranks)
+        self.value_bases = nn.ModuleList(HeadBasis(head_dim, r) for r in value_ranks)
+        self.key_mean = nn.Parameter(torch.zeros(len(key_ranks), head_dim))
+        self.value_mean = nn.Parameter(torch.zeros(len(value_ranks), head_dim))
+
+    @property
+    def key_ranks(self) -> list[int]:
+        return [basis.rank for basis in self.key_bases]
+
+    @property
+    def value_ranks(self) -> list[int]:
+        return [basis.rank for basis in self.value_bases]
+
+    def compress(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, kv_heads, seq, head_dim) post-RoPE keys and values -> packed (batch, 1, seq, Σ rank)."""
+        keys = [(key[:, h] - self.key_mean[h]) @ basis() for h, basis in enumerate(self.key_bases)]
+        values = [(value[:, h] - self.value_mean[h]) @ basis() for h, basis in enumerate(self.value_bases)]
+        return torch.cat(keys, dim=-1).unsqueeze(1), torch.cat(values, dim=-1).unsqueeze(1)
+
+    def attend(self, query, packed_keys, packed_values, mask, scaling, implementation, dropout=0.0) -> torch.Tensor:
+        """Attention of (batch, heads, q, head_dim) queries over the packed cache; returns (batch, q, heads, head_dim)."""
+        group = query.shape[1] // len(self.key_bases)
+        outputs, key_offset, value_offset = [], 0, 0
+        for h, (key_basis, value_basis) in enumerate(zip(self.key_bases, self.value_bases)):
+            u_k, u_v = key_basis(), value_basis()
+            keys = packed_keys[..., key_offset : key_offset + u_k.shape[1]]
+            values = packed_values[..., value_offset : value_offset + u_v.shape[1]]
+            key_offset, value_offset = key_offset + u_k.shape[1], value_offset + u_v.shape[1]
+            reduced_query = query[:, h * group : (h + 1) * group] @ u_k
+            out = attend(reduced_query, keys, values, mask, scaling, implementation, dropout)
+            outputs.append(out @ u_v.T + self.value_mean[h])
+        return torch.cat(outputs, dim=2)
+
+
+@dataclass
+class LayerContext:
+    """What every layer of one forward pass shares: masks per window size, the cache and the KV projections."""
+
+    masks: dict
+    cache: SurgeryCache
+    projections: list
+
+
 class SurgeryAttention(nn.Module):
     """Attention whose K/V come from its own projections or, for a sharing layer, from an earlier layer's cache."""
 
@@ -170,6 +242,8 @@ class SurgeryAttention(nn.Module):
             self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
             if config.qk_norm:
                 self.k_norm = SurgeryRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            ranks = config.projected_ranks(layer_idx)
+            self.kv_projection = KVProjection(self.head_dim, *ranks) if ranks else None
 
     @property
     def owns_kv(self) -> bool:
@@ -183,8 +257,7 @@ class SurgeryAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        masks: dict[int | None, torch.Tensor | None],
-        cache: SurgeryCache,
+        context: LayerContext,
     ) -> torch.Tensor:
         cos, sin = position_embeddings
         query = self._heads(self.q_proj(hidden_states))
@@ -192,20 +265,26 @@ class SurgeryAttention(nn.Module):
             query = self.q_norm(query)
         query = apply_rope(query, cos, sin)
 
+        projection = context.projections[self.kv_source]
         if self.owns_kv:
             key = self._heads(self.k_proj(hidden_states))
             value = self._heads(self.v_proj(hidden_states))
             if self.config.qk_norm:
                 key = self.k_norm(key)
             key = apply_rope(key, cos, sin)
-            key, value = cache.update(key, value, self.layer_idx)
+            if projection is not None:
+                key, value = projection.compress(key, value)
+            key, value = context.cache.update(key, value, self.layer_idx)
         else:
-            key, value = cache.read(self.layer_idx)
+            key, value = context.cache.read(self.layer_idx)
 
+        mask = context.masks[self.sliding_window]
         dropout = self.config.attention_dropout if self.training else 0.0
-        out = attend(
-            query, key, value, masks[self.sliding_window], self.scaling, self.config._attn_implementation, dropout
-        )
+        implementation = self.config._attn_implementation
+        if projection is not None:
+            out = projection.attend(query, key, value, mask, self.scaling, implementation, dropout)
+        else:
+            out = attend(query, key, value, mask, self.scaling, implementation, dropout)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
 
 
@@ -229,10 +308,8 @@ class SurgeryDecoderLayer(nn.Module):
         self.input_layernorm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, masks, cache) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, masks, cache
-        )
+    def forward(self, hidden_states, position_embeddings, context: LayerContext) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, context)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -290,13 +367,15 @@ class SurgeryModel(SurgeryPreTrainedModel):
             for window in windows
         }
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        projections = [getattr(layer.self_attn, "kv_projection", None) for layer in self.layers]
+        context = LayerContext(masks=masks, cache=cache, projections=projections)
 
         hidden_states = inputs_embeds
         all_hidden_states = [] if output_hidden_states else None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            hidden_states = layer(hidden_states, position_embeddings, masks, cache)
+            hidden_states = layer(hidden_states, position_embeddings, context)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
@@ -340,6 +419,28 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
             attention.kv_source = source
         self.config.kv_source = list(kv_source)
 
+    def set_kv_ranks(self, key_ranks: list[list[int] | None], value_ranks: list[list[int] | None]) -> None:
+        """Project (or stop projecting) each layer's K/V at the given per-head ranks, in place.
+
+        A layer without a projection gets full-rank identity bases first; a rank can only go down to what is stored.
+        """
+        for layer, keys, values in zip(self.model.layers, key_ranks, value_ranks):
+            attention = layer.self_attn
+            if keys is None:
+                attention.kv_projection = None
+                continue
+            if getattr(attention, "kv_projection", None) is None:
+                full = [attention.head_dim] * attention.num_kv_heads
+                weight = attention.q_proj.weight
+                attention.kv_projection = KVProjection(attention.head_dim, full, full).to(weight.device, weight.dtype)
+            for bases, ranks in ((attention.kv_projection.key_bases, keys), (attention.kv_projection.value_bases, values)):
+                for basis, rank in zip(bases, ranks):
+                    if not 0 < rank <= basis.weight.shape[1]:
+                        raise ValueError(f"rank {rank} is outside 1..{basis.weight.shape[1]} (what the basis stores)")
+                    basis.rank = rank
+        self.config.kv_key_ranks = [None if r is None else list(r) for r in key_ranks]
+        self.config.kv_value_ranks = [None if r is None else list(r) for r in value_ranks]
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -376,4 +477,4 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["SurgeryForCausalLM", "SurgeryModel", "SurgeryPreTrainedModel", "SurgeryCache"]
+__all__ = ["KVProjection", "SurgeryForCausalLM", "SurgeryModel", "SurgeryPreTrainedModel", "SurgeryCache"]
