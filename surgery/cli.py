@@ -49,21 +49,35 @@ def _click_type(annotation):
     return {int: int, float: float, str: str, bool: bool}.get(args[0], str)
 
 
-def recipe_options(command):
-    """Add every recipe's dataclass fields as options. Defaults stay None so each recipe keeps its own."""
-    seen = {}
-    for recipe in RECIPES.values():
-        for spec in fields(recipe):
-            if spec.name in seen:
-                continue
-            seen[spec.name] = spec
-    for name, spec in reversed(list(seen.items())):
+def dataclass_options(specs, command):
+    """Add dataclass fields as options (help from field metadata). Defaults stay None: the dataclass keeps its own."""
+    for spec in reversed(specs):
+        flag = f"--{spec.name.replace('_', '-')}"
+        help_text = spec.metadata.get("help", "")
+        if spec.metadata.get("flag"):
+            command = click.option(flag, spec.name, is_flag=True, default=None, help=help_text)(command)
+            continue
         default = None if spec.default is MISSING else spec.default
-        help_text = spec.metadata.get("help", "") + (f" [{default}]" if default is not None else "")
+        help_text += f" [{default}]" if default is not None else ""
         choices = spec.metadata.get("choices")
         kind = click.Choice(choices) if choices else _click_type(spec.type)
-        command = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None, help=help_text)(command)
+        command = click.option(flag, spec.name, type=kind, default=None, help=help_text)(command)
     return command
+
+
+def recipe_options(command):
+    """Every recipe's options, each once."""
+    specs = {}
+    for recipe in RECIPES.values():
+        for spec in fields(recipe):
+            specs.setdefault(spec.name, spec)
+    return dataclass_options(list(specs.values()), command)
+
+
+def adapt_options(command):
+    from .adapt import AdaptSettings
+
+    return dataclass_options([spec for spec in fields(AdaptSettings) if spec.name not in ("teacher", "seed")], command)
 
 
 def build_recipes(names: str, options: dict) -> list:
@@ -132,11 +146,12 @@ def inspect(model: str, allow_pickle: bool):
 @click.option("--eval", "run_eval", is_flag=True, help="Run `surgery eval` against the source and put the numbers in the card.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled .bin weights.")
 @click.option("--revision", default=None, help="Hub revision of MODEL.")
+@click.option("--adapt-steps", type=int, default=None, help="Then train with `surgery adapt` for this many steps, MODEL as teacher.")
 @recipe_options
 @click.pass_context
 @friendly_errors
 def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dtype, max_shard_size, overwrite,
-            no_verify, run_eval, allow_pickle, revision, **recipe_kwargs):
+            no_verify, run_eval, allow_pickle, revision, adapt_steps, **recipe_kwargs):
     """Convert MODEL (Hub id, folder, .gguf, or `demo`) with a recipe into --out."""
     from .convert import ConvertRequest
     from .convert import convert as run_convert
@@ -147,8 +162,43 @@ def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dt
         overwrite=overwrite, verify=not no_verify, evaluate=run_eval, allow_pickle=allow_pickle, revision=revision,
         progress=ctx.obj["progress"], command=shlex.join(["surgery", *sys.argv[1:]]),
     )
-    folder = run_convert(request)
-    click.echo(f"wrote {folder}")
+    if adapt_steps:
+        from .adapt import AdaptSettings, adapt
+
+        request.out = out.parent / f".{out.name}.converted"
+        request.overwrite, request.evaluate = True, False
+        try:
+            converted = run_convert(request)
+            adapt(converted, out, AdaptSettings(teacher=model, steps=adapt_steps, seed=seed), overwrite=overwrite,
+                  verify=not no_verify, progress=ctx.obj["progress"])
+        finally:
+            import shutil
+
+            shutil.rmtree(request.out, ignore_errors=True)
+    else:
+        run_convert(request)
+    click.echo(f"wrote {out}")
+
+
+@main.command("adapt")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--teacher", required=True, help="The frozen teacher (usually the source model): any MODEL convert accepts.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the latest periodic checkpoint of this --out.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--no-verify", is_flag=True, help="Skip loading the result in a fresh interpreter.")
+@adapt_options
+@click.pass_context
+@friendly_errors
+def adapt_command(ctx, checkpoint, teacher, out, seed, resume, overwrite, no_verify, **options):
+    """Distil TEACHER into the trainable parts of CHECKPOINT (runs under `accelerate launch` too)."""
+    from .adapt import AdaptSettings, adapt
+
+    settings = AdaptSettings(teacher=teacher, seed=seed, **{k: v for k, v in options.items() if v is not None})
+    adapt(checkpoint, out, settings, resume=resume, overwrite=overwrite, verify=not no_verify,
+          progress=ctx.obj["progress"])
+    click.echo(f"wrote {out}")
 
 
 @main.command("eval")

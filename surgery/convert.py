@@ -12,14 +12,13 @@ from . import __version__
 from .arch.configuration_surgery import SurgeryConfig
 from .arch.modeling_surgery import SurgeryForCausalLM
 from .calibration import CalibrationSettings, calibration_ids
-from .card import EVAL_FILE, render_card, write_recipe
+from .card import EVAL_FILE, render_card
 from .errors import SurgeryError
-from .export import DTYPES, bundle_remote_code, carry_files, staging, write_config, write_weights
+from .export import DTYPES, finish_checkpoint, staging, write_weights
 from .families import surgery_config_from_source
 from .recipes import Recipe
 from .sources import Source, resolve
 from .tensor_io import LazyCheckpoint
-from .verify import verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +61,13 @@ def calibration_settings(request: ConvertRequest) -> CalibrationSettings | None:
     )
 
 
-def load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     """The source tokenizer, or None for a weights-only folder (self-generated calibration still works)."""
     from transformers import AutoTokenizer
 
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
-    return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
 def load_calibration_model(source: Source, config: SurgeryConfig) -> SurgeryForCausalLM:
@@ -92,6 +91,7 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
     for recipe in request.recipes:
         plan = recipe.plan(model, ids, request.seed, request.progress)
         recipe.apply(config, plan)
+        model.set_kv_sources(config.kv_source)  # the next recipe plans on top of this one
         plans.append(plan)
     del model
     return plans
@@ -115,12 +115,26 @@ def recipe_record(request: ConvertRequest, source: Source, settings: Calibration
     }
 
 
+def check_recipe_order(recipes: list[Recipe]) -> None:
+    """Recipes compose in registry order (e.g. kvsharer before matryoshka: projections are fitted to the owners)."""
+    from .recipes import RECIPES
+
+    order = list(RECIPES)
+    names = [recipe.name for recipe in recipes]
+    if len(set(names)) != len(names):
+        raise SurgeryError(f"recipe listed twice: {','.join(names)}")
+    expected = sorted(names, key=order.index)
+    if names != expected:
+        raise SurgeryError(f"recipes must be listed as {','.join(expected)}", hint="reorder --recipe")
+
+
 def convert(request: ConvertRequest) -> Path:
     """Convert `request.model` and write the checkpoint to `request.out`; returns the output folder."""
     if request.dtype is not None and request.dtype not in DTYPES:
         raise SurgeryError(f"unknown --dtype {request.dtype!r}", hint=f"choose from {', '.join(DTYPES)}")
     if Path(request.out).exists() and not request.overwrite:
         raise SurgeryError(f"{request.out} already exists", hint="pass --overwrite to replace it, or choose another --out")
+    check_recipe_order(request.recipes)
     source = resolve(request.model, request.allow_pickle, request.revision)
     config = surgery_config_from_source(source.config)
     for recipe in request.recipes:
@@ -132,14 +146,10 @@ def convert(request: ConvertRequest) -> Path:
     config.surgery_recipes = [recipe.name for recipe in request.recipes]
 
     with staging(Path(request.out), request.overwrite) as folder:
-        write_weights(source.folder, config, folder, dtype, request.max_shard_size, request.progress)
-        write_config(config, folder, dtype)
-        bundle_remote_code(folder)
-        carry_files(source.folder, folder)
-        write_recipe(folder, recipe_record(request, source, settings, plans, dtype))
-        if request.verify:
-            log.info("verifying the checkpoint in a fresh interpreter without surgery")
-            verify_checkpoint(folder)
+        new_tensors = {name: t for recipe in request.recipes for name, t in recipe.new_tensors().items()}
+        write_weights(source.folder, config, folder, dtype, request.max_shard_size, request.progress, new_tensors)
+        finish_checkpoint(folder, config, dtype, source.folder, recipe_record(request, source, settings, plans, dtype),
+                          request.verify)
         if request.evaluate:
             from .evaluate import evaluate, print_report
 

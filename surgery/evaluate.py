@@ -35,14 +35,15 @@ class EvalSettings:
 
 def load_model(spec: str, allow_pickle: bool = False):
     """A checkpoint folder or any MODEL that `surgery convert` accepts, in float32 for comparable numbers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from .convert import load_tokenizer
     from .sources import resolve
 
     source = resolve(spec, allow_pickle=allow_pickle)
     remote = source.model_type == "surgery"  # our own shipped code; a source model's remote code never runs
     model = AutoModelForCausalLM.from_pretrained(source.folder, trust_remote_code=remote, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(source.folder, trust_remote_code=remote)
+    return model.eval(), load_tokenizer(source.folder, trust_remote_code=remote)
 
 
 @torch.no_grad()

@@ -93,15 +93,18 @@ def expected_tensors(config: SurgeryConfig) -> dict[str, tuple[int, ...]]:
 
 
 def write_weights(source_folder: Path, config: SurgeryConfig, folder: Path, dtype: torch.dtype | None,
-                  max_shard_size: int, progress: bool = True) -> dict[str, list[str]]:
-    """Stream the source shard by shard into the new layout: copy what the plan keeps, drop the rest."""
+                  max_shard_size: int, progress: bool = True,
+                  new_tensors: dict[str, torch.Tensor] | None = None) -> dict[str, list[str]]:
+    """Stream the source shard by shard into the new layout: copy what the plan keeps, drop the rest, then add
+    the tensors the recipes created (or replaced)."""
+    new_tensors = new_tensors or {}
     expected = expected_tensors(config)
     reader = LazyCheckpoint(source_folder)
     writer = ShardWriter(folder, max_shard_size)
     written, dropped = [], []
     for shard in tqdm(reader.shards(), desc="writing shards", unit="shard", disable=not progress):
         for name, tensor in reader.iter_shard(shard):
-            if name not in expected:
+            if name not in expected or name in new_tensors:
                 dropped.append(name)
                 continue
             if tuple(tensor.shape) != expected[name]:
@@ -110,6 +113,11 @@ def write_weights(source_folder: Path, config: SurgeryConfig, folder: Path, dtyp
                 tensor = tensor.to(dtype)
             writer.add(name, tensor)
             written.append(name)
+    for name, tensor in new_tensors.items():
+        if name not in expected or tuple(tensor.shape) != expected[name]:
+            raise SurgeryError(f"recipe tensor {name} {tuple(tensor.shape)} does not fit the planned model")
+        writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+        written.append(name)
     missing = sorted(set(expected) - set(written))
     if missing:
         raise SurgeryError(f"the source lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
@@ -131,3 +139,32 @@ def carry_files(source_folder: Path, folder: Path) -> list[str]:
             shutil.copyfile(source_folder / name, folder / name)
             carried.append(name)
     return carried
+
+
+def write_state_dict(state: dict[str, torch.Tensor], config: SurgeryConfig, folder: Path, dtype: torch.dtype,
+                     max_shard_size: int) -> None:
+    """Write an in-memory model's weights (after `surgery adapt`), one tensor for tied embeddings."""
+    expected = expected_tensors(config)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise SurgeryError(f"the trained model lacks {len(missing)} tensors, e.g. {missing[0]}")
+    writer = ShardWriter(folder, max_shard_size)
+    for name in expected:
+        tensor = state[name].detach()
+        writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    writer.finish()
+
+
+def finish_checkpoint(folder: Path, config: SurgeryConfig, dtype: torch.dtype, files_from: Path, record: dict,
+                      verify: bool) -> None:
+    """Everything but the weights: config with auto_map, flat remote code, tokenizer files, recipe.yaml; verify."""
+    from .card import write_recipe
+    from .verify import verify_checkpoint
+
+    write_config(config, folder, dtype)
+    bundle_remote_code(folder)
+    carry_files(files_from, folder)
+    write_recipe(folder, record)
+    if verify:
+        log.info("verifying the checkpoint in a fresh interpreter without surgery")
+        verify_checkpoint(folder)

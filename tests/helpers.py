@@ -9,10 +9,14 @@ from surgery.convert import ConvertRequest, convert
 from surgery.recipes import recipe_class
 
 
-def run_convert(model: str | Path, out: Path, recipe: str = "none", verify: bool = False, **options) -> Path:
-    recipe_options = {k: options.pop(k) for k in list(options) if k in ("share_layers", "ratio", "threshold", "order")}
-    request = ConvertRequest(model=str(model), recipes=[recipe_class(recipe)(**recipe_options)], out=out,
-                             verify=verify, progress=False, **options)
+def run_convert(model: str | Path, out: Path, recipe: str = "none", verify: bool = False,
+                recipe_options: dict | None = None, **options) -> Path:
+    """Convert in-process; KVSharer's options may be passed directly, any recipe's through `recipe_options`."""
+    recipe_options = dict(recipe_options or {})
+    recipe_options.update({k: options.pop(k) for k in list(options) if k in ("share_layers", "ratio", "threshold", "order")})
+    recipes = [recipe_class(name)(**{k: v for k, v in recipe_options.items() if k in recipe_class(name).__dataclass_fields__})
+               for name in recipe.split(",")]
+    request = ConvertRequest(model=str(model), recipes=recipes, out=out, verify=verify, progress=False, **options)
     return convert(request)
 
 

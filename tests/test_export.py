@@ -96,7 +96,7 @@ def test_interrupted_write_leaves_out_untouched(tiny_models, tmp_path, monkeypat
     def explode(*args, **kwargs):
         raise failure("stop in the middle of writing")
 
-    monkeypatch.setattr("surgery.convert.write_config", explode)
+    monkeypatch.setattr("surgery.export.write_config", explode)
     with pytest.raises(failure):
         run_convert(tiny_models["llama"], out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "old"

@@ -3,9 +3,10 @@
 from ..errors import SurgeryError
 from .base import CalibrationRequest, Recipe
 from .kvsharer import KVSharer
+from .matryoshka import MatryoshkaKV
 from .none import Identity
 
-RECIPES: dict[str, type[Recipe]] = {recipe.name: recipe for recipe in (Identity, KVSharer)}
+RECIPES: dict[str, type[Recipe]] = {recipe.name: recipe for recipe in (Identity, KVSharer, MatryoshkaKV)}
 
 
 def recipe_class(name: str) -> type[Recipe]:

@@ -25,6 +25,7 @@ class Recipe:
     paper: ClassVar[str]
     saves: ClassVar[str]
     calibration: ClassVar[CalibrationRequest | None] = None
+    distill_alpha: ClassVar[float | None] = None  # weight of KL in `surgery adapt`, from the paper when it trains
 
     def validate(self, config: SurgeryConfig) -> None:
         """Raise SurgeryError when the options cannot apply to this model."""
@@ -39,6 +40,23 @@ class Recipe:
     def describe(self, plan: dict[str, Any]) -> list[str]:
         """The plan as short readable lines for the model card."""
         return []
+
+    def new_tensors(self) -> dict[str, Any]:
+        """Tensors the plan adds to the checkpoint (bases, gates, routers), by state-dict name."""
+        return {}
+
+    def is_trainable(self, name: str, config: SurgeryConfig) -> bool:
+        """Whether `surgery adapt` trains this parameter of a checkpoint made with this recipe."""
+        return False
+
+    def prepare_training(self, model) -> None:
+        """Before training: e.g. parametrisations that keep trained weights valid."""
+
+    def before_step(self, model, generator) -> None:
+        """Before each micro-batch, with a generator seeded by (seed, step), so a resumed run replays it exactly."""
+
+    def finish_training(self, model) -> None:
+        """After training: undo what prepare_training did, leaving plain weights to export."""
 
     def options(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in fields(self)}

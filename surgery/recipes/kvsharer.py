@@ -73,6 +73,7 @@ class KVSharer(Recipe):
     paper = "KVSharer: Efficient Inference via Layer-Wise Dissimilar KV Cache Sharing (Yang et al., arXiv 2410.18517)"
     saves = "the KV cache and the k_proj/v_proj weights of every sharing layer"
     calibration = CalibrationRequest(num_samples=30, seq_len=64)
+    distill_alpha = 1.0  # the paper does not train; pure distillation targets the gap to the base model
 
     share_layers: int | None = field(default=None, metadata={"help": "number of layers that share (default: 25% of layers)"})
     ratio: float | None = field(default=None, metadata={"help": "fraction of layers that share, instead of --share-layers"})
@@ -154,6 +155,11 @@ class KVSharer(Recipe):
         lines = [f"{len(sharing)} of {len(kv_source)} layers reuse an earlier layer's KV cache"]
         lines += [f"layer {layer} reads the KV cache of layer {source}" for layer, source in sharing]
         return lines
+
+    def is_trainable(self, name: str, config: SurgeryConfig) -> bool:
+        """Beyond the paper (which does not train): the sharing layers' q_proj and o_proj, to fit the borrowed K/V."""
+        return any(name.startswith(f"model.layers.{layer}.self_attn.{part}.")
+                   for layer in config.sharing_layers for part in ("q_proj", "o_proj"))
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
         config.kv_source = list(plan["kv_source"])

@@ -1,0 +1,206 @@
+"""`surgery adapt`: distil a frozen teacher into the parameters a checkpoint's recipes mark trainable.
+
+One engine for every recipe that trains. Loss = α·KL(teacher ‖ student) + (1 − α)·CE, AdamW with warmup and a
+cosine schedule, gradient accumulation, bf16 autocast where supported, periodic checkpoints and `--resume`. It runs
+on CPU, or under `accelerate launch` on one or many GPUs with no code change. Every random choice of a step
+(its batch, a recipe's sampled ranks) comes from a generator seeded by (seed, step), so a resumed run ends with
+the same weights as an uninterrupted one.
+"""
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationSettings, calibration_ids
+from .card import read_recipe, render_card
+from .errors import SurgeryError
+from .export import finish_checkpoint, staging, write_state_dict
+from .recipes import recipe_class
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "adapt_progress.json"
+
+
+@dataclass
+class AdaptSettings:
+    """Training settings; recorded in recipe.yaml under `adapt`."""
+
+    teacher: str
+    data: str | None = field(default=None, metadata={"help": "training text, as --calib (default: text the teacher generates)"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch (per process)"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    num_samples: int = field(default=256, metadata={"help": "training sequences drawn from the data"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup before the cosine decay"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    alpha: float | None = field(default=None, metadata={"help": "weight of KL vs CE (default: the recipe paper's)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    mixed_precision: str = field(default="auto", metadata={"help": "bf16 autocast: auto (bf16 on CUDA), bf16 or no",
+                                                           "choices": ("auto", "bf16", "no")})
+    save_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints"})
+    seed: int = 0
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      alpha: float) -> torch.Tensor:
+    """α·KL(teacher ‖ student) + (1 − α)·CE, per token, on next-token predictions."""
+    student = student_logits[:, :-1].float().log_softmax(-1)
+    teacher = teacher_logits[:, :-1].float().log_softmax(-1)
+    kl = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+    ce = F.nll_loss(student.flatten(0, 1), labels[:, 1:].flatten())
+    return alpha * kl + (1 - alpha) * ce
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
+
+
+def batch_indices(seed: int, step: int, micro: int, batch_size: int, accum: int, count: int) -> torch.Tensor:
+    """The samples of one micro-batch: epochs of seeded permutations, walked in order."""
+    first = ((step * accum) + micro) * batch_size
+    positions = torch.arange(first, first + batch_size)
+    epochs = positions // count
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+        chosen = epochs == epoch
+        out[chosen] = order[positions[chosen] % count]
+    return out
+
+
+def latest_state(work_dir: Path) -> Path | None:
+    states = sorted(work_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if work_dir.is_dir() else []
+    return states[-1] if states else None
+
+
+def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = False, overwrite: bool = False,
+          verify: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Train `checkpoint`'s trainable parameters against `settings.teacher`, export to `out`.
+
+    `stop_after` ends the run early after that many steps, leaving its periodic state behind (used to test resume).
+    """
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .arch.modeling_surgery import SurgeryForCausalLM
+    from .evaluate import load_model
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    record = read_recipe(checkpoint)
+    if not record:
+        raise SurgeryError(f"{checkpoint} has no recipe.yaml", hint="adapt a checkpoint made by `surgery convert`")
+    if out.exists() and not overwrite and not resume:
+        raise SurgeryError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")
+    recipes = [recipe_class(entry["name"])(**entry.get("options", {})) for entry in record.get("recipes", [])]
+    alpha = settings.alpha
+    if alpha is None:
+        alpha = next((r.distill_alpha for r in recipes if r.distill_alpha is not None), 0.5)
+    precision = settings.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision)
+
+    model = SurgeryForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    config = model.config
+    for recipe in recipes:
+        recipe.prepare_training(model)
+    trainable = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(recipe.is_trainable(name, config) for recipe in recipes))
+        if parameter.requires_grad:
+            trainable.append(parameter)
+    if not trainable:
+        raise SurgeryError(f"the recipes of {checkpoint} ({', '.join(r.name for r in recipes)}) train nothing",
+                           hint="adapt a checkpoint whose recipe has trainable parts")
+
+    teacher, tokenizer = load_model(settings.teacher)
+    teacher.requires_grad_(False)
+    torch.manual_seed(settings.seed)
+    data = calibration_ids(CalibrationSettings(settings.data, settings.num_samples, settings.seq_len, settings.seed),
+                           tokenizer, teacher)
+
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    teacher = teacher.to(accelerator.device).eval()
+    model.train()
+
+    work_dir = out.parent / f".{out.name}.adapt-state"
+    start = 0
+    if resume and (state := latest_state(work_dir)) is not None:
+        accelerator.load_state(str(state))
+        start = json.loads((state / STATE_FILE).read_text())["step"]
+        log.info("resuming from %s (step %d)", state, start)
+    elif work_dir.exists():
+        shutil.rmtree(work_dir)
+
+    tokens_per_step = settings.batch_size * settings.seq_len * settings.grad_accum * accelerator.num_processes
+    bar = tqdm(total=settings.steps, initial=start, desc="adapt", unit="step",
+               disable=not progress or not accelerator.is_main_process)
+    began, last_loss = time.perf_counter(), float("nan")
+    end = settings.steps if stop_after is None else min(settings.steps, stop_after)
+    for step in range(start, end):
+        for micro in range(settings.grad_accum):
+            rank_slice = batch_indices(settings.seed, step, micro, settings.batch_size * accelerator.num_processes,
+                                       settings.grad_accum, data.shape[0])
+            batch = rank_slice.chunk(accelerator.num_processes)[accelerator.process_index]
+            ids = data[batch].to(accelerator.device)
+            for recipe in recipes:
+                recipe.before_step(accelerator.unwrap_model(model), step_generator(settings.seed, step, micro))
+            with accelerator.accumulate(model), accelerator.autocast():
+                with torch.no_grad():
+                    teacher_logits = teacher(ids, use_cache=False).logits
+                student_logits = model(ids, use_cache=False).logits
+                loss = distillation_loss(student_logits, teacher_logits, ids, alpha)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and settings.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            last_loss = loss.item()
+        done = step + 1
+        elapsed = time.perf_counter() - began
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_step * (done - start) / elapsed:.0f}")
+        if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
+            state = work_dir / f"step-{done}"
+            accelerator.save_state(str(state))
+            if accelerator.is_main_process:
+                (state / STATE_FILE).write_text(json.dumps({"step": done}))
+                for old in work_dir.glob("step-*"):
+                    if old != state:
+                        shutil.rmtree(old, ignore_errors=True)
+    bar.close()
+    if end < settings.steps:
+        return work_dir
+
+    accelerator.wait_for_everyone()
+    student = accelerator.unwrap_model(model)
+    for recipe in recipes:
+        recipe.finish_training(student)
+    if accelerator.is_main_process:
+        wall = time.perf_counter() - began
+        record["adapt"] = {**asdict(settings), "alpha": alpha, "mixed_precision": precision,
+                           "tokens": tokens_per_step * (settings.steps - start), "wall_s": round(wall, 1),
+                           "final_loss": round(last_loss, 5), "processes": accelerator.num_processes,
+                           "resumed_from_step": start or None, "checkpoint": str(checkpoint)}
+        from .tensor_io import LazyCheckpoint
+
+        dtype = LazyCheckpoint(checkpoint).dtype()  # the checkpoint's storage dtype, whatever we trained in
+        with staging(out, overwrite or resume) as folder:
+            write_state_dict(student.state_dict(), config, folder, dtype, 5 * 1024**3)
+            finish_checkpoint(folder, config, dtype, checkpoint, record, verify)
+            render_card(folder, model_id=str(out))
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return out
