@@ -93,6 +93,7 @@ class MatryoshkaKV(Recipe):
     budget: float = field(default=0.5, metadata={"help": "fraction of the KV-cache bytes to keep"})
     uniform: bool = field(default=False, metadata={"help": "same rank for every head instead of the searched ranks", "flag": True})
     search_samples: int = field(default=4, metadata={"help": "calibration samples scored by the rank search"})
+    search_len: int = field(default=64, metadata={"help": "tokens of each sample scored by the rank search"})
     batch_size: int = field(default=8, metadata={"help": "calibration batch size"})
 
     def __post_init__(self):
@@ -114,7 +115,7 @@ class MatryoshkaKV(Recipe):
     def plan(self, model, calibration_ids: torch.Tensor, seed: int = 0, progress: bool = True) -> dict[str, Any]:
         config = model.config
         owners = [layer for layer, source in enumerate(config.kv_source) if source == layer]
-        search_ids = calibration_ids[: self.search_samples]
+        search_ids = calibration_ids[: self.search_samples, : self.search_len]
         reference = log_probs(model, search_ids)
         self.install_pca(model, calibration_ids, owners)
         full = config.head_dim

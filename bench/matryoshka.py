@@ -1,0 +1,139 @@
+"""MatryoshkaKV on the demo model (SmolLM2-135M-Instruct): KV budget × (uniform | searched) × (PCA only | adapted).
+
+Writes bench/results/matryoshka.md. Offline, CPU; about 45 minutes on 2 cores with the defaults:
+
+    python bench/matryoshka.py [--budgets 0.75,0.5,0.375,0.25] [--adapt-steps 100]
+
+PCA-only rows evaluate one float32 model whose projections are re-ranked in place; adapted rows go through the
+real path: `surgery convert` writes the checkpoint, `surgery adapt` trains it, and the result is loaded from disk.
+"""
+
+import argparse
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from surgery.adapt import AdaptSettings, adapt
+from surgery.calibration import CalibrationSettings, calibration_ids, heldout_text
+from surgery.convert import ConvertRequest, convert, load_calibration_model
+from surgery.evaluate import kv_bytes_per_token, load_model, perplexity
+from surgery.families import surgery_config_from_source
+from surgery.recipes.matryoshka import MatryoshkaKV, log_probs
+from surgery.sources import resolve
+
+RESULTS = Path(__file__).parent / "results" / "matryoshka.md"
+
+
+class SearchedOnce(MatryoshkaKV):
+    """The recipe, with the rank search replaced by the snapshot of the one greedy pass above (same algorithm,
+    same calibration seed), so each budget's checkpoint does not search again."""
+
+    snapshots: dict = {}
+
+    def search(self, model, ids, reference, owners, budgets, progress):
+        return {budget: self.snapshots[budget] for budget in budgets}
+
+
+def measure(model, ids) -> tuple[float, float]:
+    return perplexity(model, ids, 512, 256), kv_bytes_per_token(model, ids[:, :512])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", default="0.75,0.5,0.375,0.25")
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--adapt-steps", type=int, default=100)
+    parser.add_argument("--adapt-samples", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",")]
+
+    source = resolve("demo")
+    config = surgery_config_from_source(source.config)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    model = load_calibration_model(source, config)
+    recipe = MatryoshkaKV(budget=min(budgets))
+    settings = CalibrationSettings(source=None, num_samples=recipe.calibration.num_samples,
+                                   seq_len=recipe.calibration.seq_len, seed=args.seed)
+    calib = calibration_ids(settings, tokenizer, model)
+    eval_ids = torch.tensor([tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][: args.eval_tokens]])
+    base_ppl, base_bytes = measure(model, eval_ids)
+    rows = [("-", 1.0, "base model", base_ppl, base_bytes, "")]
+
+    owners = list(range(config.num_hidden_layers))
+    search_ids = calib[: recipe.search_samples, : recipe.search_len]
+    reference = log_probs(model, search_ids)
+    recipe.install_pca(model, calib, owners)
+    start = time.perf_counter()
+    snapshots = recipe.search(model, search_ids, reference, owners, budgets, progress=True)
+    search_s = time.perf_counter() - start
+    full_ranks = {key: config.head_dim for key in snapshots[budgets[0]]}
+    recipe.set_ranks(model, full_ranks, owners)
+    rows.append(("PCA only", 1.0, "full rank", *measure(model, eval_ids), ""))
+    for budget in budgets:
+        uniform = {key: round(budget * config.head_dim) for key in full_ranks}
+        for method, ranks in (("uniform", uniform), ("searched", snapshots[budget])):
+            recipe.set_ranks(model, ranks, owners)
+            rows.append(("PCA only", budget, method, *measure(model, eval_ids), ""))
+            print(rows[-1], flush=True)
+    del model
+
+    work = Path(tempfile.mkdtemp(prefix="mkv-bench-"))
+    train_text = work / "train.txt"
+    teacher, _ = load_model("demo")
+    generated = calibration_ids(CalibrationSettings(None, args.adapt_samples, 128, args.seed + 1), tokenizer, teacher)
+    train_text.write_text("\n\n".join(tokenizer.batch_decode(generated, skip_special_tokens=True)))
+    del teacher
+    SearchedOnce.snapshots = snapshots
+    try:
+        for budget in budgets:
+            ckpt = convert(ConvertRequest(model="demo", recipes=[SearchedOnce(budget=budget)], out=work / f"c{budget}",
+                                          verify=False, progress=False, seed=args.seed))
+            adapt_settings = AdaptSettings(teacher="demo", data=str(train_text), steps=args.adapt_steps,
+                                           num_samples=args.adapt_samples, seed=args.seed, save_every=0)
+            start = time.perf_counter()
+            trained = adapt(ckpt, work / f"t{budget}", adapt_settings, verify=False, progress=True)
+            wall = time.perf_counter() - start
+            student, _ = load_model(str(trained))
+            tokens = args.adapt_steps * adapt_settings.batch_size * adapt_settings.seq_len
+            rows.append(("adapted", budget, "searched", *measure(student, eval_ids),
+                         f"{args.adapt_steps} steps, {tokens:,} tokens, {wall:.0f} s"))
+            print(rows[-1], flush=True)
+            del student
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    lines = [
+        "# MatryoshkaKV on SmolLM2-135M-Instruct",
+        "",
+        f"Generated by `python bench/matryoshka.py` on {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, float32, CPU.",
+        "",
+        f"- Calibration (PCA and rank search): {settings.num_samples} × {settings.seq_len} tokens the model generated "
+        f"itself (seed {args.seed}); the search scores KL on {recipe.search_samples} × {recipe.search_len} of them "
+        f"({search_s:.0f} s for one greedy pass down to {min(budgets):.1%}, snapshotted at each budget).",
+        f"- Training: `surgery adapt`, α = {MatryoshkaKV.distill_alpha} (the paper's), ranks sampled per step, on "
+        f"{args.adapt_samples} other self-generated sequences of 128 tokens; lr 1e-3, batch 8, cosine schedule.",
+        f"- Perplexity: {eval_ids.shape[1]} tokens of Python's reference manual prose (`pydoc_data.topics`), "
+        "which neither calibration nor training saw; windows of 512, stride 256.",
+        "- KV bytes per token: measured from the cache's tensors after a 512-token prefill.",
+        "",
+        "| stage | KV budget | ranks | perplexity | KV bytes/token | KV kept | training |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for stage, budget, method, ppl, kv, note in rows:
+        lines.append(f"| {stage} | {budget:.1%} | {method} | {ppl:.2f} | {kv:,.0f} | {kv / base_bytes:.1%} | {note} |")
+    lines += ["", "Paper reference (LLaMA2-7B, six-task average): at a 50% budget, trained 61.16 → 96.6% of the base; "
+              "PCA only 43.07 → 70%.", ""]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("\n".join(lines))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
