@@ -189,6 +189,7 @@ def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = F
     student = accelerator.unwrap_model(model)
     for recipe in recipes:
         recipe.finish_training(student)
+    weights = accelerator.get_state_dict(student)  # gathers the full weights under FSDP
     if accelerator.is_main_process:
         wall = time.perf_counter() - began
         record["adapt"] = {**asdict(settings), "alpha": alpha, "mixed_precision": precision,
@@ -199,7 +200,7 @@ def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = F
 
         dtype = LazyCheckpoint(checkpoint).dtype()  # the checkpoint's storage dtype, whatever we trained in
         with staging(out, overwrite or resume) as folder:
-            write_state_dict(student.state_dict(), config, folder, dtype, 5 * 1024**3)
+            write_state_dict(weights, config, folder, dtype, 5 * 1024**3)
             finish_checkpoint(folder, config, dtype, checkpoint, record, verify)
             render_card(folder, model_id=str(out))
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -78,6 +78,7 @@ def render_card(folder: Path, model_id: str | None = None) -> str:
         eval_note=results.get("note", ""),
         command=record.get("command", ""),
         recipe_yaml=yaml.safe_dump(record, sort_keys=False, width=120).strip(),
+        adapt=record.get("adapt"),
         transformers_version=transformers.__version__,
         torch_version=torch.__version__.split("+")[0],
     )
