@@ -67,13 +67,15 @@ def perplexity(model, ids: torch.Tensor, window: int, stride: int) -> float:
 
 
 def cache_kv_bytes_per_token(cache) -> float:
-    """Bytes of every K/V tensor the cache holds, per cached token position; works for any transformers Cache."""
-    total, tokens = 0, 0
+    """Bytes of every K/V tensor the cache holds per token seen (batch × sequence), for any transformers Cache:
+    what sharing, projection or eviction removed is simply absent from the tensors."""
+    total, batch = 0, 0
     for layer in cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor) and tensor.numel():
                 total += tensor.numel() * tensor.element_size()
-                tokens = max(tokens, tensor.shape[0] * tensor.shape[-2])
+                batch = tensor.shape[0]
+    tokens = batch * cache.get_seq_length()
     return total / tokens if tokens else 0.0
 
 

@@ -44,12 +44,110 @@ class SharedKVSlot:
     def prefetch(self) -> None: ...
 
 
+class SurgeryKVLayer(DynamicLayer):
+    """A layer's own K/V. Dense until a budget policy evicts tokens; then each (sequence, KV head) keeps its own
+    slots, gathered into compact tensors, with `valid` marking real slots (sequences of a batch may keep different
+    counts) and `positions` the original token position of each slot (kept keys already carry their RoPE).
+
+    Keys of a MatryoshkaKV layer are packed (batch, 1, seq, Σ rank); `widths` then says how wide each head's block is.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+        self.valid: torch.Tensor | None = None  # (batch, kv_heads, slots) bool
+        self.positions: torch.Tensor | None = None  # (batch, kv_heads, slots) long
+        self.widths: tuple[list[int], list[int]] | None = None
+
+    def update(self, key_states, value_states, *args, widths=None, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        new = key_states.shape[-2]
+        self.seen += new
+        self.widths = widths
+        if self.valid is not None:
+            batch, heads = self.valid.shape[:2]
+            self.valid = torch.cat([self.valid, self.valid.new_ones(batch, heads, new)], dim=-1)
+            fresh = torch.arange(self.seen - new, self.seen, device=self.positions.device).expand(batch, heads, new)
+            self.positions = torch.cat([self.positions, fresh], dim=-1)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def keep_top(self, scores: torch.Tensor, counts: list[int], window: int) -> torch.Tensor:
+        """Keep, per (sequence, KV head), the last `window` tokens and the best-scoring earlier ones, `counts[b]`
+        slots in all; gather them into compact tensors. `scores` (batch, kv_heads, prefix) rank the prefix
+        positions; returns which prefix positions are still kept, same shape."""
+        batch, kv_heads, prefix = scores.shape
+        slots = self.keys.shape[-2]
+        device = self.keys.device
+        positions = self.positions if self.positions is not None else torch.arange(slots, device=device).expand(batch, kv_heads, slots)
+        valid = self.valid if self.valid is not None else torch.ones(batch, kv_heads, slots, dtype=torch.bool, device=device)
+        in_prefix = positions < prefix
+        slot_scores = scores.gather(-1, positions.clamp(max=max(prefix - 1, 0))) if prefix else torch.zeros_like(positions, dtype=scores.dtype)
+        slot_scores = torch.where(in_prefix, slot_scores, torch.full_like(slot_scores, float("inf")))
+        slot_scores = slot_scores.masked_fill(~valid, float("-inf"))
+        width = min(max(counts), slots)
+        top = slot_scores.topk(width, dim=-1)
+        order = top.indices.sort(dim=-1)
+        index = order.values
+        ranks = torch.arange(width, device=device)
+        limit = torch.tensor(counts, device=device)[:, None, None]
+        chosen = (torch.gather(top.values, -1, order.indices) > float("-inf"))
+        chosen &= torch.gather((ranks < limit).expand(batch, kv_heads, width), -1, order.indices)
+        self.keys = self._gather(self.keys, index, 0)
+        self.values = self._gather(self.values, index, 1)
+        self.positions = positions.gather(-1, index)
+        self.valid = chosen
+        kept = torch.zeros(batch, kv_heads, prefix + 1, dtype=torch.bool, device=device)
+        kept.scatter_(-1, torch.where(chosen & (self.positions < prefix), self.positions, prefix), True)
+        return kept[..., :prefix]
+
+    def _gather(self, tensor: torch.Tensor, index: torch.Tensor, side: int) -> torch.Tensor:
+        """Select slots per KV head; a packed (MatryoshkaKV) tensor is gathered head block by head block."""
+        if self.widths is None:
+            return tensor.gather(2, index[..., None].expand(-1, -1, -1, tensor.shape[-1]))
+        blocks, offset = [], 0
+        for head, width in enumerate(self.widths[side]):
+            block = tensor[:, 0, :, offset : offset + width]
+            blocks.append(block.gather(1, index[:, head, :, None].expand(-1, -1, width)))
+            offset += width
+        return torch.cat(blocks, dim=-1).unsqueeze(1)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.valid is not None:
+            self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.valid is not None:
+            self.valid = self.valid.repeat_interleave(repeats, dim=0)
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.valid is not None:
+            self.valid, self.positions = self.valid[indices], self.positions[indices]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.valid is not None:
+            raise NotImplementedError("cannot crop a cache after token eviction")
+        super().crop(tokens_to_remove)
+        self.seen = self.keys.shape[-2] if self.keys is not None and self.keys.numel() else 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen, self.valid, self.positions = 0, None, None
+
+
 class SurgeryCache(Cache):
     """A `transformers.Cache` laid out by the plan: one `DynamicLayer` per K/V-owning layer, a `SharedKVSlot` elsewhere."""
 
     def __init__(self, kv_source: list[int]):
         self.kv_source = list(kv_source)
-        layers = [DynamicLayer() if source == layer else SharedKVSlot(source) for layer, source in enumerate(kv_source)]
+        layers = [SurgeryKVLayer() if source == layer else SharedKVSlot(source) for layer, source in enumerate(kv_source)]
         super().__init__(layers=layers)
 
     def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +156,13 @@ class SurgeryCache(Cache):
         if owner.keys is None or not owner.is_initialized:
             raise RuntimeError(f"layer {layer_idx} reads layer {self.kv_source[layer_idx]}, which has not run yet")
         return owner.keys, owner.values
+
+    def valid_slots(self, layer_idx: int) -> torch.Tensor | None:
+        """(batch, kv_heads, slots) mask of the slots `layer_idx` may attend to after eviction; None when dense."""
+        return self.layers[self.kv_source[layer_idx]].valid
+
+    def keep_top(self, layer_idx: int, scores: torch.Tensor, counts: list[int], window: int) -> torch.Tensor:
+        return self.layers[layer_idx].keep_top(scores, counts, window)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[self.kv_source[layer_idx]].get_seq_length()
@@ -75,12 +180,11 @@ class SurgeryCache(Cache):
         return total
 
     def kv_bytes_per_token(self) -> float:
-        """Measured K/V bytes divided by the number of cached token positions (batch × sequence)."""
+        """Measured K/V bytes per token seen (batch × sequence): evicted, shared or projected parts are absent."""
         owner = self.layers[self.kv_source[0]]
         if owner.keys is None or owner.keys.numel() == 0:
             return 0.0
-        tokens = owner.keys.shape[0] * owner.keys.shape[-2]
-        return self.kv_bytes() / tokens
+        return self.kv_bytes() / (owner.keys.shape[0] * self.get_seq_length())
 
 
-__all__ = ["SurgeryCache", "SharedKVSlot"]
+__all__ = ["SurgeryCache", "SurgeryKVLayer", "SharedKVSlot"]

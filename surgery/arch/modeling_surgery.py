@@ -20,6 +20,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 
 from .cache_surgery import SurgeryCache
 from .configuration_surgery import SurgeryConfig
+from .kvbudget_surgery import BudgetPolicy, window_scores
 
 
 class SurgeryRMSNorm(nn.Module):
@@ -203,18 +204,32 @@ class KVProjection(nn.Module):
             values = packed_values[..., value_offset : value_offset + u_v.shape[1]]
             key_offset, value_offset = key_offset + u_k.shape[1], value_offset + u_v.shape[1]
             reduced_query = query[:, h * group : (h + 1) * group] @ u_k
-            out = attend(reduced_query, keys, values, mask, scaling, implementation, dropout)
+            head_mask = mask[:, h * group : (h + 1) * group] if mask is not None and mask.shape[1] > 1 else mask
+            out = attend(reduced_query, keys, values, head_mask, scaling, implementation, dropout)
             outputs.append(out @ u_v.T + self.value_mean[h])
         return torch.cat(outputs, dim=2)
 
 
 @dataclass
 class LayerContext:
-    """What every layer of one forward pass shares: masks per window size, the cache and the KV projections."""
+    """What every layer of one forward pass shares: masks per window size, the cache, the KV projections, and the
+    budget policy when this forward is a prefill that evicts tokens."""
 
     masks: dict
     cache: SurgeryCache
     projections: list
+    policy: BudgetPolicy | None = None
+    padding: torch.Tensor | None = None
+
+
+def evicted_mask(valid: torch.Tensor, query_length: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (batch, heads, q, slots) mask after eviction: kept slots, and causal among the q newest slots."""
+    slots = valid.shape[-1]
+    query_slots = torch.arange(slots - query_length, slots, device=valid.device)[:, None]
+    causal = torch.arange(slots, device=valid.device)[None, :] <= query_slots
+    allowed = valid[:, :, None, :] & causal[None, None]
+    allowed = allowed.repeat_interleave(group, dim=1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class SurgeryAttention(nn.Module):
@@ -272,19 +287,29 @@ class SurgeryAttention(nn.Module):
             if self.config.qk_norm:
                 key = self.k_norm(key)
             key = apply_rope(key, cos, sin)
+            if context.policy is not None:
+                scores = window_scores(query, key, context.padding, context.policy.window, self.scaling)
+            widths = None
             if projection is not None:
                 key, value = projection.compress(key, value)
-            key, value = context.cache.update(key, value, self.layer_idx)
+                widths = (projection.key_ranks, projection.value_ranks)
+            key, value = context.cache.update(key, value, self.layer_idx, widths=widths)
         else:
             key, value = context.cache.read(self.layer_idx)
 
-        mask = context.masks[self.sliding_window]
+        valid = context.cache.valid_slots(self.layer_idx)
+        if valid is None:
+            mask = context.masks[self.sliding_window]
+        else:
+            mask = evicted_mask(valid, query.shape[2], self.num_heads // self.num_kv_heads, query.dtype)
         dropout = self.config.attention_dropout if self.training else 0.0
         implementation = self.config._attn_implementation
         if projection is not None:
             out = projection.attend(query, key, value, mask, self.scaling, implementation, dropout)
         else:
             out = attend(query, key, value, mask, self.scaling, implementation, dropout)
+        if self.owns_kv and context.policy is not None:
+            context.policy.observe(self.layer_idx, scores, context.cache)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
 
 
@@ -342,6 +367,8 @@ class SurgeryModel(SurgeryPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        kv_budget: float | None = None,
+        kv_budget_tokens: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -368,7 +395,11 @@ class SurgeryModel(SurgeryPreTrainedModel):
         }
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         projections = [getattr(layer.self_attn, "kv_projection", None) for layer in self.layers]
-        context = LayerContext(masks=masks, cache=cache, projections=projections)
+        policy = self._budget_policy(kv_budget, kv_budget_tokens, past_length, query_length, attention_mask,
+                                     inputs_embeds.shape[0], inputs_embeds.device)
+        padding = attention_mask[:, :query_length] if attention_mask is not None and policy is not None else None
+        self.last_budget_policy = policy  # the last prefill's per-layer budgets and scores, for inspection
+        context = LayerContext(masks=masks, cache=cache, projections=projections, policy=policy, padding=padding)
 
         hidden_states = inputs_embeds
         all_hidden_states = [] if output_hidden_states else None
@@ -376,6 +407,8 @@ class SurgeryModel(SurgeryPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             hidden_states = layer(hidden_states, position_embeddings, context)
+        if policy is not None:
+            policy.finish(cache)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
@@ -385,6 +418,23 @@ class SurgeryModel(SurgeryPreTrainedModel):
             past_key_values=cache if use_cache else None,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
         )
+
+    def _budget_policy(self, budget, budget_tokens, past_length, query_length, attention_mask, batch, device):
+        """A policy when this forward is a prefill that must evict: a budget below the whole prompt is set (by the
+        call or by the config) for a policy, and there is no earlier cache."""
+        name = self.config.kv_policy
+        if budget is None and budget_tokens is None:
+            budget, budget_tokens = self.config.kv_budget, self.config.kv_budget_tokens
+        if name is None or past_length > 0 or query_length < 2:
+            return None
+        if budget_tokens is None and (budget is None or budget >= 1):
+            return None
+        if budget_tokens is not None and budget_tokens >= query_length:
+            return None
+        lengths = attention_mask[:, :query_length].sum(-1) if attention_mask is not None else torch.full((batch,), query_length, device=device)
+        owners = [i for i, source in enumerate(self.config.kv_source) if source == i]
+        return BudgetPolicy(name, budget, budget_tokens, owners, lengths.cpu(), self.config.kv_window,
+                            self.config.kv_layer_weights)
 
     def _resolve_cache(self, past_key_values: Cache | None) -> SurgeryCache:
         """Our cache, whatever generate() offers: it pre-builds an empty DynamicCache, which cannot hold our plan."""
@@ -452,6 +502,8 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        kv_budget: float | None = None,
+        kv_budget_tokens: int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
@@ -462,6 +514,8 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            kv_budget=kv_budget,
+            kv_budget_tokens=kv_budget_tokens,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -2,11 +2,18 @@
 
 from ..errors import SurgeryError
 from .base import CalibrationRequest, Recipe
+from .dynamickv import DynamicKV
 from .kvsharer import KVSharer
 from .matryoshka import MatryoshkaKV
 from .none import Identity
+from .pyramid import PyramidKV
+from .snapkv import SnapKV
+from .zigzag import ZigZagKV
 
-RECIPES: dict[str, type[Recipe]] = {recipe.name: recipe for recipe in (Identity, KVSharer, MatryoshkaKV)}
+# Registry order is composition order: sharing first, then projections, then token eviction.
+RECIPES: dict[str, type[Recipe]] = {
+    recipe.name: recipe for recipe in (Identity, KVSharer, MatryoshkaKV, SnapKV, PyramidKV, ZigZagKV, DynamicKV)
+}
 
 
 def recipe_class(name: str) -> type[Recipe]:
