@@ -80,8 +80,8 @@ def cache_kv_bytes_per_token(cache) -> float:
 
 
 @torch.no_grad()
-def kv_bytes_per_token(model, ids: torch.Tensor) -> float:
-    return cache_kv_bytes_per_token(model(ids, use_cache=True).past_key_values)
+def kv_bytes_per_token(model, ids: torch.Tensor, **forward_kwargs) -> float:
+    return cache_kv_bytes_per_token(model(ids, use_cache=True, **forward_kwargs).past_key_values)
 
 
 @torch.no_grad()

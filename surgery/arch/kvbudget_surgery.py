@@ -76,32 +76,30 @@ def tokens_to_reach(mass: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def apportion(weights: torch.Tensor, total: int, low: int, high: int) -> list[int]:
-    """Integers in [low, high], proportional to `weights`, summing to `total` (largest remainders)."""
+    """Integers proportional to `weights`, each within [low, high], summing to `total` (largest remainders).
+
+    Entries that hit a bound are fixed there and the rest is shared again among the others, by weight.
+    """
     count = weights.numel()
     total = max(low * count, min(high * count, total))
-    shares = torch.full((count,), float(low), dtype=torch.float64)
-    free = weights.double().clamp(min=0)
-    remaining = total - low * count
-    capped = torch.zeros(count, dtype=torch.bool)
-    for _ in range(count):
-        if remaining <= 1e-9:
+    weights = weights.double().clamp(min=1e-12)
+    values = torch.zeros(count, dtype=torch.float64)
+    free = torch.ones(count, dtype=torch.bool)
+    for _ in range(2 * count + 1):
+        remaining = total - values[~free].sum()
+        values[free] = remaining * weights[free] / weights[free].sum()
+        below, above = free & (values < low), free & (values > high)
+        if above.any():  # fix one side at a time: what overflows first, since it lifts the others
+            values[above] = float(high)
+            free &= ~above
+        elif below.any():
+            values[below] = float(low)
+            free &= ~below
+        else:
             break
-        active = ~capped
-        weight = free[active].sum()
-        extra = torch.zeros(count, dtype=torch.float64)
-        extra[active] = remaining * (free[active] / weight if weight > 0 else 1.0 / active.sum())
-        proposed = shares + extra
-        over = proposed > high
-        shares = torch.where(over, torch.tensor(float(high), dtype=torch.float64), proposed)
-        remaining = total - shares.sum().item()
-        capped |= over
-        if not over.any():
-            break
-    floors = shares.floor()
-    leftover = int(round(total - floors.sum().item()))
-    order = torch.argsort(shares - floors, descending=True)
-    result = floors.long()
-    for index in order.tolist():
+    result = values.floor().long().clamp(low, high)
+    leftover = total - int(result.sum())
+    for index in torch.argsort(values - values.floor(), descending=True).tolist():
         if leftover <= 0:
             break
         if result[index] < high:

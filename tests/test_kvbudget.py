@@ -1,0 +1,207 @@
+"""KV budgets: exactness at budget 1, ragged decoding against an independent reference, the allocations."""
+
+import math
+
+import pytest
+import torch
+
+from surgery.arch import SurgeryConfig, SurgeryForCausalLM
+from surgery.arch.kvbudget_surgery import POLICIES, PYRAMID_BETA, apportion, tokens_to_reach
+from surgery.arch.modeling_surgery import apply_rope
+from surgery.evaluate import kv_bytes_per_token
+
+
+def tiny(policy, seed=0, layers=6, kv_source=None, window=4, **extra) -> SurgeryForCausalLM:
+    config = SurgeryConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=layers,
+                           num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, kv_policy=policy,
+                           kv_window=window, kv_source=kv_source, **extra)
+    torch.manual_seed(seed)
+    return SurgeryForCausalLM(config).eval()
+
+
+def decode(model, ids, prompt, budget, mask=None):
+    """Prefill `prompt` tokens with eviction, then feed the rest one token at a time; logits of every step."""
+    with torch.no_grad():
+        out = model(ids[:, :prompt], attention_mask=None if mask is None else mask[:, :prompt], kv_budget=budget)
+        cache, logits = out.past_key_values, [out.logits]
+        for t in range(prompt, ids.shape[1]):
+            step_mask = None if mask is None else mask[:, : t + 1]
+            out = model(ids[:, t : t + 1], attention_mask=step_mask, past_key_values=cache)
+            logits.append(out.logits)
+    return torch.cat(logits, 1), cache
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_budget_one_gives_full_cache_logits(policy):
+    model = tiny(policy, seed=1)
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        full_tokens = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    logits, cache = decode(model, ids, 30, budget=1.0)
+    dense, _ = decode(model, ids, 30, budget=None)
+    assert torch.equal(logits, dense)  # bit for bit what the full cache gives
+    assert (logits - full).abs().max() < 1e-5
+    assert all(layer.valid is None for layer in cache.layers)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, kv_budget=1.0, pad_token_id=0),
+                           full_tokens)
+
+
+source_inputs: dict = {}
+
+
+def reference_decode(model, ids, prompt, kept):
+    """Same as reference_logits, but records each layer's input so sharing layers read their source's K/V."""
+    global source_inputs
+    source_inputs = {}
+    model = model.double()
+    hidden = model.model.embed_tokens(ids[0]).double()
+    for index, layer in enumerate(model.model.layers):
+        source_inputs[index] = layer.input_layernorm(hidden)
+        hidden = _plain_layer(model, index, hidden, prompt, kept)
+    return model.lm_head(model.model.norm(hidden))
+
+
+def _plain_layer(model, index, hidden, prompt, kept):
+    config = model.config
+    n = hidden.shape[0]
+    cos, sin = model.model.rotary_emb(hidden[None], torch.arange(n)[None])
+    group = config.num_attention_heads // config.num_key_value_heads
+    layer = model.model.layers[index]
+    attention = layer.self_attn
+    source = config.kv_source[index]
+    owner = model.model.layers[source].self_attn
+    x, x_source = source_inputs[index], source_inputs[source]
+    q = apply_rope(attention.q_proj(x).view(n, -1, 8).transpose(0, 1)[None], cos, sin)[0]
+    k = apply_rope(owner.k_proj(x_source).view(n, -1, 8).transpose(0, 1)[None], cos, sin)[0]
+    v = owner.v_proj(x_source).view(n, -1, 8).transpose(0, 1)
+    heads = []
+    for head in range(config.num_attention_heads):
+        kv = head // group
+        allowed = torch.tensor([[p <= t and (t < prompt or p >= prompt or p in kept[source][kv]) for p in range(n)]
+                                for t in range(n)])
+        scores = (q[head] @ k[kv].T / math.sqrt(8)).masked_fill(~allowed, float("-inf"))
+        heads.append(scores.softmax(-1) @ v[kv])
+    hidden = hidden + attention.o_proj(torch.stack(heads, 1).reshape(n, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def kept_positions(cache, layers):
+    kept = {}
+    for layer in layers:
+        slot = cache.layers[layer]
+        kept[layer] = [set(slot.positions[0, h][slot.valid[0, h]].tolist()) for h in range(slot.valid.shape[1])]
+    return kept
+
+
+@pytest.mark.parametrize("policy,kv_source", [("snapkv", None), ("pyramid", None), ("zigzag", None),
+                                              ("dynamickv", None), ("snapkv", [0, 1, 0, 3, 1, 3])])
+def test_ragged_decoding_equals_masked_reference(policy, kv_source):
+    model = tiny(policy, seed=2, kv_source=kv_source)
+    ids = torch.randint(0, 97, (1, 44), generator=torch.Generator().manual_seed(3))
+    prompt = 36
+    logits, cache = decode(model, ids, prompt, budget=0.3)
+    owners = sorted(set(model.config.kv_source))
+    kept = kept_positions(cache, owners)
+    assert all(len(heads[0]) < prompt for heads in kept.values())  # tokens really were evicted
+    expected = reference_decode(model, ids, prompt, kept)
+    assert (logits[0, prompt - 1 :].double() - expected[prompt - 1 :]).abs().max() < 1e-5
+
+
+def snapkv_reference_selection(model, ids, layer, window, budget_tokens):
+    """SnapKV written out: softmax rows of the window queries, summed, avg-pooled (k=7), averaged per KV head."""
+    n = ids.shape[1]
+    with torch.no_grad():
+        hidden = model.model(ids, use_cache=False, output_hidden_states=True).hidden_states[layer][0].double()
+        attention = model.model.layers[layer].self_attn
+        x = model.model.layers[layer].input_layernorm(hidden.float()).double()
+        cos, sin = model.model.rotary_emb(hidden[None], torch.arange(n)[None])
+        q = apply_rope(attention.q_proj(x.float()).double().view(n, -1, 8).transpose(0, 1)[None], cos.double(), sin.double())[0]
+        k = apply_rope(attention.k_proj(x.float()).double().view(n, -1, 8).transpose(0, 1)[None], cos.double(), sin.double())[0]
+    selections = []
+    for kv in range(2):
+        total = torch.zeros(n - window, dtype=torch.float64)
+        for head in range(kv * 3, kv * 3 + 3):
+            summed = torch.zeros(n, dtype=torch.float64)
+            for t in range(n - window, n):
+                row = (q[head, t] @ k[kv, : t + 1].T / math.sqrt(8)).softmax(-1)
+                summed[: t + 1] += row
+            prefix = summed[: n - window]
+            padded = torch.cat([torch.zeros(3, dtype=torch.float64), prefix, torch.zeros(3, dtype=torch.float64)])
+            pooled = torch.stack([padded[i : i + 7].sum() / 7 for i in range(n - window)])
+            total += pooled / 3
+        top = set(total.topk(budget_tokens - window).indices.tolist())
+        selections.append(top | set(range(n - window, n)))
+    return selections
+
+
+def test_snapkv_keeps_what_the_paper_scores_highest():
+    model = tiny("snapkv", seed=4, window=5)
+    ids = torch.randint(0, 97, (1, 50), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = model(ids, kv_budget_tokens=15).past_key_values
+    kept = kept_positions(cache, range(6))
+    for layer in (0, 3, 5):
+        assert kept[layer] == snapkv_reference_selection(model, ids, layer, window=5, budget_tokens=15)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_layer_budgets_sum_to_the_total_and_bytes_match(policy):
+    model = tiny(policy, seed=5, layers=8)
+    ids = torch.randint(0, 97, (1, 120))
+    with torch.no_grad():
+        cache = model(ids, kv_budget=0.2).past_key_values
+    counts = [int(layer.valid[0, 0].sum()) for layer in cache.layers]
+    assert sum(counts) == round(0.2 * 120) * 8
+    full_bytes = 2 * 2 * 8 * 4 * 8  # K and V, 2 KV heads, head_dim 8, float32, 8 layers
+    assert kv_bytes_per_token(model, ids, kv_budget=0.2) == pytest.approx(0.2 * full_bytes, rel=0.02)
+    if policy == "pyramid":
+        base, window = 24, 4
+        low = (base - window) / PYRAMID_BETA
+        high = 2 * (base - window) - low
+        expected = [high - i * (high - low) / 7 + window for i in range(8)]
+        assert max(abs(c - e) for c, e in zip(counts, expected)) <= 1
+        assert counts == sorted(counts, reverse=True)
+    if policy == "zigzag":
+        policy_state = model.model.last_budget_policy
+        lmba = torch.stack([policy_state.scores[layer].lmba[0] for layer in range(8)]).double()
+        expected = 0.2 * 24 + (24 - 0.2 * 24) * 8 * lmba / lmba.sum()
+        assert max(abs(c - e) for c, e in zip(counts, expected.tolist())) <= 1
+
+
+def test_batch_with_padding_decodes_like_each_sequence_alone():
+    model = tiny("zigzag", seed=6)
+    generator = torch.Generator().manual_seed(7)
+    long, short = torch.randint(3, 97, (1, 48), generator=generator), torch.randint(3, 97, (1, 36), generator=generator)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 12, dtype=torch.long), short], 1)])
+    mask = (torch.arange(48)[None] >= torch.tensor([[0], [12]])).long()
+    kwargs = dict(max_new_tokens=8, do_sample=False, kv_budget=0.25, pad_token_id=0)
+    with torch.no_grad():
+        together = model.generate(batch, attention_mask=mask, **kwargs)[:, 48:]
+        alone = [model.generate(seq, **kwargs)[:, seq.shape[1]:] for seq in (long, short)]
+    assert torch.equal(together[0], alone[0][0]) and torch.equal(together[1], alone[1][0])
+
+
+def test_matryoshka_projected_cache_is_evicted_per_head():
+    model = tiny("snapkv", seed=8)
+    model.set_kv_ranks([[3, 5]] * 6, [[4, 2]] * 6)
+    ids = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = model(ids[:, :32], kv_budget=0.25).past_key_values
+        assert tuple(cache.layers[2].keys.shape) == (1, 1, 8, 8) and tuple(cache.layers[2].values.shape) == (1, 1, 8, 6)
+        logits = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(32, 40)]
+        same = model(ids[:, :32], kv_budget=1.0).past_key_values
+        exact = [model(ids[:, t : t + 1], past_key_values=same).logits for t in range(32, 40)]
+    assert (torch.cat(exact, 1) - full[:, 32:]).abs().max() < 1e-5
+    assert torch.isfinite(torch.cat(logits, 1)).all()
+
+
+def test_apportion_and_lmba_helpers():
+    assert apportion(torch.tensor([1.0, 1.0, 2.0]), 12, 1, 100) == [3, 3, 6]
+    assert sum(apportion(torch.tensor([5.0, 0.1, 0.1]), 30, 2, 12)) == 30
+    assert max(apportion(torch.tensor([5.0, 0.1, 0.1]), 30, 2, 12)) == 12
+    mass = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert tokens_to_reach(mass, 0.9).tolist() == [3]
