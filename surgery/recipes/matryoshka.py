@@ -9,10 +9,11 @@ Conversion:
 3. The checkpoint stores each basis truncated to its rank; `surgery adapt` then trains U (kept orthogonal) and μ
    with ranks sampled per step (Matryoshka training), the base model frozen.
 
-Deviation, for speed: the greedy search rescores lazily. Each candidate keeps the KL it had when last scored; the
-best one is rescored under the current ranks and taken if it is still no worse than the next best's last score,
-else put back. This finds the same choice whenever lowering one head does not make another head's
-decrement cheaper, and costs a few forward passes per step instead of one per candidate.
+Deviation, for speed: the paper rescores every candidate after every step (one forward pass per candidate per
+step: about 180 × 700 passes for SmolLM2 at a 50% budget, hours on a CPU). Here each candidate's cost of each
+step down is measured once, with every other head at full rank (a separable estimate: 7 passes per candidate),
+and the greedy walk then takes the cheapest next step from those costs. The first step is exactly the paper's;
+later steps ignore interactions between heads.
 """
 
 import heapq
@@ -164,46 +165,43 @@ class MatryoshkaKV(Recipe):
         model.set_kv_ranks(*self.rank_lists(model.config, owners, lambda *key: ranks[key]))
 
     def search(self, model, ids, reference, owners, budgets: list[float], progress: bool) -> dict[float, dict]:
-        """Greedy rank lowering (Algorithm 1) down to the smallest budget; a snapshot of the ranks at each budget."""
+        """Greedy rank lowering down to the smallest budget; a snapshot of the ranks at each budget.
+
+        Each step lowers the (layer, head, K/V) whose next step down costs the least KL. A step's cost is measured
+        with every other head at full rank (a separable estimate): one forward pass per candidate and rank, all
+        up front, instead of re-scoring every candidate after every step.
+        """
         config = model.config
         step = config.head_dim // STEPS_PER_HEAD
-        ranks = {(layer, h, kind): config.head_dim for layer in owners for h in range(config.num_key_value_heads)
-                 for kind in ("key", "value")}
+        full = {(layer, h, kind): config.head_dim for layer in owners for h in range(config.num_key_value_heads)
+                for kind in ("key", "value")}
+        costs: dict[tuple, list[float]] = {}
+        trials = [(c, r) for c in sorted(full) for r in range(config.head_dim - step, 0, -step)]
+        kl_at: dict[tuple, float] = {}
+        for candidate, rank in tqdm(trials, desc="rank search: scoring", disable=not progress, leave=False):
+            self.set_ranks(model, {**full, candidate: rank}, owners)
+            kl_at[candidate, rank] = kl_from(reference, log_probs(model, ids))
+        for candidate in full:
+            curve = [0.0] + [kl_at[candidate, r] for r in range(config.head_dim - step, 0, -step)]
+            costs[candidate] = [after - before for before, after in zip(curve, curve[1:])]
+
+        ranks = dict(full)
         total_steps = len(ranks) * STEPS_PER_HEAD
-        targets = sorted({math.floor(b * total_steps + 1e-9) for b in budgets}, reverse=True)
+        targets = {budget: math.floor(budget * total_steps + 1e-9) for budget in budgets}
         remaining = total_steps
-        snapshots: dict[float, dict] = {}
-
-        def score(candidate) -> float:
-            ranks[candidate] -= step
-            self.set_ranks(model, ranks, owners)
-            value = kl_from(reference, log_probs(model, ids))
-            ranks[candidate] += step
-            return value
-
-        heap = [(score(c), c) for c in tqdm(sorted(ranks), desc="rank search: scoring", disable=not progress, leave=False)]
+        heap = [(costs[c][0], c) for c in ranks]
         heapq.heapify(heap)
-        bar = tqdm(total=total_steps - targets[-1], desc="rank search", unit="step", disable=not progress)
-        while True:
-            while targets and remaining <= targets[0]:
-                budget_hit = targets.pop(0)
-                for budget in budgets:
-                    if math.floor(budget * total_steps + 1e-9) == budget_hit:
-                        snapshots[budget] = dict(ranks)
-            if not targets or not heap:
-                break
+        snapshots = {b: dict(ranks) for b, t in targets.items() if t >= remaining}
+        while heap and remaining > min(targets.values()):
             _, candidate = heapq.heappop(heap)
-            fresh = score(candidate)
-            if heap and fresh > heap[0][0]:
-                heapq.heappush(heap, (fresh, candidate))
-                continue
             ranks[candidate] -= step
             remaining -= 1
-            bar.update(1)
-            bar.set_postfix(kl=f"{fresh:.4f}")
+            taken = (config.head_dim - ranks[candidate]) // step
             if ranks[candidate] > step:
-                heapq.heappush(heap, (fresh, candidate))
-        bar.close()
+                heapq.heappush(heap, (costs[candidate][taken], candidate))
+            for budget, target in targets.items():
+                if remaining == target:
+                    snapshots[budget] = dict(ranks)
         return snapshots
 
     @staticmethod
