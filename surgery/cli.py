@@ -208,12 +208,41 @@ def adapt_command(ctx, checkpoint, teacher, out, seed, resume, overwrite, no_ver
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="Tokens of held-out text to score.")
 @click.option("--context", "speed_context", type=int, default=512, show_default=True, help="Context length for the speed test.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Where to write the JSON (default: CHECKPOINT/eval_results.json).")
+@click.option("--task", type=click.Choice(["quality", "passkey"]), default="quality", show_default=True, help="quality: perplexity, KV bytes, agreement, speed; passkey: retrieval under a KV budget.")
+@click.option("--lengths", default="1024,2048", show_default=True, help="passkey: prompt lengths in tokens.")
+@click.option("--budget", type=float, default=None, help="passkey: KV budget (default: the checkpoint's; 1 = full cache).")
+@click.option("--protocol", type=click.Choice(["query-aware", "context-only", "both"]), default="both", show_default=True)
+@click.option("--probe", is_flag=True, help="passkey, context-only: score the context with a generic question.")
+@click.option("--per-depth", type=int, default=5, show_default=True, help="passkey: prompts per depth (depths 10%, 50%, 90%).")
 @click.pass_context
 @friendly_errors
-def eval_command(ctx, checkpoint, baseline, data, max_tokens, speed_context, json_path):
-    """Measure CHECKPOINT: perplexity, KV bytes per token, greedy agreement, speed, memory."""
+def eval_command(ctx, checkpoint, baseline, data, max_tokens, speed_context, json_path, task, lengths, budget,
+                 protocol, probe, per_depth):
+    """Measure CHECKPOINT: perplexity, KV bytes per token, greedy agreement, speed, memory; or pass-key retrieval."""
     from .card import EVAL_FILE, render_card
     from .evaluate import evaluate, print_report, write_results
+
+    if task == "passkey":
+        import json
+
+        from .calibration import heldout_text, read_text
+        from .evaluate import load_model
+        from .passkey import passkey_report
+
+        model, tokenizer = load_model(checkpoint)
+        protocols = ["query-aware", "context-only"] if protocol == "both" else [protocol]
+        sizes = [int(n) for n in lengths.split(",")]
+        haystack = read_text(data) if data else heldout_text()
+        report = passkey_report(model, tokenizer, haystack, sizes, budget, protocols, probe, per_depth,
+                                progress=ctx.obj["progress"])
+        for name, rows in report["results"].items():
+            click.echo(f"pass key, {name}: " + ", ".join(f"{k} tokens {v}" for k, v in rows.items() if "@" not in k))
+        continuation = report["continuation_perplexity"]
+        click.echo(f"perplexity of {continuation['scored_tokens']} tokens after a compressed "
+                   f"{continuation['prompt_tokens']}-token prompt: {continuation['perplexity']:.3f}")
+        if json_path:
+            json_path.write_text(json.dumps(report, indent=2) + "\n")
+        return
 
     results = evaluate(checkpoint, baseline, progress=ctx.obj["progress"], data=data, max_tokens=max_tokens,
                        speed_context=speed_context)

@@ -205,3 +205,71 @@ def test_apportion_and_lmba_helpers():
     assert max(apportion(torch.tensor([5.0, 0.1, 0.1]), 30, 2, 12)) == 12
     mass = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     assert tokens_to_reach(mass, 0.9).tolist() == [3]
+
+
+def test_context_only_cache_continues_in_generate():
+    """compress_context at the full budget then generate == plain generate; under budget the cache is compact."""
+    model = tiny("snapkv", seed=9, window=4)
+    context, question = torch.randint(3, 97, (1, 40)), torch.randint(3, 97, (1, 5))
+    full = torch.cat([context, question], 1)
+    kwargs = dict(attention_mask=torch.ones_like(full), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(full, **kwargs)
+        kept_all = model.compress_context(context, kv_budget_tokens=40)
+        assert torch.equal(model.generate(full, past_key_values=kept_all, **kwargs), plain)
+        cache = model.compress_context(context, kv_budget=0.25)
+        assert cache.get_seq_length() == 40 and all(int(layer.valid.sum()) == 2 * 10 for layer in cache.layers)
+        out = model.generate(full, past_key_values=cache, **kwargs)
+    assert out.shape == plain.shape and cache.get_seq_length() == 40 + 5 + 5
+
+
+def test_probe_scores_the_context_and_leaves():
+    model = tiny("snapkv", seed=10, window=4)
+    context, probe = torch.randint(3, 97, (1, 40)), torch.randint(3, 97, (1, 6))
+    with torch.no_grad():
+        cache = model.compress_context(context, kv_budget=0.25, probe_ids=probe)
+    for layer in cache.layers:
+        assert int(layer.valid.sum()) == 2 * 10  # 10 context tokens per KV head
+        assert int(layer.positions[layer.valid].max()) < 40  # no probe token stays
+    assert cache.get_seq_length() == 40
+
+
+def test_passkey_prompt_and_answer(tiny_with_tokenizer):
+    from surgery.calibration import heldout_text
+    from surgery.convert import load_tokenizer
+    from surgery.passkey import answer_is_right, passkey_prompts
+
+    tokenizer = load_tokenizer(tiny_with_tokenizer)
+    prompts = passkey_prompts(tokenizer, heldout_text(), [300], per_depth=2, seed=1)
+    assert len(prompts) == 6 and len({p.key for p in prompts}) == 6
+    for prompt in prompts:
+        total = prompt.context.shape[1] + prompt.question.shape[1]
+        assert abs(total - 300) <= 2
+        text = tokenizer.decode(prompt.context[0])
+        assert f"The pass key is {prompt.key}" in text
+        where = text.index(prompt.key) / len(text)
+        assert abs(where - prompt.depth) < 0.1
+    ids = tokenizer(f" {prompts[0].key}. Remember", return_tensors="pt")["input_ids"]
+    assert answer_is_right(tokenizer, ids, prompts[0].key)
+    assert not answer_is_right(tokenizer, tokenizer(" 11111", return_tensors="pt")["input_ids"], prompts[0].key)
+
+
+def test_convert_kvsharer_plus_calibrated_zigzag(tiny_llama, tmp_path):
+    from helpers import load_remote, run_convert
+
+    out = run_convert(tiny_llama, tmp_path / "both", recipe="kvsharer,zigzag", share_layers=2, threshold=-1.0,
+                      num_samples=4, seq_len=40, verify=True, recipe_options={"budget": 0.2, "calibrated": True})
+    model = load_remote(out)
+    assert model.config.kv_policy == "zigzag" and model.config.kv_budget == 0.2
+    owners = [i for i, s in enumerate(model.config.kv_source) if s == i]
+    weights = model.config.kv_layer_weights
+    assert len(owners) == 4 and sum(weights[i] for i in owners) == pytest.approx(1, abs=1e-4)
+    assert all(weights[i] == 0 for i in range(6) if i not in owners)
+    ids = torch.randint(3, 128, (1, 100))
+    with torch.no_grad():
+        cache = model(ids).past_key_values  # the config's default budget applies
+        counts = [None if layer.keys is None else int(layer.valid[0, 0].sum()) for layer in cache.layers]
+        assert sum(c for c in counts if c) == 20 * 4 and [c is None for c in counts] == [i not in owners for i in range(6)]
+        wider = model(ids, kv_budget=0.5).past_key_values  # a per-call override
+        assert sum(int(layer.valid[0, 0].sum()) for layer in wider.layers if layer.keys is not None) == 50 * 4
+    assert "policy zigzag" in (out / "README.md").read_text()

@@ -114,6 +114,13 @@ class SurgeryKVLayer(DynamicLayer):
             offset += width
         return torch.cat(blocks, dim=-1).unsqueeze(1)
 
+    def drop_last(self, count: int) -> None:
+        """Forget the `count` newest tokens (a scoring probe), which sit in the last slots of every head."""
+        self.keys, self.values = self.keys[..., :-count, :], self.values[..., :-count, :]
+        if self.valid is not None:
+            self.valid, self.positions = self.valid[..., :-count], self.positions[..., :-count]
+        self.seen -= count
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.valid is not None:
@@ -163,6 +170,11 @@ class SurgeryCache(Cache):
 
     def keep_top(self, layer_idx: int, scores: torch.Tensor, counts: list[int], window: int) -> torch.Tensor:
         return self.layers[layer_idx].keep_top(scores, counts, window)
+
+    def drop_last(self, count: int) -> None:
+        for layer in self.layers:
+            if isinstance(layer, SurgeryKVLayer):
+                layer.drop_last(count)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[self.kv_source[layer_idx]].get_seq_length()

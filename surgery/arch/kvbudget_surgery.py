@@ -112,7 +112,8 @@ class BudgetPolicy:
     """Decides how many tokens each owner layer keeps; the cache does the gathering."""
 
     def __init__(self, name: str, budget: float | None, budget_tokens: int | None, owners: list[int],
-                 prompt_lengths: torch.Tensor, window: int | None, layer_weights: list[float] | None = None):
+                 prompt_lengths: torch.Tensor, window: int | None, layer_weights: list[float] | None = None,
+                 pooling: str = "avg"):
         if name not in POLICIES:
             raise ValueError(f"unknown KV budget policy {name!r}; choose from {', '.join(POLICIES)}")
         self.name = name
@@ -123,7 +124,12 @@ class BudgetPolicy:
             prompt_lengths, budget_tokens, dtype=torch.float64)
         self.base = per_layer.round().long().clamp(min=1)  # B per sequence: average tokens kept per layer
         self.layer_weights = layer_weights
+        self.pooling = pooling
         self.scores: dict[int, LayerScores] = {}
+
+    def score(self, query: torch.Tensor, key: torch.Tensor, padding: torch.Tensor | None, scaling: float) -> LayerScores:
+        """Called by each K/V-owning layer during prefill, with its post-RoPE queries and keys."""
+        return window_scores(query, key, padding, self.window, scaling, pooling=self.pooling)
 
     def observe(self, layer: int, scores: LayerScores, cache) -> None:
         self.scores[layer] = scores

@@ -20,7 +20,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 
 from .cache_surgery import SurgeryCache
 from .configuration_surgery import SurgeryConfig
-from .kvbudget_surgery import BudgetPolicy, window_scores
+from .kvbudget_surgery import BudgetPolicy
 
 
 class SurgeryRMSNorm(nn.Module):
@@ -288,7 +288,7 @@ class SurgeryAttention(nn.Module):
                 key = self.k_norm(key)
             key = apply_rope(key, cos, sin)
             if context.policy is not None:
-                scores = window_scores(query, key, context.padding, context.policy.window, self.scaling)
+                scores = context.policy.score(query, key, context.padding, self.scaling)
             widths = None
             if projection is not None:
                 key, value = projection.compress(key, value)
@@ -369,6 +369,7 @@ class SurgeryModel(SurgeryPreTrainedModel):
         output_hidden_states: bool | None = None,
         kv_budget: float | None = None,
         kv_budget_tokens: int | None = None,
+        kv_policy: BudgetPolicy | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -395,8 +396,8 @@ class SurgeryModel(SurgeryPreTrainedModel):
         }
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         projections = [getattr(layer.self_attn, "kv_projection", None) for layer in self.layers]
-        policy = self._budget_policy(kv_budget, kv_budget_tokens, past_length, query_length, attention_mask,
-                                     inputs_embeds.shape[0], inputs_embeds.device)
+        policy = kv_policy or self._budget_policy(kv_budget, kv_budget_tokens, past_length, query_length,
+                                                  attention_mask, inputs_embeds.shape[0], inputs_embeds.device)
         padding = attention_mask[:, :query_length] if attention_mask is not None and policy is not None else None
         self.last_budget_policy = policy  # the last prefill's per-layer budgets and scores, for inspection
         context = LayerContext(masks=masks, cache=cache, projections=projections, policy=policy, padding=padding)
@@ -434,7 +435,7 @@ class SurgeryModel(SurgeryPreTrainedModel):
         lengths = attention_mask[:, :query_length].sum(-1) if attention_mask is not None else torch.full((batch,), query_length, device=device)
         owners = [i for i, source in enumerate(self.config.kv_source) if source == i]
         return BudgetPolicy(name, budget, budget_tokens, owners, lengths.cpu(), self.config.kv_window,
-                            self.config.kv_layer_weights)
+                            self.config.kv_layer_weights, self.config.kv_pooling)
 
     def _resolve_cache(self, past_key_values: Cache | None) -> SurgeryCache:
         """Our cache, whatever generate() offers: it pre-builds an empty DynamicCache, which cannot hold our plan."""
@@ -491,6 +492,38 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         self.config.kv_key_ranks = [None if r is None else list(r) for r in key_ranks]
         self.config.kv_value_ranks = [None if r is None else list(r) for r in value_ranks]
 
+    @torch.no_grad()
+    def compress_context(self, input_ids: torch.LongTensor, kv_budget: float | None = None,
+                         kv_budget_tokens: int | None = None, probe_ids: torch.LongTensor | None = None,
+                         policy: str | None = None) -> SurgeryCache:
+        """Prefill a context and evict down to the budget before any question is known (prefix caching, chat).
+
+        Returns a cache that later `generate(context + question, past_key_values=cache)` calls continue from.
+        `probe_ids` (batch 1): a generic question appended only to score the context, e.g. "What are the key facts
+        and numbers above?"; its tokens are the observation window, then leave the cache again. Without a probe the
+        last context tokens are the window, as in SnapKV.
+        """
+        from .kvbudget_surgery import BudgetPolicy
+
+        name = policy or self.config.kv_policy or "snapkv"
+        context_length = input_ids.shape[1]
+        if kv_budget is None and kv_budget_tokens is None:
+            kv_budget, kv_budget_tokens = self.config.kv_budget, self.config.kv_budget_tokens
+        tokens = kv_budget_tokens if kv_budget_tokens is not None else round(kv_budget * context_length)
+        owners = [i for i, source in enumerate(self.config.kv_source) if source == i]
+        ids, window = input_ids, self.config.kv_window
+        if probe_ids is not None:
+            ids = torch.cat([input_ids, probe_ids.to(input_ids.device)], dim=1)
+            window = probe_ids.shape[1]
+            tokens += window
+        lengths = torch.full((ids.shape[0],), ids.shape[1])
+        budget_policy = BudgetPolicy(name, None, tokens, owners, lengths, window, self.config.kv_layer_weights,
+                                     self.config.kv_pooling)
+        cache = self(ids, use_cache=True, kv_policy=budget_policy).past_key_values
+        if probe_ids is not None:
+            cache.drop_last(probe_ids.shape[1])
+        return cache
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -504,6 +537,7 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         kv_budget: float | None = None,
         kv_budget_tokens: int | None = None,
+        kv_policy: BudgetPolicy | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
@@ -516,6 +550,7 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             kv_budget=kv_budget,
             kv_budget_tokens=kv_budget_tokens,
+            kv_policy=kv_policy,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -19,6 +19,7 @@ class TokenBudgetRecipe(Recipe):
     budget: float | None = field(default=None, metadata={"help": "fraction of the prompt each layer keeps on average (default 0.2); for matryoshka: of the KV bytes"})
     budget_tokens: int | None = field(default=None, metadata={"help": "tokens each layer keeps on average, instead of --budget"})
     window: int | None = field(default=None, metadata={"help": "observation window (default: the policy's)"})
+    pooling: str = field(default="avg", metadata={"help": "1-D pooling of the scores (kernel 7)", "choices": ("avg", "max")})
 
     def validate(self, config: SurgeryConfig) -> None:
         if self.budget is not None and self.budget_tokens is not None:
@@ -32,13 +33,15 @@ class TokenBudgetRecipe(Recipe):
 
     def plan(self, model, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
         budget = 0.2 if self.budget is None and self.budget_tokens is None else self.budget
-        return {"policy": self.policy, "budget": budget, "budget_tokens": self.budget_tokens, "window": self.window}
+        return {"policy": self.policy, "budget": budget, "budget_tokens": self.budget_tokens, "window": self.window,
+                "pooling": self.pooling}
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
         config.kv_policy = plan["policy"]
         config.kv_budget = plan["budget"]
         config.kv_budget_tokens = plan["budget_tokens"]
         config.kv_window = plan["window"]
+        config.kv_pooling = plan.get("pooling", "avg")
         config.kv_layer_weights = plan.get("layer_weights")
 
     def describe(self, plan: dict[str, Any]) -> list[str]:
