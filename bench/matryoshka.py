@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--adapt-steps", type=int, default=100)
     parser.add_argument("--adapt-samples", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--search-samples", type=int, default=4)
+    parser.add_argument("--search-len", type=int, default=32)
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
 
@@ -57,7 +59,7 @@ def main() -> None:
     config = surgery_config_from_source(source.config)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     model = load_calibration_model(source, config)
-    recipe = MatryoshkaKV(budget=min(budgets))
+    recipe = MatryoshkaKV(budget=min(budgets), search_samples=args.search_samples, search_len=args.search_len)
     settings = CalibrationSettings(source=None, num_samples=recipe.calibration.num_samples,
                                    seq_len=recipe.calibration.seq_len, seed=args.seed)
     calib = calibration_ids(settings, tokenizer, model)

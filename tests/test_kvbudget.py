@@ -273,3 +273,21 @@ def test_convert_kvsharer_plus_calibrated_zigzag(tiny_llama, tmp_path):
         wider = model(ids, kv_budget=0.5).past_key_values  # a per-call override
         assert sum(int(layer.valid[0, 0].sum()) for layer in wider.layers if layer.keys is not None) == 50 * 4
     assert "policy zigzag" in (out / "README.md").read_text()
+
+
+def test_eval_passkey_task_runs_from_the_cli(tiny_with_tokenizer, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from helpers import run_convert
+    from surgery.cli import main
+
+    out = run_convert(tiny_with_tokenizer, tmp_path / "snap", recipe="snapkv", recipe_options={"budget": 0.3})
+    result = CliRunner().invoke(main, ["-q", "eval", str(out), "--task", "passkey", "--lengths", "160",
+                                       "--per-depth", "1", "--json", str(tmp_path / "pk.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "pk.json").read_text())
+    assert set(report["results"]) == {"query-aware", "context-only"}
+    assert report["results"]["query-aware"]["160"].endswith("/3")
+    assert report["continuation_perplexity"]["perplexity"] > 1
