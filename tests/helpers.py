@@ -26,3 +26,17 @@ def load_remote(folder: Path):
 
 def load_reference(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def decode_stepwise(model, ids: torch.Tensor, prompt: int, mask: torch.Tensor | None = None, **prefill_kwargs):
+    """Prefill `prompt` tokens, then feed the rest one at a time through the cache; the logits of every position."""
+    out = model(ids[:, :prompt], attention_mask=None if mask is None else mask[:, :prompt], use_cache=True,
+                **prefill_kwargs)
+    cache, logits = out.past_key_values, [out.logits]
+    for t in range(prompt, ids.shape[1]):
+        step_mask = None if mask is None else mask[:, : t + 1]
+        out = model(ids[:, t : t + 1], attention_mask=step_mask, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+    return torch.cat(logits, 1), cache

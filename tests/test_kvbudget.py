@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from helpers import decode_stepwise
 from surgery.arch import SurgeryConfig, SurgeryForCausalLM
 from surgery.arch.kvbudget_surgery import POLICIES, PYRAMID_BETA, apportion, tokens_to_reach
 from surgery.arch.modeling_surgery import apply_rope
@@ -21,15 +22,8 @@ def tiny(policy, seed=0, layers=6, kv_source=None, window=4, **extra) -> Surgery
 
 
 def decode(model, ids, prompt, budget, mask=None):
-    """Prefill `prompt` tokens with eviction, then feed the rest one token at a time; logits of every step."""
-    with torch.no_grad():
-        out = model(ids[:, :prompt], attention_mask=None if mask is None else mask[:, :prompt], kv_budget=budget)
-        cache, logits = out.past_key_values, [out.logits]
-        for t in range(prompt, ids.shape[1]):
-            step_mask = None if mask is None else mask[:, : t + 1]
-            out = model(ids[:, t : t + 1], attention_mask=step_mask, past_key_values=cache)
-            logits.append(out.logits)
-    return torch.cat(logits, 1), cache
+    """Prefill `prompt` tokens with eviction at `budget`, then decode the rest one token at a time."""
+    return decode_stepwise(model, ids, prompt, mask, kv_budget=budget)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

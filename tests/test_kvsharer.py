@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import load_remote, run_convert
+from helpers import decode_stepwise, load_remote, run_convert
 from surgery.arch import SurgeryCache, SurgeryConfig, SurgeryForCausalLM
 from surgery.convert import load_calibration_model
 from surgery.families import surgery_config_from_source
@@ -64,14 +64,7 @@ def test_incremental_decode_equals_full_forward(padded):
     prompt = 8
     with torch.no_grad():
         full = model(ids, attention_mask=mask, use_cache=False).logits
-        out = model(ids[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)
-        steps = [out.logits]
-        cache = out.past_key_values
-        for t in range(prompt, ids.shape[1]):
-            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits)
-    incremental = torch.cat(steps, dim=1)
+    incremental, cache = decode_stepwise(model, ids, prompt, mask)
     real = mask.bool()
     assert (incremental - full)[real].abs().max() < 1e-5
     assert cache.layers[0].keys.shape[-2] == ids.shape[1]  # the source layer holds each token exactly once

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import load_remote, run_convert
+from helpers import decode_stepwise, load_remote, run_convert
 from surgery.convert import load_calibration_model
 from surgery.errors import SurgeryError
 from surgery.evaluate import kv_bytes_per_token
@@ -90,12 +90,8 @@ def test_kvsharer_plus_matryoshka_loads_and_decodes(tiny_llama, tmp_path):
     ids = torch.randint(3, 128, (2, 14))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        out_ = model(ids[:, :6], use_cache=True)
-        steps, cache = [out_.logits], out_.past_key_values
-        for t in range(6, 14):
-            out_ = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out_.logits)
-    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+    stepwise, cache = decode_stepwise(model, ids, 6)
+    assert (stepwise - full).abs().max() < 1e-5
     for layer, source in enumerate(model.config.kv_source):
         keys = cache.layers[layer].keys
         assert (keys is None) == (source != layer)

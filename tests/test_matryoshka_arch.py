@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import decode_stepwise
 from surgery.arch import SurgeryConfig, SurgeryForCausalLM
 from surgery.arch.modeling_surgery import apply_rope
 
@@ -53,13 +54,8 @@ def test_reduced_rank_caches_reduced_width_and_decodes_like_full_forward():
     mask[0, :3] = 0
     with torch.no_grad():
         full = model(ids, attention_mask=mask, use_cache=False).logits
-        out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(6, 14):
-            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-            cache = out.past_key_values
-    assert (torch.cat(steps, 1) - full)[mask.bool()].abs().max() < 1e-5
+    stepwise, cache = decode_stepwise(model, ids, 6, mask)
+    assert (stepwise - full)[mask.bool()].abs().max() < 1e-5
     for layer, (keys, values) in enumerate(zip(key_ranks, value_ranks)):
         assert tuple(cache.layers[layer].keys.shape) == (2, 1, 14, sum(keys))
         assert tuple(cache.layers[layer].values.shape) == (2, 1, 14, sum(values))
@@ -107,12 +103,8 @@ def test_sharing_layer_reads_the_projected_cache_of_its_source():
     ids = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        out = model(ids[:, :5], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(5, 12):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+    stepwise, cache = decode_stepwise(model, ids, 5)
+    assert (stepwise - full).abs().max() < 1e-5
     assert cache.layers[2].keys is None and cache.layers[0].keys.shape[-1] == 7
 
 
