@@ -26,6 +26,7 @@ print(json.dumps({
     "class": type(model).__module__ + "." + type(model).__name__,
     "finite": bool(torch.isfinite(logits).all()),
     "generated": generated.shape[1] - ids.shape[1],
+    "kernels": getattr(getattr(sys.modules[type(model).__module__], "decode_attention", None), "__module__", "").split(".")[-1],
 }))
 """
 

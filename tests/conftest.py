@@ -1,6 +1,11 @@
 """Offline fixtures: tiny random models of each family, written as Hugging Face folders, and the demo model."""
 
-import json
+import os
+
+# Triton kernels run in its interpreter on CPU; it must be on before triton is first imported (transformers may).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
 from pathlib import Path
 
 import pytest

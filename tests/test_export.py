@@ -77,6 +77,7 @@ def test_loads_in_interpreter_without_surgery(tiny_models, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["class"].endswith("modeling_surgery.SurgeryForCausalLM") and report["generated"] == 4
+    assert report["kernels"] == "decode_surgery"  # the checkpoint's own flat copy of the Triton kernels
     assert not report["class"].startswith("surgery.")  # the checkpoint's own files ran, not the package
 
 
@@ -131,7 +132,11 @@ def test_source_is_not_touched(tiny_models, tmp_path):
 
 def test_remote_code_is_flat_and_relative():
     files = export.remote_code_files()
-    assert {f.name for f in files} >= {"modeling_surgery.py", "configuration_surgery.py", "cache_surgery.py"}
+    assert {f.name for f in files} >= {"modeling_surgery.py", "configuration_surgery.py", "cache_surgery.py",
+                                       "kvbudget_surgery.py", "decode_surgery.py"}
     for path in files:
-        text = path.read_text()
-        assert "import surgery" not in text and "from surgery" not in text and "from .." not in text
+        lines = path.read_text().splitlines()
+        assert not any(line.strip().startswith("from ..") or line.strip().startswith("import surgery") for line in lines)
+        for number, line in enumerate(lines):
+            if line.strip().startswith("from surgery"):  # only as the in-package fallback of a flat import
+                assert lines[number - 1].strip().startswith("try:") and "from .decode_surgery" in lines[number - 3]

@@ -12,15 +12,26 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AttentionInterface, AttentionMaskInterface, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.masking_utils import sdpa_mask
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from .cache_surgery import SurgeryCache
 from .configuration_surgery import SurgeryConfig
 from .kvbudget_surgery import BudgetPolicy
+
+try:  # flat in a checkpoint, the kernels sit beside this file
+    from .decode_surgery import decode_attention, kernels_usable
+except ImportError:  # inside the surgery package they live in surgery/kernels
+    try:
+        from surgery.kernels.decode_surgery import decode_attention, kernels_usable
+    except ImportError:
+        decode_attention = kernels_usable = None
+
+TRITON_IMPLEMENTATION = "surgery_triton"
 
 
 class SurgeryRMSNorm(nn.Module):
@@ -125,7 +136,7 @@ def attend(
     """
     n_rep = query.shape[1] // key.shape[1]
     is_causal = mask is None and query.shape[2] > 1
-    if implementation == "eager":
+    if implementation == "eager":  # "sdpa" and "surgery_triton" (outside a decode step) take the SDPA branch
         key = key.repeat_interleave(n_rep, dim=1)
         value = value.repeat_interleave(n_rep, dim=1)
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
@@ -146,6 +157,20 @@ def attend(
             enable_gqa=n_rep > 1,
         )
     return out.transpose(1, 2)
+
+
+def _interface_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """`surgery_triton` as transformers' attention registry sees it: the model itself dispatches to the kernels."""
+    return attend(query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5, "sdpa", dropout), None
+
+
+AttentionInterface.register(TRITON_IMPLEMENTATION, _interface_attention)
+AttentionMaskInterface.register(TRITON_IMPLEMENTATION, sdpa_mask)  # without it transformers passes no padding mask
+
+
+def use_decode_kernel(implementation: str, query: torch.Tensor) -> bool:
+    return (implementation == TRITON_IMPLEMENTATION and query.shape[2] == 1 and decode_attention is not None
+            and kernels_usable(query))
 
 
 class HeadBasis(nn.Module):
@@ -210,6 +235,22 @@ class KVProjection(nn.Module):
         return torch.cat(outputs, dim=2)
 
 
+def _projection_decode(self, query, packed_keys, packed_values, valid, scaling) -> torch.Tensor:
+    """One decode step through the Triton kernel on the packed reduced cache; returns (batch, 1, heads, head_dim)."""
+    batch, heads = query.shape[:2]
+    group = heads // len(self.key_bases)
+    reduced = query.new_zeros(batch, heads, max(self.key_ranks))
+    for h, basis in enumerate(self.key_bases):
+        reduced[:, h * group : (h + 1) * group, : basis.rank] = query[:, h * group : (h + 1) * group, 0] @ basis()
+    out = decode_attention(reduced, packed_keys, packed_values, scaling, valid, self.key_ranks, self.value_ranks)
+    heads_out = [out[:, h * group : (h + 1) * group, : basis.rank] @ basis().T + self.value_mean[h]
+                 for h, basis in enumerate(self.value_bases)]
+    return torch.cat(heads_out, dim=1)[:, None]
+
+
+KVProjection.decode = _projection_decode
+
+
 @dataclass
 class LayerContext:
     """What every layer of one forward pass shares: masks per window size, the cache, the KV projections, and the
@@ -220,6 +261,15 @@ class LayerContext:
     projections: list
     policy: BudgetPolicy | None = None
     padding: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+    def slot_mask(self, layer_valid: torch.Tensor | None, kv_heads: int, slots: int) -> torch.Tensor | None:
+        """(batch, kv_heads, slots) slots a decode kernel may read: eviction's kept set, else the padding mask."""
+        if layer_valid is not None:
+            return layer_valid
+        if self.attention_mask is None or bool(self.attention_mask[:, :slots].all()):
+            return None
+        return self.attention_mask[:, None, :slots].bool().expand(-1, kv_heads, -1)
 
 
 def evicted_mask(valid: torch.Tensor, query_length: int, group: int, dtype: torch.dtype) -> torch.Tensor:
@@ -304,7 +354,14 @@ class SurgeryAttention(nn.Module):
             mask = evicted_mask(valid, query.shape[2], self.num_heads // self.num_kv_heads, query.dtype)
         dropout = self.config.attention_dropout if self.training else 0.0
         implementation = self.config._attn_implementation
-        if projection is not None:
+        window_applies = self.sliding_window is not None and key.shape[2] > self.sliding_window
+        if use_decode_kernel(implementation, query) and not window_applies:
+            slots = context.slot_mask(valid, self.num_kv_heads, key.shape[2])
+            if projection is not None:
+                out = projection.decode(query, key, value, slots, self.scaling)
+            else:
+                out = decode_attention(query[:, :, 0], key, value, self.scaling, valid=slots)[:, None]
+        elif projection is not None:
             out = projection.attend(query, key, value, mask, self.scaling, implementation, dropout)
         else:
             out = attend(query, key, value, mask, self.scaling, implementation, dropout)
@@ -339,6 +396,8 @@ class SurgeryDecoderLayer(nn.Module):
 
 
 class SurgeryPreTrainedModel(PreTrainedModel):
+    """On CUDA with triton installed the Triton kernels are the default; "sdpa" and "eager" stay selectable."""
+
     config_class = SurgeryConfig
     config: SurgeryConfig
     base_model_prefix = "model"
@@ -346,6 +405,11 @@ class SurgeryPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = False
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        if requested_attention is None and decode_attention is not None and torch.cuda.is_available():
+            return TRITON_IMPLEMENTATION
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
 
 class SurgeryModel(SurgeryPreTrainedModel):
@@ -400,7 +464,8 @@ class SurgeryModel(SurgeryPreTrainedModel):
                                                   attention_mask, inputs_embeds.shape[0], inputs_embeds.device)
         padding = attention_mask[:, :query_length] if attention_mask is not None and policy is not None else None
         self.last_budget_policy = policy  # the last prefill's per-layer budgets and scores, for inspection
-        context = LayerContext(masks=masks, cache=cache, projections=projections, policy=policy, padding=padding)
+        context = LayerContext(masks=masks, cache=cache, projections=projections, policy=policy, padding=padding,
+                               attention_mask=attention_mask)
 
         hidden_states = inputs_embeds
         all_hidden_states = [] if output_hidden_states else None
@@ -503,8 +568,6 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         and numbers above?"; its tokens are the observation window, then leave the cache again. Without a probe the
         last context tokens are the window, as in SnapKV.
         """
-        from .kvbudget_surgery import BudgetPolicy
-
         name = policy or self.config.kv_policy or "snapkv"
         context_length = input_ids.shape[1]
         if kv_budget is None and kv_budget_tokens is None:

@@ -1,0 +1,149 @@
+"""Triton kernels under TRITON_INTERPRET=1 on CPU, against a float64 reference, with poisoned outputs."""
+
+import math
+
+import pytest
+import torch
+
+from surgery.kernels.decode_surgery import decode_attention  # TRITON_INTERPRET=1 is set in conftest.py
+
+
+def reference(query, keys, values, scale, valid=None, key_widths=None, value_widths=None):
+    """Plain float64 attention per query head over its KV head's valid slots."""
+    batch, heads, _ = query.shape
+    kv_heads = len(key_widths) if key_widths else keys.shape[1]
+    group = heads // kv_heads
+    width_v = max(value_widths) if value_widths else values.shape[-1]
+    out = torch.zeros(batch, heads, width_v, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            kv = h // group
+            if key_widths:
+                k_start, v_start = sum(key_widths[:kv]), sum(value_widths[:kv])
+                k = keys[b, 0, :, k_start : k_start + key_widths[kv]].double()
+                v = values[b, 0, :, v_start : v_start + value_widths[kv]].double()
+                q = query[b, h, : key_widths[kv]].double()
+            else:
+                k, v, q = keys[b, kv].double(), values[b, kv].double(), query[b, h].double()
+            keep = valid[b, kv] if valid is not None else torch.ones(k.shape[0], dtype=torch.bool)
+            if keep.sum() == 0:
+                continue
+            scores = (k[keep] @ q) * scale
+            out[b, h, : v.shape[1]] = scores.softmax(0) @ v[keep]
+    return out
+
+
+def poisoned_empty(monkeypatch):
+    """Fill every fresh buffer with NaN, so a value the kernel forgot to write shows up."""
+    original = torch.empty
+
+    def empty(*args, **kwargs):
+        tensor = original(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 48), (4, 80), (3, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_decode(monkeypatch, group, head_dim, dtype):
+    poisoned_empty(monkeypatch)
+    generator = torch.Generator().manual_seed(group * head_dim)
+    batch, kv_heads, slots = 2, 2, 37
+    query = torch.randn(batch, kv_heads * group, head_dim, generator=generator).to(dtype)
+    keys = torch.randn(batch, kv_heads, slots, head_dim, generator=generator).to(dtype)
+    values = torch.randn(batch, kv_heads, slots, head_dim, generator=generator).to(dtype)
+    scale = 1 / math.sqrt(head_dim)
+    got = decode_attention(query, keys, values, scale, split_size=16, block_n=16)
+    expected = reference(query, keys, values, scale)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert (got.double() - expected).abs().max() < tolerance
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        query.float()[:, :, None], keys.float().repeat_interleave(group, 1), values.float().repeat_interleave(group, 1),
+        scale=scale)[:, :, 0]
+    assert (got.float() - sdpa).abs().max() < (3e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("kept", [[0, 1], [1, 5], [7, 0], [19, 11]])
+def test_ragged_decode(monkeypatch, kept):
+    """Each (sequence, KV head) attends only to its own kept slots; 0, 1 and odd counts included."""
+    poisoned_empty(monkeypatch)
+    generator = torch.Generator().manual_seed(sum(kept))
+    batch, kv_heads, group, slots, dim = 1, 2, 3, 21, 64
+    query = torch.randn(batch, kv_heads * group, dim, generator=generator)
+    keys = torch.randn(batch, kv_heads, slots, dim, generator=generator)
+    values = torch.randn(batch, kv_heads, slots, dim, generator=generator)
+    valid = torch.zeros(batch, kv_heads, slots, dtype=torch.bool)
+    for head, count in enumerate(kept):
+        valid[0, head, torch.randperm(slots, generator=generator)[:count]] = True
+    got = decode_attention(query, keys, values, 0.125, valid=valid, split_size=8, block_n=16)
+    expected = reference(query, keys, values, 0.125, valid=valid)
+    assert torch.isfinite(got).all() and (got.double() - expected).abs().max() < 1e-5
+
+
+def test_reduced_width_decode_with_ranks_per_head(monkeypatch):
+    poisoned_empty(monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    key_widths, value_widths, group, slots = [8, 24, 40], [16, 8, 56], 3, 29
+    query = torch.zeros(2, 3 * group, max(key_widths))
+    for head in range(3 * group):
+        query[:, head, : key_widths[head // group]] = torch.randn(2, key_widths[head // group], generator=generator)
+    keys = torch.randn(2, 1, slots, sum(key_widths), generator=generator)
+    values = torch.randn(2, 1, slots, sum(value_widths), generator=generator)
+    valid = torch.rand(2, 3, slots, generator=generator) > 0.3
+    got = decode_attention(query, keys, values, 0.125, valid=valid, key_widths=key_widths,
+                           value_widths=value_widths, split_size=16, block_n=16)
+    expected = reference(query, keys, values, 0.125, valid, key_widths, value_widths)
+    for head in range(3 * group):  # each head's output is only as wide as its value rank
+        width = value_widths[head // group]
+        assert (got[:, head, :width].double() - expected[:, head, :width]).abs().max() < 1e-5
+
+
+def tiny_model(**extra):
+    from surgery.arch import SurgeryConfig, SurgeryForCausalLM
+
+    config = SurgeryConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **extra)
+    torch.manual_seed(0)
+    return SurgeryForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("layout", ["dense", "shared", "projected", "evicted", "padded"])
+def test_model_decode_with_kernels_matches_pytorch(layout):
+    """Greedy decoding through the Triton decode kernel gives the PyTorch path's logits, layout by layout."""
+    extra = {"kv_source": [0, 1, 0, 1]} if layout == "shared" else {}
+    if layout == "evicted":
+        extra = {"kv_policy": "snapkv", "kv_window": 4, "kv_budget": 0.4}
+    model = tiny_model(**extra)
+    if layout == "projected":
+        model.set_kv_ranks([[3, 5]] * 4, [[4, 2]] * 4)
+    ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    if layout == "padded":
+        mask[1, :7] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    results = {}
+    for implementation in ("sdpa", "surgery_triton"):
+        model.config._attn_implementation = implementation
+        with torch.no_grad():
+            results[implementation] = model.generate(ids, **kwargs)
+    assert torch.equal(results["sdpa"].sequences, results["surgery_triton"].sequences)
+    for expected, got in zip(results["sdpa"].logits, results["surgery_triton"].logits):
+        assert (expected - got).abs().max() < 1e-4
+
+
+def test_decode_kernel_is_really_used(monkeypatch):
+    import surgery.arch.modeling_surgery as modeling
+
+    calls = []
+    original = modeling.decode_attention
+    monkeypatch.setattr(modeling, "decode_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = tiny_model()
+    model.config._attn_implementation = "surgery_triton"
+    ids = torch.randint(3, 97, (1, 8))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert len(calls) == 2 * 4  # two decode steps after the prefill, four layers
