@@ -147,3 +147,77 @@ def test_decode_kernel_is_really_used(monkeypatch):
     with torch.no_grad():
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert len(calls) == 2 * 4  # two decode steps after the prefill, four layers
+
+
+def reference_prefill(query, keys, values, scale, valid=None, key_widths=None, value_widths=None):
+    """float64 causal attention of the newest q_len slots, per query head over its KV head."""
+    batch, heads, q_len, _ = query.shape
+    kv_heads = len(key_widths) if key_widths else keys.shape[1]
+    group, slots = heads // kv_heads, keys.shape[2]
+    width_v = max(value_widths) if value_widths else values.shape[-1]
+    out = torch.zeros(batch, heads, q_len, width_v, dtype=torch.float64)
+    probs = torch.zeros(batch, heads, q_len, slots, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            kv = h // group
+            if key_widths:
+                ks, vs = sum(key_widths[:kv]), sum(value_widths[:kv])
+                k = keys[b, 0, :, ks : ks + key_widths[kv]].double()
+                v = values[b, 0, :, vs : vs + value_widths[kv]].double()
+                q = query[b, h, :, : key_widths[kv]].double()
+            else:
+                k, v, q = keys[b, kv].double(), values[b, kv].double(), query[b, h].double()
+            scores = q @ k.T * scale
+            allowed = torch.arange(slots)[None, :] <= torch.arange(slots - q_len, slots)[:, None]
+            if valid is not None:
+                allowed = allowed & valid[b, kv][None, :]
+            p = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+            probs[b, h] = p
+            out[b, h, :, : v.shape[1]] = p @ v
+    return out, probs
+
+
+@pytest.mark.parametrize("group,head_dim,past", [(1, 64, 0), (3, 48, 5), (4, 80, 0), (3, 128, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_and_window_scores(monkeypatch, group, head_dim, past, dtype):
+    from surgery.kernels.prefill_surgery import prefill_attention, window_attention_sums
+
+    poisoned_empty(monkeypatch)
+    generator = torch.Generator().manual_seed(head_dim + past)
+    batch, kv_heads, q_len = 2, 2, 23
+    slots = past + q_len
+    query = torch.randn(batch, kv_heads * group, q_len, head_dim, generator=generator).to(dtype)
+    keys = torch.randn(batch, kv_heads, slots, head_dim, generator=generator).to(dtype)
+    values = torch.randn(batch, kv_heads, slots, head_dim, generator=generator).to(dtype)
+    valid = torch.rand(batch, kv_heads, slots, generator=generator) > 0.2 if past else None
+    if valid is not None:
+        valid[..., past:] = True  # the new tokens are always there
+    scale = head_dim**-0.5
+    out, lse = prefill_attention(query, keys, values, scale, valid=valid, block_m=16, block_n=16)
+    expected, probs = reference_prefill(query, keys, values, scale, valid)
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    assert out.dtype == dtype and (out.double() - expected).abs().max() < tolerance
+    if valid is None:
+        window = 7
+        sums = window_attention_sums(query, keys, lse, scale, window, block_m=16, block_n=16)
+        reference_sums = probs[:, :, -window:, : slots - window].sum(2)
+        assert (sums.double() - reference_sums).abs().max() < (3e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_prefill_reduced_width(monkeypatch):
+    from surgery.kernels.prefill_surgery import prefill_attention
+
+    poisoned_empty(monkeypatch)
+    generator = torch.Generator().manual_seed(3)
+    key_widths, value_widths, group, q_len = [8, 24], [16, 40], 3, 19
+    query = torch.zeros(1, 2 * group, q_len, max(key_widths))
+    for head in range(2 * group):
+        query[:, head, :, : key_widths[head // group]] = torch.randn(1, q_len, key_widths[head // group], generator=generator)
+    keys = torch.randn(1, 1, q_len, sum(key_widths), generator=generator)
+    values = torch.randn(1, 1, q_len, sum(value_widths), generator=generator)
+    out, _ = prefill_attention(query, keys, values, 0.125, key_widths=key_widths, value_widths=value_widths,
+                               block_m=16, block_n=16)
+    expected, _ = reference_prefill(query, keys, values, 0.125, None, key_widths, value_widths)
+    for head in range(2 * group):
+        width = value_widths[head // group]
+        assert (out[:, head, :, :width].double() - expected[:, head, :, :width]).abs().max() < 1e-5

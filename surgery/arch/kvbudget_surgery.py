@@ -40,33 +40,42 @@ class LayerScores:
     lmba: torch.Tensor  # (batch,) float32
 
 
-def window_scores(query: torch.Tensor, key: torch.Tensor, padding: torch.Tensor | None, window: int, scaling: float,
-                  kernel: int = 7, pooling: str = "avg") -> LayerScores:
-    """SnapKV scores from (batch, heads, n, d) queries and (batch, kv_heads, n, d) keys, both post-RoPE."""
-    batch, heads, n, _ = query.shape
+def window_attention_sums(query: torch.Tensor, key: torch.Tensor, padding: torch.Tensor | None, window: int,
+                          scaling: float) -> torch.Tensor:
+    """(batch, heads, n): softmax attention of the last `window` queries to every key, summed over those queries.
+    Only a window × n block of scores is ever formed."""
+    n = query.shape[2]
     window = min(window, n)
-    kv_heads = key.shape[1]
-    group = heads // kv_heads
-    queries = query[:, :, n - window :].float()
-    keys = key.float().repeat_interleave(group, dim=1)
-    logits = queries @ keys.transpose(2, 3) * scaling  # (batch, heads, window, n)
-    query_pos = torch.arange(n - window, n, device=query.device)[:, None]
-    allowed = torch.arange(n, device=query.device)[None, :] <= query_pos
+    group = query.shape[1] // key.shape[1]
+    logits = query[:, :, n - window :].float() @ key.float().repeat_interleave(group, dim=1).transpose(2, 3) * scaling
+    allowed = torch.arange(n, device=query.device)[None, :] <= torch.arange(n - window, n, device=query.device)[:, None]
     allowed = allowed[None, None]
     if padding is not None:
         allowed = allowed & padding[:, None, None, :n].bool()
-    probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
-    mass = probs.mean(2)  # window-averaged attention per query head: (batch, heads, n)
-    lmba = tokens_to_reach(mass, ZIGZAG_MASS).float().mean(1)
-    prefix = probs[..., : n - window].sum(2)  # (batch, heads, prefix)
+    return logits.masked_fill(~allowed, float("-inf")).softmax(-1).sum(2)
+
+
+def scores_from_sums(sums: torch.Tensor, kv_heads: int, padding: torch.Tensor | None, window: int,
+                     kernel: int = 7, pooling: str = "avg") -> LayerScores:
+    """SnapKV scores (pooled prefix sums, averaged per KV head) and ZigZagKV's LMBA from the window sums."""
+    batch, heads, n = sums.shape
+    window = min(window, n)
+    lmba = tokens_to_reach(sums / window, ZIGZAG_MASS).float().mean(1)
+    prefix = sums[..., : n - window]
     if prefix.shape[-1] > 0:
         pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
-        pooled = pool(prefix.flatten(0, 1)[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
-        prefix = pooled.view(batch, heads, -1)
-    pooled = prefix.view(batch, kv_heads, group, -1).mean(2)
+        prefix = pool(prefix.flatten(0, 1)[:, None], kernel, stride=1, padding=kernel // 2)[:, 0].view(batch, heads, -1)
+    pooled = prefix.view(batch, kv_heads, heads // kv_heads, -1).mean(2)
     if padding is not None:
         pooled = pooled.masked_fill(~padding[:, None, : n - window].bool(), float("-inf"))
     return LayerScores(pooled=pooled, lmba=lmba)
+
+
+def window_scores(query: torch.Tensor, key: torch.Tensor, padding: torch.Tensor | None, window: int, scaling: float,
+                  kernel: int = 7, pooling: str = "avg") -> LayerScores:
+    """SnapKV scores from (batch, heads, n, d) queries and (batch, kv_heads, n, d) keys, both post-RoPE."""
+    sums = window_attention_sums(query, key, padding, window, scaling)
+    return scores_from_sums(sums, key.shape[1], padding, window, kernel, pooling)
 
 
 def tokens_to_reach(mass: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -127,9 +136,13 @@ class BudgetPolicy:
         self.pooling = pooling
         self.scores: dict[int, LayerScores] = {}
 
-    def score(self, query: torch.Tensor, key: torch.Tensor, padding: torch.Tensor | None, scaling: float) -> LayerScores:
-        """Called by each K/V-owning layer during prefill, with its post-RoPE queries and keys."""
-        return window_scores(query, key, padding, self.window, scaling, pooling=self.pooling)
+    def score(self, query: torch.Tensor, key: torch.Tensor, padding: torch.Tensor | None, scaling: float,
+              sums: torch.Tensor | None = None) -> LayerScores:
+        """Called by each K/V-owning layer during prefill, with its post-RoPE queries and keys, and the window
+        sums when a prefill kernel already computed them."""
+        if sums is None:
+            sums = window_attention_sums(query, key, padding, self.window, scaling)
+        return scores_from_sums(sums, key.shape[1], padding, self.window, pooling=self.pooling)
 
     def observe(self, layer: int, scores: LayerScores, cache) -> None:
         self.scores[layer] = scores

@@ -25,11 +25,13 @@ from .kvbudget_surgery import BudgetPolicy
 
 try:  # flat in a checkpoint, the kernels sit beside this file
     from .decode_surgery import decode_attention, kernels_usable
+    from .prefill_surgery import prefill_attention, window_attention_sums
 except ImportError:  # inside the surgery package they live in surgery/kernels
     try:
         from surgery.kernels.decode_surgery import decode_attention, kernels_usable
+        from surgery.kernels.prefill_surgery import prefill_attention, window_attention_sums
     except ImportError:
-        decode_attention = kernels_usable = None
+        decode_attention = kernels_usable = prefill_attention = window_attention_sums = None
 
 TRITON_IMPLEMENTATION = "surgery_triton"
 
@@ -168,9 +170,8 @@ AttentionInterface.register(TRITON_IMPLEMENTATION, _interface_attention)
 AttentionMaskInterface.register(TRITON_IMPLEMENTATION, sdpa_mask)  # without it transformers passes no padding mask
 
 
-def use_decode_kernel(implementation: str, query: torch.Tensor) -> bool:
-    return (implementation == TRITON_IMPLEMENTATION and query.shape[2] == 1 and decode_attention is not None
-            and kernels_usable(query))
+def use_kernels(implementation: str, query: torch.Tensor) -> bool:
+    return implementation == TRITON_IMPLEMENTATION and decode_attention is not None and kernels_usable(query)
 
 
 class HeadBasis(nn.Module):
@@ -234,21 +235,21 @@ class KVProjection(nn.Module):
             outputs.append(out @ u_v.T + self.value_mean[h])
         return torch.cat(outputs, dim=2)
 
-
-def _projection_decode(self, query, packed_keys, packed_values, valid, scaling) -> torch.Tensor:
-    """One decode step through the Triton kernel on the packed reduced cache; returns (batch, 1, heads, head_dim)."""
-    batch, heads = query.shape[:2]
-    group = heads // len(self.key_bases)
-    reduced = query.new_zeros(batch, heads, max(self.key_ranks))
-    for h, basis in enumerate(self.key_bases):
-        reduced[:, h * group : (h + 1) * group, : basis.rank] = query[:, h * group : (h + 1) * group, 0] @ basis()
-    out = decode_attention(reduced, packed_keys, packed_values, scaling, valid, self.key_ranks, self.value_ranks)
-    heads_out = [out[:, h * group : (h + 1) * group, : basis.rank] @ basis().T + self.value_mean[h]
-                 for h, basis in enumerate(self.value_bases)]
-    return torch.cat(heads_out, dim=1)[:, None]
-
-
-KVProjection.decode = _projection_decode
+    def kernel_attend(self, query, packed_keys, packed_values, valid, scaling) -> torch.Tensor:
+        """Attention through the Triton kernels on the packed reduced cache; returns (batch, q, heads, head_dim)."""
+        batch, heads, q_len, _ = query.shape
+        group = heads // len(self.key_bases)
+        reduced = query.new_zeros(batch, heads, q_len, max(self.key_ranks))
+        for h, basis in enumerate(self.key_bases):
+            reduced[:, h * group : (h + 1) * group, :, : basis.rank] = query[:, h * group : (h + 1) * group] @ basis()
+        widths = (self.key_ranks, self.value_ranks)
+        if q_len == 1:
+            out = decode_attention(reduced[:, :, 0], packed_keys, packed_values, scaling, valid, *widths)[:, :, None]
+        else:
+            out, _ = prefill_attention(reduced, packed_keys, packed_values, scaling, valid, *widths)
+        heads_out = [out[:, h * group : (h + 1) * group, :, : basis.rank] @ basis().T + self.value_mean[h]
+                     for h, basis in enumerate(self.value_bases)]
+        return torch.cat(heads_out, dim=1).transpose(1, 2)
 
 
 @dataclass
@@ -337,9 +338,7 @@ class SurgeryAttention(nn.Module):
             if self.config.qk_norm:
                 key = self.k_norm(key)
             key = apply_rope(key, cos, sin)
-            if context.policy is not None:
-                scores = context.policy.score(query, key, context.padding, self.scaling)
-            widths = None
+            full_key, widths = key, None
             if projection is not None:
                 key, value = projection.compress(key, value)
                 widths = (projection.key_ranks, projection.value_ranks)
@@ -348,24 +347,34 @@ class SurgeryAttention(nn.Module):
             key, value = context.cache.read(self.layer_idx)
 
         valid = context.cache.valid_slots(self.layer_idx)
-        if valid is None:
-            mask = context.masks[self.sliding_window]
-        else:
-            mask = evicted_mask(valid, query.shape[2], self.num_heads // self.num_kv_heads, query.dtype)
-        dropout = self.config.attention_dropout if self.training else 0.0
         implementation = self.config._attn_implementation
         window_applies = self.sliding_window is not None and key.shape[2] > self.sliding_window
-        if use_decode_kernel(implementation, query) and not window_applies:
+        lse = None
+        if use_kernels(implementation, query) and not window_applies:
             slots = context.slot_mask(valid, self.num_kv_heads, key.shape[2])
             if projection is not None:
-                out = projection.decode(query, key, value, slots, self.scaling)
-            else:
+                out = projection.kernel_attend(query, key, value, slots, self.scaling)
+            elif query.shape[2] == 1:
                 out = decode_attention(query[:, :, 0], key, value, self.scaling, valid=slots)[:, None]
-        elif projection is not None:
-            out = projection.attend(query, key, value, mask, self.scaling, implementation, dropout)
+            else:
+                out, lse = prefill_attention(query, key, value, self.scaling, valid=slots)
+                out = out.transpose(1, 2)
         else:
-            out = attend(query, key, value, mask, self.scaling, implementation, dropout)
+            if valid is None:
+                mask = context.masks[self.sliding_window]
+            else:
+                mask = evicted_mask(valid, query.shape[2], self.num_heads // self.num_kv_heads, query.dtype)
+            dropout = self.config.attention_dropout if self.training else 0.0
+            if projection is not None:
+                out = projection.attend(query, key, value, mask, self.scaling, implementation, dropout)
+            else:
+                out = attend(query, key, value, mask, self.scaling, implementation, dropout)
+
         if self.owns_kv and context.policy is not None:
+            sums = None
+            if lse is not None:  # the prefill kernel's row log-sum-exp gives the window sums block by block
+                sums = window_attention_sums(query, full_key, lse, self.scaling, context.policy.window, all_slots=True)
+            scores = context.policy.score(query, full_key, context.padding, self.scaling, sums=sums)
             context.policy.observe(self.layer_idx, scores, context.cache)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
 

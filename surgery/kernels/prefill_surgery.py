@@ -1,0 +1,201 @@
+"""Triton prefill attention over the surgery cache (causal, every layout), and the observation-window scores.
+
+Prefill: one program per (query block, sequence, query head), flash-attention style online softmax over the key
+blocks up to the block's last query (causal over cache slots: the queries are the newest `q_len` slots). Layouts use
+the same address arithmetic as the decode kernel (full, shared, packed reduced-width with per-head offsets and
+widths, a validity mask for evicted or padded slots). It also returns each row's log-sum-exp, which is what
+`window_scores` needs: the attention of the last w queries to every key, summed over them, is
+Σ_rows exp(q·k·scale − lse_row), computed block by block without materialising the attention matrix.
+
+Shipped flat inside checkpoints; imported only where triton is installed.
+"""
+
+import torch
+
+try:  # transformers skips imports inside try blocks when it checks a checkpoint's requirements
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+    class tl:  # noqa: N801 - only so the kernel signatures below parse without triton
+        constexpr = None
+
+
+def _prefill_kernel_source(
+    Q, K, V, Valid, Out, Lse,
+    k_offsets, k_widths, v_offsets, v_widths,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_mb, stride_mh,
+    stride_ob, stride_oh, stride_ot,
+    stride_lb, stride_lh,
+    q_len, slots, scale,
+    HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_VALID: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    batch = pid // HEADS
+    query_head = pid % HEADS
+    head = query_head // GROUP
+    k_off = tl.load(k_offsets + head)
+    k_width = tl.load(k_widths + head)
+    v_off = tl.load(v_offsets + head)
+    v_width = tl.load(v_widths + head)
+
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    row_slots = slots - q_len + rows
+    dims = tl.arange(0, BLOCK_D)
+    vdims = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + batch * stride_qb + query_head * stride_qh + rows[:, None] * stride_qt + dims[None, :],
+                mask=row_ok[:, None] & (dims[None, :] < k_width), other=0.0).to(tl.float32)
+
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    last = tl.minimum(slots, slots - q_len + (block_m + 1) * BLOCK_M)
+    for block in range(0, last, BLOCK_N):
+        cols = block + tl.arange(0, BLOCK_N)
+        col_ok = cols < slots
+        if HAS_VALID:
+            keep = tl.load(Valid + batch * stride_mb + head * stride_mh + cols, mask=col_ok, other=0)
+            col_ok = col_ok & (keep != 0)
+        k = tl.load(K + batch * stride_kb + head * stride_kh + cols[:, None] * stride_kt + k_off + dims[None, :],
+                    mask=col_ok[:, None] & (dims[None, :] < k_width), other=0.0).to(tl.float32)
+        allowed = col_ok[None, :] & (cols[None, :] <= row_slots[:, None])
+        scores = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        correction = tl.exp(m - m_safe)
+        l = l * correction + tl.sum(p, axis=1)
+        v = tl.load(V + batch * stride_vb + head * stride_vh + cols[:, None] * stride_vt + v_off + vdims[None, :],
+                    mask=col_ok[:, None] & (vdims[None, :] < v_width), other=0.0).to(tl.float32)
+        acc = acc * correction[:, None] + tl.dot(p, v)
+        m = m_new
+
+    safe_l = tl.where(l == 0.0, 1.0, l)
+    tl.store(Out + batch * stride_ob + query_head * stride_oh + rows[:, None] * stride_ot + vdims[None, :],
+             acc / safe_l[:, None], mask=row_ok[:, None])
+    lse = tl.where(l == 0.0, float("-inf"), m + tl.log(safe_l))
+    tl.store(Lse + batch * stride_lb + query_head * stride_lh + rows, lse, mask=row_ok)
+
+
+def _window_scores_kernel_source(
+    Q, K, Lse, Scores, k_offsets, k_widths,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_lb, stride_lh,
+    stride_sb, stride_sh,
+    q_len, slots, window, prefix, scale,
+    HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    block_n = tl.program_id(0)
+    pid = tl.program_id(1)
+    batch = pid // HEADS
+    query_head = pid % HEADS
+    head = query_head // GROUP
+    k_off = tl.load(k_offsets + head)
+    k_width = tl.load(k_widths + head)
+    dims = tl.arange(0, BLOCK_D)
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < prefix
+    k = tl.load(K + batch * stride_kb + head * stride_kh + cols[:, None] * stride_kt + k_off + dims[None, :],
+                mask=col_ok[:, None] & (dims[None, :] < k_width), other=0.0).to(tl.float32)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(q_len - window, q_len, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        q = tl.load(Q + batch * stride_qb + query_head * stride_qh + rows[:, None] * stride_qt + dims[None, :],
+                    mask=row_ok[:, None] & (dims[None, :] < k_width), other=0.0).to(tl.float32)
+        lse = tl.load(Lse + batch * stride_lb + query_head * stride_lh + rows, mask=row_ok, other=float("inf"))
+        row_slots = slots - q_len + rows
+        allowed = row_ok[:, None] & col_ok[None, :] & (cols[None, :] <= row_slots[:, None])
+        p = tl.where(allowed, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+        total += tl.sum(p, axis=0)
+    tl.store(Scores + batch * stride_sb + query_head * stride_sh + cols, total, mask=col_ok)
+
+
+_prefill_kernel = triton.jit(_prefill_kernel_source) if triton is not None else None
+_window_scores_kernel = triton.jit(_window_scores_kernel_source) if triton is not None else None
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _layout(keys, values, key_widths, value_widths, kv_heads, device):
+    if key_widths is not None:
+        k_w = torch.tensor(key_widths, dtype=torch.int32, device=device)
+        v_w = torch.tensor(value_widths, dtype=torch.int32, device=device)
+        return (torch.cumsum(k_w, 0, dtype=torch.int32) - k_w, k_w, torch.cumsum(v_w, 0, dtype=torch.int32) - v_w, v_w,
+                0, 0, max(key_widths), max(value_widths))
+    zeros = torch.zeros(kv_heads, dtype=torch.int32, device=device)
+    k_w = torch.full((kv_heads,), keys.shape[-1], dtype=torch.int32, device=device)
+    v_w = torch.full((kv_heads,), values.shape[-1], dtype=torch.int32, device=device)
+    return zeros, k_w, zeros, v_w, keys.stride(1), values.stride(1), keys.shape[-1], values.shape[-1]
+
+
+def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                      valid: torch.Tensor | None = None, key_widths: list[int] | None = None,
+                      value_widths: list[int] | None = None, block_m: int = 16,
+                      block_n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of the newest q_len slots; returns ((batch, heads, q_len, value width), lse float32).
+
+    query: (batch, heads, q_len, width), projected and zero-padded per head for a reduced-width cache.
+    keys/values: (batch, kv_heads, slots, head_dim), or packed (batch, 1, slots, Σ widths) with `*_widths`.
+    """
+    batch, heads, q_len, _ = query.shape
+    kv_heads = len(key_widths) if key_widths is not None else keys.shape[1]
+    slots = keys.shape[2]
+    k_off, k_w, v_off, v_w, k_stride, v_stride, width_k, width_v = _layout(keys, values, key_widths, value_widths,
+                                                                          kv_heads, query.device)
+    query = query.contiguous()
+    out = torch.empty(batch, heads, q_len, _pow2(width_v), dtype=torch.float32, device=query.device)
+    lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=query.device)
+    mask = valid.to(torch.int8).contiguous() if valid is not None else query
+    grid = (triton.cdiv(q_len, block_m), batch * heads)
+    _prefill_kernel[grid](
+        query, keys, values, mask, out, lse, k_off, k_w, v_off, v_w,
+        query.stride(0), query.stride(1), query.stride(2),
+        keys.stride(0), k_stride, keys.stride(2),
+        values.stride(0), v_stride, values.stride(2),
+        mask.stride(0) if valid is not None else 0, mask.stride(1) if valid is not None else 0,
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        q_len, slots, scale,
+        HEADS=heads, GROUP=heads // kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(width_k),
+        BLOCK_DV=_pow2(width_v), HAS_VALID=valid is not None,
+    )
+    return out[..., :width_v].to(query.dtype), lse
+
+
+def window_attention_sums(query: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, scale: float, window: int,
+                          key_widths: list[int] | None = None, block_m: int = 16, block_n: int = 32,
+                          all_slots: bool = False) -> torch.Tensor:
+    """(batch, heads, prefix) attention of the last `window` queries to each prefix slot, summed over them
+    (to every slot with `all_slots`, which ZigZagKV's attention mass needs)."""
+    batch, heads, q_len, _ = query.shape
+    kv_heads = len(key_widths) if key_widths is not None else keys.shape[1]
+    slots = keys.shape[2]
+    window = min(window, q_len)
+    prefix = slots if all_slots else slots - window
+    k_off, k_w, _, _, k_stride, _, width_k, _ = _layout(keys, keys, key_widths, key_widths, kv_heads, query.device)
+    query = query.contiguous()
+    scores = torch.empty(batch, heads, max(prefix, 0), dtype=torch.float32, device=query.device)
+    if prefix <= 0:
+        return scores
+    _window_scores_kernel[(triton.cdiv(prefix, block_n), batch * heads)](
+        query, keys, lse, scores, k_off, k_w,
+        query.stride(0), query.stride(1), query.stride(2),
+        keys.stride(0), k_stride, keys.stride(2),
+        lse.stride(0), lse.stride(1),
+        scores.stride(0), scores.stride(1),
+        q_len, slots, window, prefix, scale,
+        HEADS=heads, GROUP=heads // kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(width_k),
+    )
+    return scores
