@@ -221,3 +221,18 @@ def test_prefill_reduced_width(monkeypatch):
     for head in range(2 * group):
         width = value_widths[head // group]
         assert (out[:, head, :, :width].double() - expected[:, head, :, :width]).abs().max() < 1e-5
+
+
+def test_surgery_triton_is_the_cuda_default_and_selectable(tiny_models, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from helpers import run_convert
+
+    out = run_convert(tiny_models["llama"], tmp_path / "ckpt")
+    assert (out / "decode_surgery.py").is_file() and (out / "prefill_surgery.py").is_file()
+    chosen = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, attn_implementation="surgery_triton")
+    assert chosen.config._attn_implementation == "surgery_triton"
+    assert AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).config._attn_implementation == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert chosen.get_correct_attn_implementation(None) == "surgery_triton"  # what a CUDA machine gets by default
+    assert chosen.get_correct_attn_implementation("eager") == "eager"
