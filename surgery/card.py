@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import transformers
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .recipes import recipe_class
 
@@ -33,6 +33,17 @@ def _eval_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             base = fmt.format(baseline[key]) if key in baseline else "-"
             rows.append((label, fmt.format(candidate[key]), base))
     return rows
+
+
+def _model_index(results: dict[str, Any]) -> list[EvalResult]:
+    """`model-index` entries for the Hub from `surgery eval` results."""
+    candidate = results.get("model", {})
+    metrics = [("perplexity", "perplexity"), ("kv_bytes_per_token", "kv_bytes_per_token"),
+               ("greedy_agreement", "greedy_agreement")]
+    return [EvalResult(task_type="text-generation", dataset_type="pydoc_data.topics",
+                       dataset_name="Python reference manual (held-out)", metric_type=metric,
+                       metric_value=round(float(candidate[key]), 4))
+            for key, metric in metrics if key in candidate]
 
 
 METRICS = (
@@ -61,16 +72,21 @@ def render_card(folder: Path, model_id: str | None = None) -> str:
             "plan_lines": recipe.describe(entry.get("plan", {})),
         })
     base_model = record.get("source", {}).get("name", "unknown")
+    model_name = f"{base_model.split('/')[-1]} ({', '.join(r['name'] for r in recipes)})"
     card_data = ModelCardData(
         base_model=base_model,
+        base_model_relation="finetune",
+        license=record.get("source", {}).get("license"),
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["surgery", *[entry["name"] for entry in record.get("recipes", [])]],
+        model_name=model_name,
+        eval_results=_model_index(results) or None,
     )
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
-        model_name=f"{base_model.split('/')[-1]} ({', '.join(r['name'] for r in recipes)})",
+        model_name=model_name,
         model_id=model_id or str(folder),
         base_model=base_model,
         recipes=recipes,

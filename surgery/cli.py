@@ -147,11 +147,13 @@ def inspect(model: str, allow_pickle: bool):
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled .bin weights.")
 @click.option("--revision", default=None, help="Hub revision of MODEL.")
 @click.option("--adapt-steps", type=int, default=None, help="Then train with `surgery adapt` for this many steps, MODEL as teacher.")
+@click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID", help="Then verify and upload the result to this Hub repo.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @recipe_options
 @click.pass_context
 @friendly_errors
 def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dtype, max_shard_size, overwrite,
-            no_verify, run_eval, allow_pickle, revision, adapt_steps, **recipe_kwargs):
+            no_verify, run_eval, allow_pickle, revision, adapt_steps, push_to_hub, private, **recipe_kwargs):
     """Convert MODEL (Hub id, folder, .gguf, or `demo`) with a recipe into --out."""
     from .convert import ConvertRequest
     from .convert import convert as run_convert
@@ -178,6 +180,35 @@ def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dt
     else:
         run_convert(request)
     click.echo(f"wrote {out}")
+    if push_to_hub:
+        from .hub import push as push_folder
+
+        result = push_folder(out, push_to_hub, private=private, verify=not no_verify)
+        click.echo(f"pushed {out} to {result.url}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, help="Branch to push to (created if needed).")
+@click.option("--commit-message", default=None)
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the login cache).")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded, with sizes, and upload nothing.")
+@click.option("--no-verify", is_flag=True, help="Skip loading the checkpoint in a fresh interpreter first.")
+@friendly_errors
+def push(folder, repo_id, private, revision, commit_message, token, dry_run, no_verify):
+    """Verify FOLDER and upload it to the Hub as REPO_ID, with its model card."""
+    from .hub import push as push_folder
+
+    result = push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                         token=token, dry_run=dry_run, verify=not no_verify)
+    if dry_run:
+        for name, size in result.files:
+            click.echo(f"{size:>14,}  {name}")
+        click.echo(f"{sum(size for _, size in result.files):>14,}  bytes in {len(result.files)} files (dry run: nothing uploaded)")
+    else:
+        click.echo(f"pushed {folder} to {result.url}")
 
 
 @main.command("adapt")

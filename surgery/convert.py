@@ -97,12 +97,26 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
     return plans
 
 
+def source_license(folder: Path) -> str | None:
+    """The license in the source model card's front matter, carried into ours."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(readme).data.license
+    except Exception:  # a malformed source card must not stop a conversion
+        return None
+
+
 def recipe_record(request: ConvertRequest, source: Source, settings: CalibrationSettings | None,
                   plans: list[dict], dtype: torch.dtype) -> dict:
     return {
         "surgery_version": __version__,
         "command": request.command,
-        "source": {"model": request.model, "name": source.name, "model_type": source.model_type},
+        "source": {"model": request.model, "name": source.name, "model_type": source.model_type,
+                   "license": source_license(source.folder)},
         "recipes": [
             {"name": recipe.name, "options": recipe.options(), "plan": plan}
             for recipe, plan in zip(request.recipes, plans)
