@@ -76,6 +76,8 @@ def explain(error: Exception, repo_id: str) -> SurgeryError:
     if status is not None:
         return SurgeryError(f"the Hub answered {status} while pushing {repo_id}: {str(error).splitlines()[0]}")
     name = type(error).__name__
+    if name == "OfflineModeIsEnabled":
+        return SurgeryError(f"cannot push {repo_id}: HF_HUB_OFFLINE is set", hint="unset HF_HUB_OFFLINE to upload")
     if any(word in name for word in ("Connect", "Protocol", "Timeout", "Network", "ReadError", "Connection")):
         return SurgeryError(f"the connection to the Hub was lost while pushing {repo_id} ({name}); nothing was "
                             "committed", hint="run the same command again to finish the upload")

@@ -9,6 +9,14 @@ from surgery.errors import SurgeryError
 from surgery.hub import checkpoint_files, push
 
 
+@pytest.fixture(autouse=True)
+def online(monkeypatch):
+    """CI runs with HF_HUB_OFFLINE=1; these tests talk to a server on 127.0.0.1 only."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tiny_llama, tmp_path_factory):
     return run_convert(tiny_llama, tmp_path_factory.mktemp("push") / "ckpt", recipe="kvsharer", share_layers=2,
@@ -81,3 +89,11 @@ def test_dry_run_lists_files_with_sizes(checkpoint):
     assert result.exit_code == 0, result.output
     size = (checkpoint / "model.safetensors").stat().st_size
     assert f"{size:,}" in result.output and "model.safetensors" in result.output and "nothing uploaded" in result.output
+
+
+def test_offline_mode_is_explained(checkpoint, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with FakeHub({"tok": "me"}) as hub, pytest.raises(SurgeryError, match="HF_HUB_OFFLINE is set"):
+        push(checkpoint, "me/x", token="tok", endpoint=hub.url, verify=False)
