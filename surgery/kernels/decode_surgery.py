@@ -35,6 +35,20 @@ def kernels_usable(tensor: torch.Tensor) -> bool:
     return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def _online_softmax_source(scores, v, m, l, acc):
+    """One key block of a flash-style online softmax: rescale what was summed so far to the new row maxima."""
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, None])
+    correction = tl.exp(m - m_safe)
+    l = l * correction + tl.sum(p, axis=1)
+    acc = acc * correction[:, None] + tl.dot(p, v)
+    return m_new, l, acc
+
+
+_online_softmax = triton.jit(_online_softmax_source) if triton is not None else None
+
+
 def _decode_split_kernel_source(
     Q, K, V, Valid, OutPartial, LsePartial,
     k_offsets, k_widths, v_offsets, v_widths,
@@ -79,17 +93,10 @@ def _decode_split_kernel_source(
             col_ok = col_ok & (keep != 0)
         k = tl.load(K + batch * stride_kb + head * stride_kh + cols[:, None] * stride_kt + k_off + dims[None, :],
                     mask=col_ok[:, None] & (dims[None, :] < k_width), other=0.0).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(col_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        correction = tl.exp(m - m_safe)
-        l = l * correction + tl.sum(p, axis=1)
+        scores = tl.where(col_ok[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         v = tl.load(V + batch * stride_vb + head * stride_vh + cols[:, None] * stride_vt + v_off + vdims[None, :],
                     mask=col_ok[:, None] & (vdims[None, :] < v_width), other=0.0).to(tl.float32)
-        acc = acc * correction[:, None] + tl.dot(p, v)
-        m = m_new
+        m, l, acc = _online_softmax(scores, v, m, l, acc)
 
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     lse = tl.where(l == 0.0, float("-inf"), m + tl.log(tl.where(l == 0.0, 1.0, l)))
@@ -102,7 +109,21 @@ _decode_split_kernel = triton.jit(_decode_split_kernel_source) if triton is not 
 
 
 def _pow2(n: int, floor: int = 16) -> int:
+    """Tile sizes: the next power of two, at least 16 so `tl.dot` also compiles on a GPU."""
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
+
+
+def cache_layout(keys, values, key_widths, value_widths, kv_heads, device):
+    """Per-KV-head (offset, width) of K and V, the head strides, and the widest head, for any cache layout."""
+    if key_widths is not None:  # packed reduced width: heads side by side in the last dim
+        k_w = torch.tensor(key_widths, dtype=torch.int32, device=device)
+        v_w = torch.tensor(value_widths, dtype=torch.int32, device=device)
+        return (torch.cumsum(k_w, 0, dtype=torch.int32) - k_w, k_w, torch.cumsum(v_w, 0, dtype=torch.int32) - v_w, v_w,
+                0, 0, max(key_widths), max(value_widths))
+    zeros = torch.zeros(kv_heads, dtype=torch.int32, device=device)
+    k_w = torch.full((kv_heads,), keys.shape[-1], dtype=torch.int32, device=device)
+    v_w = torch.full((kv_heads,), values.shape[-1], dtype=torch.int32, device=device)
+    return zeros, k_w, zeros, v_w, keys.stride(1), values.stride(1), keys.shape[-1], values.shape[-1]
 
 
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
@@ -115,23 +136,12 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     valid: optional (batch, kv_heads, slots) mask of the slots each head may attend to.
     """
     batch, heads, _ = query.shape
-    packed = key_widths is not None
-    kv_heads = len(key_widths) if packed else keys.shape[1]
+    kv_heads = len(key_widths) if key_widths is not None else keys.shape[1]
     group = heads // kv_heads
     slots = keys.shape[2]
     device = query.device
-    if packed:
-        k_w = torch.tensor(key_widths, dtype=torch.int32, device=device)
-        v_w = torch.tensor(value_widths, dtype=torch.int32, device=device)
-        k_off, v_off = torch.cumsum(k_w, 0) - k_w, torch.cumsum(v_w, 0) - v_w
-        k_head_stride, v_head_stride = 0, 0
-        width_k, width_v = max(key_widths), max(value_widths)
-    else:
-        width_k, width_v = keys.shape[-1], values.shape[-1]
-        k_w = torch.full((kv_heads,), width_k, dtype=torch.int32, device=device)
-        v_w = torch.full((kv_heads,), width_v, dtype=torch.int32, device=device)
-        k_off = v_off = torch.zeros(kv_heads, dtype=torch.int32, device=device)
-        k_head_stride, v_head_stride = keys.stride(1), values.stride(1)
+    k_off, k_w, v_off, v_w, k_head_stride, v_head_stride, width_k, width_v = cache_layout(
+        keys, values, key_widths, value_widths, kv_heads, device)
     for tensor in (keys, values):
         if tensor.stride(-1) != 1:
             raise ValueError("the cache's last dimension must be contiguous")
@@ -141,7 +151,7 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=device)
     mask = valid.to(torch.int8).contiguous() if valid is not None else query  # dummy pointer when absent
     _decode_split_kernel[(batch * kv_heads, splits)](
-        query, keys, values, mask, out, lse, k_off.to(torch.int32), k_w, v_off.to(torch.int32), v_w,
+        query, keys, values, mask, out, lse, k_off, k_w, v_off, v_w,
         query.stride(0), query.stride(1),
         keys.stride(0), k_head_stride, keys.stride(2),
         values.stride(0), v_head_stride, values.stride(2),

@@ -12,6 +12,8 @@ Shipped flat inside checkpoints; imported only where triton is installed.
 
 import torch
 
+from .decode_surgery import _online_softmax, _pow2, cache_layout
+
 try:  # transformers skips imports inside try blocks when it checks a checkpoint's requirements
     import triton
     import triton.language as tl
@@ -67,15 +69,9 @@ def _prefill_kernel_source(
                     mask=col_ok[:, None] & (dims[None, :] < k_width), other=0.0).to(tl.float32)
         allowed = col_ok[None, :] & (cols[None, :] <= row_slots[:, None])
         scores = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        correction = tl.exp(m - m_safe)
-        l = l * correction + tl.sum(p, axis=1)
         v = tl.load(V + batch * stride_vb + head * stride_vh + cols[:, None] * stride_vt + v_off + vdims[None, :],
                     mask=col_ok[:, None] & (vdims[None, :] < v_width), other=0.0).to(tl.float32)
-        acc = acc * correction[:, None] + tl.dot(p, v)
-        m = m_new
+        m, l, acc = _online_softmax(scores, v, m, l, acc)
 
     safe_l = tl.where(l == 0.0, 1.0, l)
     tl.store(Out + batch * stride_ob + query_head * stride_oh + rows[:, None] * stride_ot + vdims[None, :],
@@ -124,22 +120,6 @@ _prefill_kernel = triton.jit(_prefill_kernel_source) if triton is not None else 
 _window_scores_kernel = triton.jit(_window_scores_kernel_source) if triton is not None else None
 
 
-def _pow2(n: int, floor: int = 16) -> int:
-    return max(floor, 1 << (max(n, 1) - 1).bit_length())
-
-
-def _layout(keys, values, key_widths, value_widths, kv_heads, device):
-    if key_widths is not None:
-        k_w = torch.tensor(key_widths, dtype=torch.int32, device=device)
-        v_w = torch.tensor(value_widths, dtype=torch.int32, device=device)
-        return (torch.cumsum(k_w, 0, dtype=torch.int32) - k_w, k_w, torch.cumsum(v_w, 0, dtype=torch.int32) - v_w, v_w,
-                0, 0, max(key_widths), max(value_widths))
-    zeros = torch.zeros(kv_heads, dtype=torch.int32, device=device)
-    k_w = torch.full((kv_heads,), keys.shape[-1], dtype=torch.int32, device=device)
-    v_w = torch.full((kv_heads,), values.shape[-1], dtype=torch.int32, device=device)
-    return zeros, k_w, zeros, v_w, keys.stride(1), values.stride(1), keys.shape[-1], values.shape[-1]
-
-
 def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                       valid: torch.Tensor | None = None, key_widths: list[int] | None = None,
                       value_widths: list[int] | None = None, block_m: int = 16,
@@ -152,7 +132,7 @@ def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     batch, heads, q_len, _ = query.shape
     kv_heads = len(key_widths) if key_widths is not None else keys.shape[1]
     slots = keys.shape[2]
-    k_off, k_w, v_off, v_w, k_stride, v_stride, width_k, width_v = _layout(keys, values, key_widths, value_widths,
+    k_off, k_w, v_off, v_w, k_stride, v_stride, width_k, width_v = cache_layout(keys, values, key_widths, value_widths,
                                                                           kv_heads, query.device)
     query = query.contiguous()
     out = torch.empty(batch, heads, q_len, _pow2(width_v), dtype=torch.float32, device=query.device)
@@ -184,7 +164,7 @@ def window_attention_sums(query: torch.Tensor, keys: torch.Tensor, lse: torch.Te
     slots = keys.shape[2]
     window = min(window, q_len)
     prefix = slots if all_slots else slots - window
-    k_off, k_w, _, _, k_stride, _, width_k, _ = _layout(keys, keys, key_widths, key_widths, kv_heads, query.device)
+    k_off, k_w, _, _, k_stride, _, width_k, _ = cache_layout(keys, keys, key_widths, key_widths, kv_heads, query.device)
     query = query.contiguous()
     scores = torch.empty(batch, heads, max(prefix, 0), dtype=torch.float32, device=query.device)
     if prefix <= 0:
