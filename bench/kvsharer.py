@@ -81,7 +81,12 @@ def main() -> None:
             print(row, flush=True)
 
     del model
+    write_results(args, rows, maps, [], eval_ids, decode_ids)  # the sweep is on disk before the long training runs
     adapted = adapt_rows(args, tokenizer, eval_ids, {row["shared"]: row for row in rows if row["order"] == "dissimilar"})
+    write_results(args, rows, maps, adapted, eval_ids, decode_ids)
+
+
+def write_results(args, rows, maps, adapted, eval_ids, decode_ids) -> None:
     base = rows[0]
     lines = [
         "# KVSharer on SmolLM2-135M-Instruct",
