@@ -39,7 +39,7 @@ class Recorder(BudgetPolicy):
         self.windows = sorted(set(windows))
         self.recorded = {window: {} for window in self.windows}
 
-    def score(self, query, key, padding, scaling):
+    def score(self, query, key, padding, scaling, sums=None):
         return {window: window_scores(query, key, padding, window, scaling) for window in self.windows}
 
     def observe(self, layer, scores, cache):
