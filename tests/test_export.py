@@ -65,6 +65,7 @@ def test_checkpoint_files_recipe_and_card(demo_source, tmp_path):
     front = yaml.safe_load(card.split("---")[1])
     assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert front["library_name"] == "transformers" and "surgery" in front["tags"]
+    assert front["license"] == "apache-2.0"  # carried from the source card
     assert "trust_remote_code=True" in card and "surgery convert demo --recipe none" in card
 
 
