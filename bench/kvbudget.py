@@ -213,8 +213,9 @@ def write_table(stats, lengths, budgets, args, per_length) -> None:
                 continue
             _, protocol, name, budget = key
             budget_text = "100%" if name == "full" else f"{budget:.0%}"
+            ppl = f"{mean(row['ppl']):.2f}" if row["ppl"] else "-"  # not measured for probe variants
             lines.append(f"| {protocol} | {name} | {budget_text} | {row['hits']}/{row['total']} | "
-                         f"{mean(row['ppl']):.2f} | {mean(row['kv']):,.0f} | {mean(row['prefill']):.1f} | "
+                         f"{ppl} | {mean(row['kv']):,.0f} | {mean(row['prefill']):.1f} | "
                          f"{mean(row['decode']):.1f} |")
         lines.append("")
     lines += ["Papers' references: ZigZagKV keeps about 20% of the KV nearly lossless; DynamicKV keeps about 85% of "
