@@ -107,7 +107,7 @@ def main() -> None:
         source = resolve(args.checkpoint)
         model = SurgeryForCausalLM.from_pretrained(source.folder, config=surgery_config_from_source(source.config),
                                                    dtype=torch.float32).eval()
-    owners = [i for i, s in enumerate(model.config.kv_source) if s == i]
+    owners = model.config.owner_layers
     probe = tokenizer(PROBE, add_special_tokens=False, return_tensors="pt")["input_ids"]
     windows = [*DEFAULT_WINDOW.values(), probe.shape[1]]
     haystack = heldout_text()

@@ -117,6 +117,11 @@ class SurgeryConfig(PreTrainedConfig):
         return self.kv_key_ranks[layer], self.kv_value_ranks[layer]
 
     @property
+    def owner_layers(self) -> list[int]:
+        """Layers that compute and cache their own K/V."""
+        return [layer for layer, source in enumerate(self.kv_source) if source == layer]
+
+    @property
     def sharing_layers(self) -> list[int]:
         """Layers that attend to another layer's cache and hold no K/V of their own."""
         return [layer for layer, source in enumerate(self.kv_source) if source != layer]

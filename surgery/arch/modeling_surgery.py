@@ -507,7 +507,7 @@ class SurgeryModel(SurgeryPreTrainedModel):
         if budget_tokens is not None and budget_tokens >= query_length:
             return None
         lengths = attention_mask[:, :query_length].sum(-1) if attention_mask is not None else torch.full((batch,), query_length, device=device)
-        owners = [i for i, source in enumerate(self.config.kv_source) if source == i]
+        owners = self.config.owner_layers
         return BudgetPolicy(name, budget, budget_tokens, owners, lengths.cpu(), self.config.kv_window,
                             self.config.kv_layer_weights, self.config.kv_pooling)
 
@@ -582,7 +582,7 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         if kv_budget is None and kv_budget_tokens is None:
             kv_budget, kv_budget_tokens = self.config.kv_budget, self.config.kv_budget_tokens
         tokens = kv_budget_tokens if kv_budget_tokens is not None else round(kv_budget * context_length)
-        owners = [i for i, source in enumerate(self.config.kv_source) if source == i]
+        owners = self.config.owner_layers
         ids, window = input_ids, self.config.kv_window
         if probe_ids is not None:
             ids = torch.cat([input_ids, probe_ids.to(input_ids.device)], dim=1)

@@ -115,7 +115,7 @@ class MatryoshkaKV(Recipe):
 
     def plan(self, model, calibration_ids: torch.Tensor, seed: int = 0, progress: bool = True) -> dict[str, Any]:
         config = model.config
-        owners = [layer for layer, source in enumerate(config.kv_source) if source == layer]
+        owners = config.owner_layers
         search_ids = calibration_ids[: self.search_samples, : self.search_len]
         reference = log_probs(model, search_ids)
         self.install_pca(model, calibration_ids, owners)

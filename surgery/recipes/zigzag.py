@@ -36,7 +36,7 @@ class ZigZagKV(TokenBudgetRecipe):
         previous = model.config.kv_policy
         model.config.kv_policy = "zigzag"
         try:
-            owners = [i for i, source in enumerate(model.config.kv_source) if source == i]
+            owners = model.config.owner_layers
             totals = torch.zeros(len(owners), dtype=torch.float64)
             for sample in ids.split(1):
                 model(sample, use_cache=True, kv_budget=0.5)
