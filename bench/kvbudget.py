@@ -23,7 +23,8 @@ import torch
 
 from surgery.arch.kvbudget_surgery import DEFAULT_WINDOW, BudgetPolicy, window_scores
 from surgery.calibration import heldout_text
-from surgery.evaluate import cache_kv_bytes_per_token, load_model
+from surgery.evaluate import cache_kv_bytes_per_token
+from surgery.loading import load_model
 from surgery.passkey import PROBE, answer_is_right, passkey_prompts
 
 RESULTS = Path(__file__).parent / "results" / "kvbudget.md"

@@ -141,7 +141,7 @@ def adapt_rows(args, tokenizer, eval_ids, before: dict) -> list[dict]:
 
     from surgery.adapt import AdaptSettings, adapt
     from surgery.convert import ConvertRequest, convert
-    from surgery.evaluate import load_model
+    from surgery.loading import load_model
 
     layers = [int(n) for n in args.adapt_layers.split(",") if n]
     if not layers or not args.adapt_steps:

@@ -21,7 +21,8 @@ from transformers import AutoTokenizer
 from surgery.adapt import AdaptSettings, adapt
 from surgery.calibration import CalibrationSettings, calibration_ids, heldout_text
 from surgery.convert import ConvertRequest, convert, load_calibration_model
-from surgery.evaluate import kv_bytes_per_token, load_model, perplexity
+from surgery.evaluate import kv_bytes_per_token, perplexity
+from surgery.loading import load_model
 from surgery.families import surgery_config_from_source
 from surgery.recipes.matryoshka import MatryoshkaKV, log_probs
 from surgery.sources import resolve

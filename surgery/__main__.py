@@ -1,5 +1,5 @@
 """`python -m surgery` runs the CLI, for environments where the console script is not on PATH."""
 
-from .cli import main
+from .entry import run
 
-main(prog_name="surgery")
+run()

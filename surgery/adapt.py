@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationSettings, calibration_ids
 from .card import read_recipe, render_card
 from .errors import SurgeryError
-from .export import finish_checkpoint, staging, write_state_dict
-from .recipes import recipe_class
+from .export import finish_checkpoint, write_state_dict
+from .outputs import check_output, exclusive, staging
+from .ranges import check_ranges
+from .recipes import recipes_from_record
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +37,23 @@ class AdaptSettings:
 
     teacher: str
     data: str | None = field(default=None, metadata={"help": "training text, as --calib (default: text the teacher generates)"})
-    steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch (per process)"})
-    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    num_samples: int = field(default=256, metadata={"help": "training sequences drawn from the data"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup before the cosine decay"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    alpha: float | None = field(default=None, metadata={"help": "weight of KL vs CE (default: the recipe paper's)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps", "min": 1})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch (per process)", "min": 1})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence", "min": 2})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
+    num_samples: int = field(default=256, metadata={"help": "training sequences drawn from the data", "min": 1})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate", "above": 0})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup before the cosine decay", "min": 0})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "min": 0})
+    alpha: float | None = field(default=None, metadata={"help": "weight of KL vs CE (default: the recipe paper's)", "min": 0, "max": 1})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)", "min": 0})
     mixed_precision: str = field(default="auto", metadata={"help": "bf16 autocast: auto (bf16 on CUDA), bf16 or no",
                                                            "choices": ("auto", "bf16", "no")})
-    save_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints"})
+    save_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints (0: never)", "min": 0})
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -83,25 +88,45 @@ def latest_state(work_dir: Path) -> Path | None:
     return states[-1] if states else None
 
 
+def state_folder(out: Path) -> Path:
+    """Where the periodic training state of `--out` lives, beside it."""
+    return out.parent / f".{out.name}.adapt-state"
+
+
 def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = False, overwrite: bool = False,
-          verify: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
+          verify: bool = True, progress: bool = True, stop_after: int | None = None,
+          allow_pickle: bool = False) -> Path:
     """Train `checkpoint`'s trainable parameters against `settings.teacher`, export to `out`.
 
+    `--resume` continues from the saved state of this `--out` and never implies `--overwrite`.
     `stop_after` ends the run early after that many steps, leaving its periodic state behind (used to test resume).
     """
-    from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
-
-    from .arch.modeling_surgery import SurgeryForCausalLM
-    from .evaluate import load_model
-
     checkpoint, out = Path(checkpoint), Path(out)
+    teacher_path = Path(settings.teacher).expanduser()
+    check_output(out, [checkpoint] + ([teacher_path] if teacher_path.exists() else []))
+    if not (checkpoint / "config.json").is_file():
+        raise SurgeryError(f"{checkpoint} is not a checkpoint folder", hint="adapt a folder written by `surgery convert`")
     record = read_recipe(checkpoint)
     if not record:
         raise SurgeryError(f"{checkpoint} has no recipe.yaml", hint="adapt a checkpoint made by `surgery convert`")
-    if out.exists() and not overwrite and not resume:
+    if out.exists() and not overwrite:
         raise SurgeryError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")
-    recipes = [recipe_class(entry["name"])(**entry.get("options", {})) for entry in record.get("recipes", [])]
+    if resume and latest_state(state_folder(out)) is None:
+        raise SurgeryError(f"no saved training state for {out} (looked in {state_folder(out)})",
+                           hint="run without --resume to start from step 0")
+    with exclusive(out):
+        return _adapt(checkpoint, out, settings, resume, overwrite, verify, progress, stop_after, allow_pickle, record)
+
+
+def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, overwrite: bool, verify: bool,
+           progress: bool, stop_after: int | None, allow_pickle: bool, record: dict) -> Path:
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .loading import check_same_vocabulary, load_source_model, load_tokenizer
+    from .sources import resolve
+
+    recipes = recipes_from_record(record)
     alpha = settings.alpha
     if alpha is None:
         alpha = next((r.distill_alpha for r in recipes if r.distill_alpha is not None), 0.5)
@@ -110,7 +135,10 @@ def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = F
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision)
 
-    model = SurgeryForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    student_source = resolve(str(checkpoint))
+    teacher_source = resolve(settings.teacher, allow_pickle=allow_pickle)
+    check_same_vocabulary(student_source, teacher_source, "teacher")
+    model = load_source_model(student_source)
     config = model.config
     for recipe in recipes:
         recipe.prepare_training(model)
@@ -123,7 +151,7 @@ def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = F
         raise SurgeryError(f"the recipes of {checkpoint} ({', '.join(r.name for r in recipes)}) train nothing",
                            hint="adapt a checkpoint whose recipe has trainable parts")
 
-    teacher, tokenizer = load_model(settings.teacher)
+    teacher, tokenizer = load_source_model(teacher_source), load_tokenizer(teacher_source.folder)
     teacher.requires_grad_(False)
     torch.manual_seed(settings.seed)
     data = calibration_ids(CalibrationSettings(settings.data, settings.num_samples, settings.seq_len, settings.seed),
@@ -135,7 +163,7 @@ def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = F
     teacher = teacher.to(accelerator.device).eval()
     model.train()
 
-    work_dir = out.parent / f".{out.name}.adapt-state"
+    work_dir = state_folder(out)
     start = 0
     if resume and (state := latest_state(work_dir)) is not None:
         accelerator.load_state(str(state))
@@ -199,7 +227,7 @@ def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = F
         from .tensor_io import LazyCheckpoint
 
         dtype = LazyCheckpoint(checkpoint).dtype()  # the checkpoint's storage dtype, whatever we trained in
-        with staging(out, overwrite or resume) as folder:
+        with staging(out, overwrite) as folder:
             write_state_dict(weights, config, folder, dtype, 5 * 1024**3)
             finish_checkpoint(folder, config, dtype, checkpoint, record, verify)
             render_card(folder, model_id=str(out))

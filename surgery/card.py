@@ -9,7 +9,8 @@ import transformers
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .recipes import recipe_class
+from .errors import SurgeryError
+from .recipes import recipes_from_record
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 RECIPE_FILE = "recipe.yaml"
@@ -21,8 +22,17 @@ def write_recipe(folder: Path, record: dict[str, Any]) -> None:
 
 
 def read_recipe(folder: Path) -> dict[str, Any]:
+    """The checkpoint's recipe.yaml as a dict; {} when there is none."""
     path = Path(folder) / RECIPE_FILE
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        record = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise SurgeryError(f"{path} is not valid YAML: {str(error).splitlines()[0]}", hint="re-export the checkpoint") from None
+    if not isinstance(record, dict):
+        raise SurgeryError(f"{path} is not a YAML mapping", hint="re-export the checkpoint")
+    return record
 
 
 def _eval_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -62,8 +72,7 @@ def render_card(folder: Path, model_id: str | None = None) -> str:
     record = read_recipe(folder)
     results = json.loads((folder / EVAL_FILE).read_text()) if (folder / EVAL_FILE).is_file() else {}
     recipes = []
-    for entry in record.get("recipes", []):
-        recipe = recipe_class(entry["name"])(**entry.get("options", {}))
+    for entry, recipe in zip(record.get("recipes") or [], recipes_from_record(record)):
         recipes.append({
             "name": entry["name"],
             "paper": recipe.paper,

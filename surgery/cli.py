@@ -1,10 +1,13 @@
 """The `surgery` command line. Bad input prints one line naming the problem and the fix, and exits non-zero."""
 
+import errno
 import functools
 import logging
 import re
 import shlex
+import signal
 import sys
+import traceback
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -13,26 +16,88 @@ from pathlib import Path
 import click
 
 from .errors import SurgeryError
+from .ranges import click_range, has_range
 from .recipes import RECIPES, recipe_class
 
 log = logging.getLogger("surgery")
 
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout): unwinds like Ctrl-C, so staging folders are removed and --out stays as it was."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> typing.NoReturn:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(code)
+
+
+def os_error_line(error: OSError) -> str:
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device{where}; nothing was written to the output (free some space and run again)"
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where}: {error.strerror} (choose a writable location)"
+    return f"{error.strerror or error}{where}"
+
 
 def friendly_errors(command):
-    """Turn SurgeryError and Ctrl-C into one line on stderr and a non-zero exit, never a traceback."""
+    """Turn every failure into one line on stderr and a non-zero exit: SurgeryError with its hint, Ctrl-C and
+    SIGTERM, OS errors, and anything unexpected (the traceback only under -v)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except SurgeryError as error:
-            click.secho(f"error: {error}", fg="red", err=True)
-            sys.exit(1)
+            fail(str(error))
+        except Terminated:
+            fail("terminated: nothing was written to the output", EXIT_TERMINATED)
         except KeyboardInterrupt:
-            click.secho("interrupted: nothing was written to the output", fg="red", err=True)
-            sys.exit(130)
+            fail("interrupted: nothing was written to the output", EXIT_INTERRUPTED)
+        except click.ClickException:
+            raise
+        except OSError as error:
+            _show_traceback_if_verbose()
+            fail(os_error_line(error))
+        except Exception as error:  # the last resort: one line, never a traceback unless asked for
+            _show_traceback_if_verbose()
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            fail(f"unexpected {type(error).__name__}: {reason} (run with -v for the traceback)")
 
     return wrapper
+
+
+def _show_traceback_if_verbose() -> None:
+    context = click.get_current_context(silent=True)
+    if context is not None and context.find_root().params.get("verbose"):
+        traceback.print_exc()
+
+
+class SurgeryGroup(click.Group):
+    """The command group: SIGTERM unwinds like Ctrl-C, and usage errors are one line, not click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx else "surgery"
+            fail(f"{error.format_message()} (see `{command} --help`)", EXIT_USAGE)
+        except click.ClickException as error:
+            fail(error.format_message(), error.exit_code)
+        except Terminated:
+            fail("terminated", EXIT_TERMINATED)
+        except (click.Abort, KeyboardInterrupt):
+            fail("interrupted", EXIT_INTERRUPTED)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 def parse_size(text: str) -> int:
@@ -61,6 +126,8 @@ def dataclass_options(specs, command):
         help_text += f" [{default}]" if default is not None else ""
         choices = spec.metadata.get("choices")
         kind = click.Choice(choices) if choices else _click_type(spec.type)
+        if has_range(spec) and kind in (int, float):
+            kind = click_range(spec, kind)
         command = click.option(flag, spec.name, type=kind, default=None, help=help_text)(command)
     return command
 
@@ -94,7 +161,7 @@ def build_recipes(names: str, options: dict) -> list:
     return recipes
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SurgeryGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or info logs.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
 @click.version_option(package_name="surgery")
@@ -136,8 +203,8 @@ def inspect(model: str, allow_pickle: bool):
 @click.option("--recipe", "recipe_names", default="kvsharer", show_default=True, help="Recipe(s), comma-separated.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--calib", default=None, help="Calibration data: .txt/.jsonl/.parquet, a dataset folder or a Hub dataset name. Default: text the model generates itself (offline).")
-@click.option("--num-samples", type=int, default=None, help="Calibration samples (default: the recipe's paper setting).")
-@click.option("--seq-len", type=int, default=None, help="Tokens per calibration sample (default: the recipe's).")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Calibration samples (default: the recipe's paper setting).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Tokens per calibration sample (default: the recipe's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Weight dtype (default: the source's).")
 @click.option("--max-shard-size", default="5G", show_default=True, help="Largest shard, in bytes (K/M/G suffixes allowed).")
@@ -145,34 +212,45 @@ def inspect(model: str, allow_pickle: bool):
 @click.option("--no-verify", is_flag=True, help="Skip loading the result in a fresh interpreter.")
 @click.option("--eval", "run_eval", is_flag=True, help="Run `surgery eval` against the source and put the numbers in the card.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled .bin weights.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow running the source tokenizer's own code (it is re-saved as a standard tokenizer).")
 @click.option("--revision", default=None, help="Hub revision of MODEL.")
-@click.option("--adapt-steps", type=int, default=None, help="Then train with `surgery adapt` for this many steps, MODEL as teacher.")
+@click.option("--adapt-steps", type=click.IntRange(min=1), default=None, help="Then train with `surgery adapt` for this many steps, MODEL as teacher.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID", help="Then verify and upload the result to this Hub repo.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @recipe_options
 @click.pass_context
 @friendly_errors
 def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dtype, max_shard_size, overwrite,
-            no_verify, run_eval, allow_pickle, revision, adapt_steps, push_to_hub, private, **recipe_kwargs):
+            no_verify, run_eval, allow_pickle, trust_remote_code, revision, adapt_steps, push_to_hub, private,
+            **recipe_kwargs):
     """Convert MODEL (Hub id, folder, .gguf, or `demo`) with a recipe into --out."""
     from .convert import ConvertRequest
     from .convert import convert as run_convert
+    from .outputs import check_output
 
+    if push_to_hub:
+        from .hub import check_repo_id
+
+        check_repo_id(push_to_hub)
     request = ConvertRequest(
         model=model, recipes=build_recipes(recipe_names, recipe_kwargs), out=out, calib=calib,
         num_samples=num_samples, seq_len=seq_len, seed=seed, dtype=dtype, max_shard_size=parse_size(max_shard_size),
-        overwrite=overwrite, verify=not no_verify, evaluate=run_eval, allow_pickle=allow_pickle, revision=revision,
-        progress=ctx.obj["progress"], command=shlex.join(["surgery", *sys.argv[1:]]),
+        overwrite=overwrite, verify=not no_verify, evaluate=run_eval, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code, revision=revision, progress=ctx.obj["progress"],
+        command=shlex.join(["surgery", *sys.argv[1:]]),
     )
     if adapt_steps:
         from .adapt import AdaptSettings, adapt
 
+        check_output(out, [Path(model)] if Path(model).exists() else [])
+        if out.exists() and not overwrite:
+            raise SurgeryError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")
         request.out = out.parent / f".{out.name}.converted"
         request.overwrite, request.evaluate = True, False
         try:
             converted = run_convert(request)
             adapt(converted, out, AdaptSettings(teacher=model, steps=adapt_steps, seed=seed), overwrite=overwrite,
-                  verify=not no_verify, progress=ctx.obj["progress"])
+                  verify=not no_verify, progress=ctx.obj["progress"], allow_pickle=allow_pickle)
         finally:
             import shutil
 
@@ -196,13 +274,14 @@ def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dt
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the login cache).")
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded, with sizes, and upload nothing.")
 @click.option("--no-verify", is_flag=True, help="Skip loading the checkpoint in a fresh interpreter first.")
+@click.option("--trust-remote-code", is_flag=True, help="Verify even if FOLDER's Python files differ from this surgery's.")
 @friendly_errors
-def push(folder, repo_id, private, revision, commit_message, token, dry_run, no_verify):
+def push(folder, repo_id, private, revision, commit_message, token, dry_run, no_verify, trust_remote_code):
     """Verify FOLDER and upload it to the Hub as REPO_ID, with its model card."""
     from .hub import push as push_folder
 
     result = push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
-                         token=token, dry_run=dry_run, verify=not no_verify)
+                         token=token, dry_run=dry_run, verify=not no_verify, trust_remote_code=trust_remote_code)
     if dry_run:
         for name, size in result.files:
             click.echo(f"{size:>14,}  {name}")
@@ -216,53 +295,76 @@ def push(folder, repo_id, private, revision, commit_message, token, dry_run, no_
 @click.option("--teacher", required=True, help="The frozen teacher (usually the source model): any MODEL convert accepts.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from the latest periodic checkpoint of this --out.")
+@click.option("--resume", is_flag=True, help="Continue from the saved training state of this --out (never replaces an existing --out).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--no-verify", is_flag=True, help="Skip loading the result in a fresh interpreter.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading a teacher with pickled .bin weights.")
 @adapt_options
 @click.pass_context
 @friendly_errors
-def adapt_command(ctx, checkpoint, teacher, out, seed, resume, overwrite, no_verify, **options):
+def adapt_command(ctx, checkpoint, teacher, out, seed, resume, overwrite, no_verify, allow_pickle, **options):
     """Distil TEACHER into the trainable parts of CHECKPOINT (runs under `accelerate launch` too)."""
     from .adapt import AdaptSettings, adapt
 
     settings = AdaptSettings(teacher=teacher, seed=seed, **{k: v for k, v in options.items() if v is not None})
     adapt(checkpoint, out, settings, resume=resume, overwrite=overwrite, verify=not no_verify,
-          progress=ctx.obj["progress"])
+          progress=ctx.obj["progress"], allow_pickle=allow_pickle)
     click.echo(f"wrote {out}")
+
+
+def parse_lengths(text: str) -> list[int]:
+    """`--lengths 1024,2048`: positive token counts."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise SurgeryError(f"--lengths {text!r} is not a list of positive token counts", hint="e.g. --lengths 1024,2048")
+    return [int(part) for part in parts]
+
+
+def check_json_target(path: Path | None) -> None:
+    """Fail before a long eval, not after it, when --json cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise SurgeryError(f"--json {path} is a folder", hint="pass a file path, e.g. --json results.json")
+    if not path.parent.is_dir():
+        raise SurgeryError(f"--json {path}: the folder {path.parent} does not exist", hint="create it first")
 
 
 @main.command("eval")
 @click.argument("checkpoint")
 @click.option("--baseline", default=None, help="Model to compare with (any MODEL that convert accepts).")
 @click.option("--data", default=None, help="Held-out text (file, folder or dataset). Default: Python's reference manual prose, offline.")
-@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Tokens of held-out text to score.")
-@click.option("--context", "speed_context", type=int, default=512, show_default=True, help="Context length for the speed test.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=4096, show_default=True, help="Tokens of held-out text to score.")
+@click.option("--context", "speed_context", type=click.IntRange(min=2), default=512, show_default=True, help="Context length for the speed test.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Where to write the JSON (default: CHECKPOINT/eval_results.json).")
 @click.option("--task", type=click.Choice(["quality", "passkey"]), default="quality", show_default=True, help="quality: perplexity, KV bytes, agreement, speed; passkey: retrieval under a KV budget.")
 @click.option("--lengths", default="1024,2048", show_default=True, help="passkey: prompt lengths in tokens.")
-@click.option("--budget", type=float, default=None, help="passkey: KV budget (default: the checkpoint's; 1 = full cache).")
+@click.option("--budget", type=click.FloatRange(min=0, max=1, min_open=True), default=None, help="passkey: KV budget (default: the checkpoint's; 1 = full cache).")
 @click.option("--protocol", type=click.Choice(["query-aware", "context-only", "both"]), default="both", show_default=True)
 @click.option("--probe", is_flag=True, help="passkey, context-only: score the context with a generic question.")
-@click.option("--per-depth", type=int, default=5, show_default=True, help="passkey: prompts per depth (depths 10%, 50%, 90%).")
+@click.option("--per-depth", type=click.IntRange(min=1), default=5, show_default=True, help="passkey: prompts per depth (depths 10%, 50%, 90%).")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickled .bin weights (CHECKPOINT or --baseline).")
 @click.pass_context
 @friendly_errors
 def eval_command(ctx, checkpoint, baseline, data, max_tokens, speed_context, json_path, task, lengths, budget,
-                 protocol, probe, per_depth):
+                 protocol, probe, per_depth, allow_pickle):
     """Measure CHECKPOINT: perplexity, KV bytes per token, greedy agreement, speed, memory; or pass-key retrieval."""
     from .card import EVAL_FILE, render_card
     from .evaluate import evaluate, print_report, write_results
 
+    check_json_target(json_path)
     if task == "passkey":
         import json
 
         from .calibration import heldout_text, read_text
-        from .evaluate import load_model
+        from .loading import load_model
         from .passkey import passkey_report
 
-        model, tokenizer = load_model(checkpoint)
+        sizes = parse_lengths(lengths)
+        model, tokenizer = load_model(checkpoint, allow_pickle=allow_pickle)
+        if tokenizer is None:
+            raise SurgeryError(f"{checkpoint} has no tokenizer", hint="add its tokenizer files")
         protocols = ["query-aware", "context-only"] if protocol == "both" else [protocol]
-        sizes = [int(n) for n in lengths.split(",")]
         haystack = read_text(data) if data else heldout_text()
         report = passkey_report(model, tokenizer, haystack, sizes, budget, protocols, probe, per_depth,
                                 progress=ctx.obj["progress"])
@@ -275,8 +377,8 @@ def eval_command(ctx, checkpoint, baseline, data, max_tokens, speed_context, jso
             json_path.write_text(json.dumps(report, indent=2) + "\n")
         return
 
-    results = evaluate(checkpoint, baseline, progress=ctx.obj["progress"], data=data, max_tokens=max_tokens,
-                       speed_context=speed_context)
+    results = evaluate(checkpoint, baseline, progress=ctx.obj["progress"], allow_pickle=allow_pickle, data=data,
+                       max_tokens=max_tokens, speed_context=speed_context)
     print_report(results)
     folder = Path(checkpoint)
     is_surgery_checkpoint = (folder / "recipe.yaml").is_file()
@@ -291,15 +393,19 @@ def eval_command(ctx, checkpoint, baseline, data, max_tokens, speed_context, jso
 @main.command()
 @click.argument("checkpoint")
 @click.option("--prompt", default="Write one sentence about the sea.", show_default=True)
-@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
 @friendly_errors
 def generate(checkpoint, prompt, max_new_tokens):
     """Greedy-generate from CHECKPOINT, using its chat template when it has one."""
+    if not prompt.strip():
+        raise SurgeryError("--prompt is empty", hint='pass some text, e.g. --prompt "Name three rivers in Europe."')
     import torch
 
-    from .evaluate import load_model
+    from .loading import load_model
 
     model, tokenizer = load_model(checkpoint)
+    if tokenizer is None:
+        raise SurgeryError(f"{checkpoint} has no tokenizer to read the prompt", hint="add its tokenizer files")
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     else:
@@ -311,4 +417,4 @@ def generate(checkpoint, prompt, max_new_tokens):
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="surgery")

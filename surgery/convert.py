@@ -14,11 +14,13 @@ from .arch.modeling_surgery import SurgeryForCausalLM
 from .calibration import CalibrationSettings, calibration_ids
 from .card import EVAL_FILE, render_card
 from .errors import SurgeryError
-from .export import DTYPES, finish_checkpoint, staging, write_weights
+from .export import DTYPES, check_source_tensors, finish_checkpoint, write_weights
 from .families import surgery_config_from_source
-from .recipes import Recipe
+from .loading import load_tokenizer
+from .outputs import check_output, exclusive, staging
+from .recipes import Recipe, check_composition
 from .sources import Source, resolve
-from .tensor_io import LazyCheckpoint
+from .tensor_io import LazyCheckpoint, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class ConvertRequest:
     verify: bool = True
     evaluate: bool = False
     allow_pickle: bool = False
+    trust_remote_code: bool = False
     revision: str | None = None
     progress: bool = True
     command: str = ""
@@ -61,18 +64,12 @@ def calibration_settings(request: ConvertRequest) -> CalibrationSettings | None:
     )
 
 
-def load_tokenizer(folder: Path, trust_remote_code: bool = False):
-    """The source tokenizer, or None for a weights-only folder (self-generated calibration still works)."""
-    from transformers import AutoTokenizer
-
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-
-
 def load_calibration_model(source: Source, config: SurgeryConfig) -> SurgeryForCausalLM:
     """The source weights in the surgery architecture with the identity plan, in float32 for calibration."""
-    return SurgeryForCausalLM.from_pretrained(source.folder, config=copy.deepcopy(config), dtype=torch.float32).eval()
+    model = SurgeryForCausalLM.from_pretrained(source.folder, config=copy.deepcopy(config), dtype=torch.float32).eval()
+    for name, parameter in model.named_parameters():
+        check_finite(name, parameter)
+    return model
 
 
 def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
@@ -84,7 +81,7 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
             recipe.apply(config, plan)
         return plans
     torch.manual_seed(request.seed)
-    tokenizer = load_tokenizer(source.folder)
+    tokenizer = load_tokenizer(source.folder, request.trust_remote_code)
     model = load_calibration_model(source, config)
     ids = calibration_ids(settings, tokenizer, model)
     plans = []
@@ -129,46 +126,42 @@ def recipe_record(request: ConvertRequest, source: Source, settings: Calibration
     }
 
 
-def check_recipe_order(recipes: list[Recipe]) -> None:
-    """Recipes compose in registry order (e.g. kvsharer before matryoshka: projections are fitted to the owners)."""
-    from .recipes import RECIPES
-
-    order = list(RECIPES)
-    names = [recipe.name for recipe in recipes]
-    if len(set(names)) != len(names):
-        raise SurgeryError(f"recipe listed twice: {','.join(names)}")
-    expected = sorted(names, key=order.index)
-    if names != expected:
-        raise SurgeryError(f"recipes must be listed as {','.join(expected)}", hint="reorder --recipe")
-
-
 def convert(request: ConvertRequest) -> Path:
     """Convert `request.model` and write the checkpoint to `request.out`; returns the output folder."""
     if request.dtype is not None and request.dtype not in DTYPES:
         raise SurgeryError(f"unknown --dtype {request.dtype!r}", hint=f"choose from {', '.join(DTYPES)}")
-    if Path(request.out).exists() and not request.overwrite:
-        raise SurgeryError(f"{request.out} already exists", hint="pass --overwrite to replace it, or choose another --out")
-    check_recipe_order(request.recipes)
+    out = Path(request.out)
+    check_composition(request.recipes)
+    check_output(out, [Path(request.model)] if Path(request.model).exists() else [])
+    if out.exists() and not request.overwrite:
+        raise SurgeryError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")
     source = resolve(request.model, request.allow_pickle, request.revision)
+    check_output(out, [source.folder])
+    with exclusive(out):
+        return _convert(request, source, out)
+
+
+def _convert(request: ConvertRequest, source: Source, out: Path) -> Path:
     config = surgery_config_from_source(source.config)
     for recipe in request.recipes:
         recipe.validate(config)
+    check_source_tensors(source.folder, config)
     dtype = DTYPES[request.dtype] if request.dtype else LazyCheckpoint(source.folder).dtype()
 
     settings = calibration_settings(request)
     plans = plan_recipes(request, source, config, settings)
     config.surgery_recipes = [recipe.name for recipe in request.recipes]
 
-    with staging(Path(request.out), request.overwrite) as folder:
+    with staging(out, request.overwrite) as folder:
         new_tensors = {name: t for recipe in request.recipes for name, t in recipe.new_tensors().items()}
         write_weights(source.folder, config, folder, dtype, request.max_shard_size, request.progress, new_tensors)
         finish_checkpoint(folder, config, dtype, source.folder, recipe_record(request, source, settings, plans, dtype),
-                          request.verify)
+                          request.verify, request.trust_remote_code)
         if request.evaluate:
             from .evaluate import evaluate, print_report
 
             results = evaluate(folder, str(source.folder), progress=request.progress, **request.eval_options)
             (folder / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
             print_report(results)
-        render_card(folder, model_id=str(request.out))
-    return Path(request.out)
+        render_card(folder, model_id=str(out))
+    return out

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from .calibration import heldout_text, read_text
 from .card import METRICS
 from .errors import SurgeryError
+from .loading import check_same_vocabulary, load_source_model, load_tokenizer
+from .sources import resolve
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +33,6 @@ class EvalSettings:
     agreement_new_tokens: int = 32
     speed_context: int = 512
     decode_tokens: int = 32
-
-
-def load_model(spec: str, allow_pickle: bool = False):
-    """A checkpoint folder or any MODEL that `surgery convert` accepts, in float32 for comparable numbers."""
-    from transformers import AutoModelForCausalLM
-
-    from .convert import load_tokenizer
-    from .sources import resolve
-
-    source = resolve(spec, allow_pickle=allow_pickle)
-    remote = source.model_type == "surgery"  # our own shipped code; a source model's remote code never runs
-    model = AutoModelForCausalLM.from_pretrained(source.folder, trust_remote_code=remote, dtype=torch.float32)
-    return model.eval(), load_tokenizer(source.folder, trust_remote_code=remote)
 
 
 @torch.no_grad()
@@ -132,11 +121,18 @@ def measure(model, text_ids: torch.Tensor, settings: EvalSettings, progress: boo
     return result
 
 
-def evaluate(checkpoint: str | Path, baseline: str | None = None, progress: bool = True,
+def evaluate(checkpoint: str | Path, baseline: str | None = None, progress: bool = True, allow_pickle: bool = False,
              **options: Any) -> dict[str, Any]:
-    """Measure `checkpoint`, and `baseline` on the same tokens when given."""
+    """Measure `checkpoint`, and `baseline` on the same tokens when given. Both are resolved and their
+    vocabularies compared before anything runs, so a bad baseline fails at once."""
     settings = EvalSettings(**options)
-    model, tokenizer = load_model(str(checkpoint))
+    source = resolve(str(checkpoint), allow_pickle=allow_pickle)
+    base_source = None if baseline is None else resolve(baseline, allow_pickle=allow_pickle)
+    if base_source is not None:
+        check_same_vocabulary(source, base_source, "baseline")
+    model, tokenizer = load_source_model(source), load_tokenizer(source.folder)
+    if tokenizer is None:
+        raise SurgeryError(f"{checkpoint} has no tokenizer to read the eval text", hint="add its tokenizer files")
     text = heldout_text() if settings.data is None else read_text(settings.data, split="test")
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][: settings.max_tokens]])
     if ids.shape[1] < settings.speed_context:
@@ -147,7 +143,7 @@ def evaluate(checkpoint: str | Path, baseline: str | None = None, progress: bool
     results = {"settings": asdict(settings), "note": note}
     results["model"] = measure(model, ids, settings, progress)  # first, so its peak memory excludes the baseline
     if baseline is not None:
-        base_model, _ = load_model(baseline)
+        base_model = load_source_model(base_source)
         step = ids.shape[1] // settings.agreement_prompts
         prompts = torch.cat([ids[:, i * step : i * step + settings.agreement_prompt_len]
                              for i in range(settings.agreement_prompts)])

@@ -1,23 +1,20 @@
 """Write a converted checkpoint: streamed shards, config with auto_map, flat remote code, tokenizer, recipe and card.
 
-Everything is written into a staging folder beside `--out` and renamed into place at the end, so a failed or
-interrupted run leaves `--out` as it was.
+Callers write into `outputs.staging`, so a failed or interrupted run leaves `--out` as it was.
 """
 
-import contextlib
+import json
 import logging
-import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .arch.configuration_surgery import SurgeryConfig
+from .arch.configuration_surgery import SURGERY_FORMAT, SurgeryConfig
 from .arch.modeling_surgery import SurgeryForCausalLM
 from .errors import SurgeryError
-from .tensor_io import LazyCheckpoint, ShardWriter
+from .tensor_io import LazyCheckpoint, ShardWriter, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +25,8 @@ AUTO_MAP = {
     "AutoModel": "modeling_surgery.SurgeryModel",
     "AutoModelForCausalLM": "modeling_surgery.SurgeryForCausalLM",
 }
-# Non-weight files carried over from the source: tokenizer, chat template, generation defaults.
-CARRIED_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
+# Beside the tokenizer files (`loading.TOKENIZER_FILES`, cleaned of any auto_map), carried from the source.
+GENERATION_CONFIG = "generation_config.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -57,31 +43,6 @@ def bundle_remote_code(folder: Path) -> list[str]:
     return names
 
 
-@contextlib.contextmanager
-def staging(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A fresh folder beside `out` that replaces `out` only if the block finishes without an exception."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SurgeryError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise SurgeryError(f"{out} exists and is not a folder", hint="choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
-    try:
-        yield temp
-        if out.exists():
-            backup = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            out.rename(backup)
-            temp.rename(out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            temp.rename(out)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 def expected_tensors(config: SurgeryConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors the converted model owns, from a model built on the meta device."""
     with torch.device("meta"):
@@ -90,6 +51,20 @@ def expected_tensors(config: SurgeryConfig) -> dict[str, tuple[int, ...]]:
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
+
+
+def check_source_tensors(source_folder: Path, config: SurgeryConfig) -> None:
+    """Before any work: every tensor the identity model needs is in the source, with the shape config.json implies."""
+    expected = expected_tensors(config)
+    shapes = LazyCheckpoint(source_folder).shapes()
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise SurgeryError(f"the source lacks {len(missing)} tensors its config.json implies, e.g. {missing[0]}",
+                           hint="the weights and config.json of the source do not match")
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise SurgeryError(f"{name} has shape {shapes[name]}, but config.json implies {shape}",
+                               hint="the weights and config.json of the source do not match")
 
 
 def write_weights(source_folder: Path, config: SurgeryConfig, folder: Path, dtype: torch.dtype | None,
@@ -109,6 +84,7 @@ def write_weights(source_folder: Path, config: SurgeryConfig, folder: Path, dtyp
                 continue
             if tuple(tensor.shape) != expected[name]:
                 raise SurgeryError(f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
+            check_finite(name, tensor)
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             writer.add(name, tensor)
@@ -127,17 +103,28 @@ def write_weights(source_folder: Path, config: SurgeryConfig, folder: Path, dtyp
 
 def write_config(config: SurgeryConfig, folder: Path, dtype: torch.dtype) -> None:
     config.auto_map = dict(AUTO_MAP)
+    config.surgery_format = SURGERY_FORMAT
     config.architectures = ["SurgeryForCausalLM"]
     config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(folder)
 
 
-def carry_files(source_folder: Path, folder: Path) -> list[str]:
-    carried = []
-    for name in CARRIED_FILES:
-        if (source_folder / name).is_file():
-            shutil.copyfile(source_folder / name, folder / name)
-            carried.append(name)
+def carry_files(source_folder: Path, folder: Path, trust_remote_code: bool = False) -> list[str]:
+    """The tokenizer files (never with an auto_map) and the generation defaults of the source."""
+    from .loading import write_tokenizer_files
+
+    carried = write_tokenizer_files(source_folder, folder, trust_remote_code)
+    generation = source_folder / GENERATION_CONFIG
+    if generation.is_file():
+        try:
+            settings = json.loads(generation.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            settings = None
+        if isinstance(settings, dict):
+            (folder / GENERATION_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+            carried.append(GENERATION_CONFIG)
+        else:
+            log.warning("skipped %s: not a JSON object", generation)
     return carried
 
 
@@ -156,14 +143,14 @@ def write_state_dict(state: dict[str, torch.Tensor], config: SurgeryConfig, fold
 
 
 def finish_checkpoint(folder: Path, config: SurgeryConfig, dtype: torch.dtype, files_from: Path, record: dict,
-                      verify: bool) -> None:
+                      verify: bool, trust_remote_code: bool = False) -> None:
     """Everything but the weights: config with auto_map, flat remote code, tokenizer files, recipe.yaml; verify."""
     from .card import write_recipe
     from .verify import verify_checkpoint
 
     write_config(config, folder, dtype)
     bundle_remote_code(folder)
-    carry_files(files_from, folder)
+    carry_files(files_from, folder, trust_remote_code)
     write_recipe(folder, record)
     if verify:
         log.info("verifying the checkpoint in a fresh interpreter without surgery")

@@ -72,22 +72,70 @@ def unsupported(model_type: str | None) -> SurgeryError:
     )
 
 
-def read_model_type(config_dict: dict[str, Any]) -> str:
+def read_model_type(config_dict: Any) -> str:
+    if not isinstance(config_dict, dict):
+        raise SurgeryError(f"config.json holds a {type(config_dict).__name__}, not a JSON object",
+                           hint="fix config.json of the source model")
     model_type = config_dict.get("model_type")
     if model_type not in SUPPORTED_FAMILIES and model_type != SurgeryConfig.model_type:
         raise unsupported(model_type)
     return model_type
 
 
-def surgery_config_from_source(config_dict: dict[str, Any]) -> SurgeryConfig:
-    """Build the identity-plan surgery config for a source `config.json` dict (without executing remote code)."""
+# Fields that must be positive integers for any decoder to be built from the config.
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+_DROPPED_FIELDS = ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version")
+
+
+def _check_dimensions(config_dict: dict[str, Any]) -> None:
+    """Reject the values no model can be built from, naming the field, before transformers sees them."""
+    def positive_int(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SurgeryError(f"config.json: {name} must be a positive integer, got {value!r}",
+                               hint="fix config.json of the source model")
+
+    for name in _POSITIVE_INTS:
+        if name not in config_dict:
+            raise SurgeryError(f"config.json has no {name}", hint="fix config.json of the source model")
+        positive_int(name, config_dict[name])
+    for name in _OPTIONAL_POSITIVE_INTS:
+        if config_dict.get(name) is not None:
+            positive_int(name, config_dict[name])
+    heads, kv_heads = config_dict["num_attention_heads"], config_dict.get("num_key_value_heads") or config_dict["num_attention_heads"]
+    if heads % kv_heads:
+        raise SurgeryError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}",
+                           hint="fix config.json of the source model")
+    if config_dict.get("head_dim") is None and config_dict["hidden_size"] % heads:
+        raise SurgeryError(f"config.json: hidden_size {config_dict['hidden_size']} is not a multiple of "
+                           f"num_attention_heads {heads}", hint="set head_dim, or fix config.json")
+
+
+def source_config(config_dict: dict[str, Any]):
+    """The family's transformers config for a source `config.json` dict, built without executing remote code."""
     model_type = read_model_type(config_dict)
     if model_type == SurgeryConfig.model_type:
         raise SurgeryError("the source is already a surgery checkpoint", hint="convert the original model instead")
-    fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version")}
-    source = AutoConfig.for_model(model_type, **fields)
+    _check_dimensions(config_dict)
+    fields = {k: v for k, v in config_dict.items() if k not in _DROPPED_FIELDS}
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as error:  # strict dataclass validation raises its own types
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SurgeryError(f"config.json is not a valid {model_type} config: {reason}",
+                           hint="fix config.json of the source model") from None
+
+
+def surgery_config_from_source(config_dict: dict[str, Any]) -> SurgeryConfig:
+    """Build the identity-plan surgery config for a source `config.json` dict (without executing remote code)."""
+    source = source_config(config_dict)
+    model_type = source.model_type
     kwargs = {name: getattr(source, name) for name in _COMMON_FIELDS if getattr(source, name, None) is not None}
     kwargs.update(_family_fields(model_type, source))
     kwargs["source_model_type"] = model_type
     kwargs["dtype"] = config_dict.get("dtype") or config_dict.get("torch_dtype")
-    return SurgeryConfig(**kwargs)
+    try:
+        return SurgeryConfig(**kwargs)
+    except Exception as error:  # strict dataclass validation raises its own types
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SurgeryError(f"config.json cannot be converted: {reason}", hint="fix config.json of the source model") from None

@@ -35,13 +35,40 @@ def checkpoint_files(folder: Path) -> list[tuple[str, int]]:
     return files
 
 
+def check_repo_id(repo_id: str) -> None:
+    """A Hub repo id must be `name` or `namespace/name`, in the Hub's characters."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise SurgeryError(f"{repo_id!r} is not a valid Hub repo id: {str(error).splitlines()[0]}",
+                           hint="use namespace/name, e.g. my-org/SmolLM2-135M-KVSharer") from None
+
+
+def check_own_code(folder: Path) -> None:
+    """Verification runs the folder's Python files: only when they are the ones this surgery ships."""
+    from .export import remote_code_files
+
+    shipped = {path.name: path.read_bytes() for path in remote_code_files()}
+    for path in sorted(folder.glob("*.py")):
+        if shipped.get(path.name) != path.read_bytes():
+            raise SurgeryError(f"{path} is not the code this surgery version ships, so it is not run to verify",
+                               hint="pass --trust-remote-code if you trust it, or --no-verify")
+
+
 def push(folder: Path, repo_id: str, private: bool = False, revision: str | None = None,
          commit_message: str | None = None, token: str | None = None, dry_run: bool = False,
-         verify: bool = True, endpoint: str | None = None) -> PushResult:
+         verify: bool = True, endpoint: str | None = None, trust_remote_code: bool = False) -> PushResult:
     folder = Path(folder)
+    check_repo_id(repo_id)
     if not (folder / "config.json").is_file() or not (folder / RECIPE_FILE).is_file():
         raise SurgeryError(f"{folder} is not a surgery checkpoint", hint="push a folder written by `surgery convert`")
+    if not dry_run:
+        _check_can_upload(token)
     if verify:
+        if not trust_remote_code:
+            check_own_code(folder)
         verify_checkpoint(folder)
     render_card(folder, model_id=repo_id)  # the usage snippet names the Hub repo
     files = checkpoint_files(folder)
@@ -63,6 +90,16 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
     return PushResult(repo_id, files, getattr(info, "commit_url", None) or str(info))
 
 
+def _check_can_upload(token: str | None) -> None:
+    """Say what is missing before any network call: offline mode, or no token at all."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise SurgeryError("cannot push: HF_HUB_OFFLINE is set", hint="unset HF_HUB_OFFLINE to upload")
+    if token is None and get_token() is None:
+        raise SurgeryError("cannot push: no Hub token", hint="log in with `hf auth login`, set HF_TOKEN, or pass --token")
+
+
 def explain(error: Exception, repo_id: str) -> SurgeryError:
     """One line naming what went wrong with an upload and what to do about it."""
     response = getattr(error, "response", None)
@@ -78,6 +115,9 @@ def explain(error: Exception, repo_id: str) -> SurgeryError:
     name = type(error).__name__
     if name == "OfflineModeIsEnabled":
         return SurgeryError(f"cannot push {repo_id}: HF_HUB_OFFLINE is set", hint="unset HF_HUB_OFFLINE to upload")
+    if "ConnectError" in name or "ConnectTimeout" in name:
+        return SurgeryError(f"could not reach the Hub to push {repo_id} ({name}); nothing was uploaded",
+                            hint="check the network connection and HF_ENDPOINT, then run again")
     if any(word in name for word in ("Connect", "Protocol", "Timeout", "Network", "ReadError", "Connection")):
         return SurgeryError(f"the connection to the Hub was lost while pushing {repo_id} ({name}); nothing was "
                             "committed", hint="run the same command again to finish the upload")

@@ -12,9 +12,9 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 def describe(model: str, allow_pickle: bool = False) -> dict[str, str]:
     source = resolve(model, allow_pickle=allow_pickle)
     if source.model_type == "surgery":
-        from .arch.configuration_surgery import SurgeryConfig
+        from .loading import read_checkpoint_config
 
-        config = SurgeryConfig.from_pretrained(source.folder)
+        config = read_checkpoint_config(source.folder)
     else:
         config = surgery_config_from_source(source.config)
     checkpoint = LazyCheckpoint(source.folder)

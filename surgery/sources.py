@@ -39,7 +39,11 @@ class Source:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
+    """Where dequantized GGUF and unpickled models are kept: $SURGERY_CACHE or ~/.cache/surgery."""
+    root = Path(os.environ.get("SURGERY_CACHE") or Path.home() / ".cache" / "surgery").expanduser()
+    if root.exists() and not root.is_dir():
+        raise SurgeryError(f"the cache {root} is a file, not a folder", hint="point SURGERY_CACHE at a folder")
+    return root
 
 
 def demo_gguf_path() -> Path:
@@ -76,9 +80,9 @@ def _finish(folder: Path, name: str, allow_pickle: bool = False) -> Source:
     if not config_file.is_file():
         raise SurgeryError(f"{folder} has no config.json", hint="pass a Hugging Face model folder")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise SurgeryError(f"{config_file} is not valid JSON: {error}") from None
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SurgeryError(f"{config_file} is not valid JSON: {error}", hint="fix config.json of the model") from None
     read_model_type(config)
     if not any(folder.glob("*.safetensors")):
         pickled = [p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)]
@@ -120,7 +124,14 @@ def _gguf_to_folder(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     log.info("dequantizing %s once into %s", gguf.name, target)
-    return _materialize(target, lambda folder: _save_transformers_model(gguf.parent, folder, gguf_file=gguf.name))
+    try:
+        return _materialize(target, lambda folder: _save_gguf_model(gguf, folder))
+    except SurgeryError:
+        raise
+    except Exception as error:  # gguf and transformers raise many types for a damaged file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SurgeryError(f"cannot read the GGUF file {gguf}: {reason}",
+                           hint="re-download it; it must be a GGUF that transformers can dequantize") from None
 
 
 def _pickle_to_folder(folder: Path) -> Path:
@@ -128,13 +139,27 @@ def _pickle_to_folder(folder: Path) -> Path:
     target = cache_root() / "unpickled" / _fingerprint(folder)
     if (target / "config.json").is_file():
         return target
-    return _materialize(target, lambda out: _save_transformers_model(folder, out))
+    try:
+        return _materialize(target, lambda out: _save_unpickled_model(folder, out))
+    except SurgeryError:
+        raise
+    except Exception as error:  # torch.load raises many types for a damaged pickle
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SurgeryError(f"cannot load the pickled weights of {folder}: {reason}", hint="re-download them") from None
 
 
 def _materialize(target: Path, build) -> Path:
+    from .outputs import remove_strays
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SurgeryError(f"cannot create the cache folder {target.parent}: {error.strerror}",
+                           hint="point SURGERY_CACHE at a writable folder") from None
+    remove_strays(target.parent, target.name + ".tmp-")
     temp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir(parents=True)
+    temp.mkdir()
     try:
         build(temp)
         temp.rename(target)
@@ -143,18 +168,12 @@ def _materialize(target: Path, build) -> Path:
     return target
 
 
-def _save_transformers_model(folder: Path, out: Path, gguf_file: str | None = None) -> None:
-    """Load with transformers (dequantizing GGUF) and write plain safetensors, config, tokenizer and generation config."""
-    import torch
+def _save_state(model, out: Path) -> None:
+    """Plain float32 safetensors of an in-memory transformers model, tied embeddings stored once."""
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": False}
-    config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
-    read_model_type(config.to_dict())
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     state = model.state_dict()
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
     config_dict = model.config.to_dict()
@@ -162,10 +181,38 @@ def _save_transformers_model(folder: Path, out: Path, gguf_file: str | None = No
     config_dict["dtype"] = "float32"
     config_dict["architectures"] = [type(model).__name__]
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-    tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
-    tokenizer.save_pretrained(out)
+
+
+def _save_gguf_model(gguf: Path, out: Path) -> None:
+    """Dequantize through transformers and write plain safetensors, config, tokenizer and generation config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    if gguf.stat().st_size == 0:
+        raise SurgeryError(f"the GGUF file {gguf} is empty", hint="re-download it")
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    read_model_type(config.to_dict())
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _save_state(model, out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
     try:
-        generation = GenerationConfig.from_model_config(model.config)
-        generation.save_pretrained(out)
+        GenerationConfig.from_model_config(model.config).save_pretrained(out)
     except ValueError:
         pass
+
+
+def _save_unpickled_model(folder: Path, out: Path) -> None:
+    """Load pickled weights with the family's own class (never the folder's code) and re-save as safetensors;
+    the tokenizer and generation files are copied as they are and cleaned wherever they are read."""
+    import torch
+
+    from .families import source_config
+    from .loading import TOKENIZER_FILES, family_model_class
+
+    config = source_config(json.loads((folder / "config.json").read_text()))
+    model = family_model_class(config.model_type).from_pretrained(folder, config=config, dtype=torch.float32,
+                                                                   use_safetensors=False)
+    _save_state(model, out)
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, out / name)

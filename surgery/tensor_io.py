@@ -14,6 +14,27 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Name the tensor that holds NaN or inf, before it poisons calibration or lands in a checkpoint."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise SurgeryError(f"{name} holds NaN or infinite values", hint="the source weights are corrupt; re-download them")
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise SurgeryError(f"{index} is not a valid index: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
+                           hint="re-download the model or delete the index of a single-shard model") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) and isinstance(k, str) for k, v in weight_map.items()):
+        raise SurgeryError(f"{index} has no weight_map of tensor names to shard files",
+                           hint="re-download the model or delete the index of a single-shard model")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or not (index.parent / shard).is_file():
+            raise SurgeryError(f"{index} names a missing shard {shard!r}", hint="re-download the model")
+    return weight_map
+
+
 class LazyCheckpoint:
     """Tensor names of a folder of safetensors shards; each tensor is read only when asked for."""
 
@@ -21,7 +42,7 @@ class LazyCheckpoint:
         self.folder = Path(folder)
         index = self.folder / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_weight_map(index)
         else:
             shards = sorted(self.folder.glob("*.safetensors"))
             if not shards:
@@ -40,6 +61,15 @@ class LazyCheckpoint:
             raise SurgeryError(
                 f"cannot read safetensors file {shard}: {error}", hint="re-download or re-export the source"
             ) from None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the shard headers only."""
+        shapes = {}
+        for shard in self.shards():
+            with safe_open(self.folder / shard, framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        return shapes
 
     def names(self) -> list[str]:
         return list(self.weight_map)

@@ -5,6 +5,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from click.testing import CliRunner
+
+from surgery.cli import main
 from surgery.convert import ConvertRequest, convert
 from surgery.recipes import recipe_class
 
@@ -40,3 +43,24 @@ def decode_stepwise(model, ids: torch.Tensor, prompt: int, mask: torch.Tensor | 
         cache = out.past_key_values
         logits.append(out.logits)
     return torch.cat(logits, 1), cache
+
+
+def cli(*args, verbose: bool = False):
+    """Run the CLI in-process, as a user would from a shell (progress bars off)."""
+    return CliRunner().invoke(main, ["-v" if verbose else "-q", *map(str, args)])
+
+
+def assert_clean_failure(result, *needles, code: int | None = None):
+    """A non-zero exit, no traceback, and one `error:` line that contains every needle."""
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    message = result.stderr.strip()
+    assert "Traceback" not in result.output and "Traceback" not in message
+    errors = [line for line in message.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, message
+    assert message.splitlines()[-1].startswith("error:"), message
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]

@@ -4,26 +4,13 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from surgery.cli import main, parse_size
+from helpers import assert_clean_failure, cli
+from surgery.cli import parse_size
 
 
 def run(*args):
-    result = CliRunner().invoke(main, ["-q", *args])
-    return result
-
-
-def assert_clean_failure(result, *needles):
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    message = result.stderr.strip()
-    assert "Traceback" not in result.output and "Traceback" not in message
-    lines = [line for line in message.splitlines() if line.strip()]
-    assert lines, "expected an error message"
-    assert lines[-1].startswith("error:") or lines[-1].startswith("Error:")
-    for needle in needles:
-        assert needle in message
+    return cli(*args)
 
 
 def test_missing_path(tmp_path):

@@ -73,7 +73,7 @@ def test_broken_checkpoint_is_not_uploaded(checkpoint, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
-    (broken / "modeling_surgery.py").write_text("raise ImportError('broken')\n")
+    (broken / "model.safetensors").write_bytes(b"\x00" * 16)
     with FakeHub({"tok": "me"}) as hub:
         with pytest.raises(SurgeryError, match="failed to load"):
             push(broken, "me/broken", token="tok", endpoint=hub.url)

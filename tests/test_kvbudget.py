@@ -230,7 +230,7 @@ def test_probe_scores_the_context_and_leaves():
 
 def test_passkey_prompt_and_answer(tiny_with_tokenizer):
     from surgery.calibration import heldout_text
-    from surgery.convert import load_tokenizer
+    from surgery.loading import load_tokenizer
     from surgery.passkey import answer_is_right, passkey_prompts
 
     tokenizer = load_tokenizer(tiny_with_tokenizer)

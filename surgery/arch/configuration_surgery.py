@@ -8,6 +8,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+# The checkpoint layout this code reads and writes. Bumped whenever the layout changes, so an older surgery refuses
+# a newer checkpoint instead of misreading it.
+SURGERY_FORMAT = 1
+
 
 @strict
 class SurgeryConfig(PreTrainedConfig):
@@ -28,6 +32,8 @@ class SurgeryConfig(PreTrainedConfig):
         Token eviction after prefill: the policy (snapkv, pyramid, zigzag, dynamickv), the default budget as a
         fraction of the prompt (or an absolute token count per layer), the observation window, and ZigZagKV's
         calibrated per-layer shares. `generate(..., kv_budget=0.1)` overrides the budget per call.
+    surgery_format (`int`):
+        The checkpoint layout version (`SURGERY_FORMAT` of the code that wrote it).
     surgery_recipes (`list[str]`):
         The recipes applied at conversion, for provenance.
     source_model_type (`str`):
@@ -72,6 +78,7 @@ class SurgeryConfig(PreTrainedConfig):
     kv_pooling: str = "avg"
     kv_layer_weights: list[float] | None = None
     surgery_recipes: list[str] | None = None
+    surgery_format: int = SURGERY_FORMAT
     source_model_type: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -127,4 +134,4 @@ class SurgeryConfig(PreTrainedConfig):
         return [layer for layer, source in enumerate(self.kv_source) if source != layer]
 
 
-__all__ = ["SurgeryConfig"]
+__all__ = ["SURGERY_FORMAT", "SurgeryConfig"]

@@ -415,6 +415,18 @@ class SurgeryPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = False
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load, and refuse a checkpoint that lacks weights its config needs, rather than run them randomly
+        initialised (e.g. a sharing layer whose `kv_source` was edited back to itself has no k_proj/v_proj)."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} weights its config needs, e.g. {missing[0]}: "
+                             "the plan in config.json (kv_source, ranks) does not match the stored weights")
+        return (model, info) if wants_info else model
+
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         if requested_attention is None and decode_attention is not None and torch.cuda.is_available():
             return TRITON_IMPLEMENTATION

@@ -22,4 +22,38 @@ def recipe_class(name: str) -> type[Recipe]:
     return RECIPES[name]
 
 
-__all__ = ["RECIPES", "CalibrationRequest", "Recipe", "recipe_class"]
+def recipes_from_record(record: dict) -> list[Recipe]:
+    """The recipes a checkpoint's recipe.yaml names, with their options; a malformed record is one clear line."""
+    entries = record.get("recipes") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
+        raise SurgeryError("recipe.yaml lists its recipes in an unknown form", hint="re-export the checkpoint")
+    recipes = []
+    for entry in entries:
+        options = entry.get("options") or {}
+        try:
+            recipes.append(recipe_class(entry["name"])(**options))
+        except TypeError as error:
+            raise SurgeryError(f"recipe.yaml gives {entry['name']} options it does not take: {error}",
+                               hint="re-export the checkpoint") from None
+    return recipes
+
+
+def check_composition(recipes: list[Recipe]) -> None:
+    """Recipes compose in registry order (e.g. kvsharer before matryoshka: projections are fitted to the owners),
+    each at most once, and with at most one token-eviction policy."""
+    from .budget import TokenBudgetRecipe
+
+    order = list(RECIPES)
+    names = [recipe.name for recipe in recipes]
+    if len(set(names)) != len(names):
+        raise SurgeryError(f"recipe listed twice: {','.join(names)}", hint="list each recipe once")
+    policies = [recipe.name for recipe in recipes if isinstance(recipe, TokenBudgetRecipe)]
+    if len(policies) > 1:
+        raise SurgeryError(f"{' and '.join(policies)} are both token-eviction policies; a model evicts with one",
+                           hint="pick one of them")
+    expected = sorted(names, key=order.index)
+    if names != expected:
+        raise SurgeryError(f"recipes must be listed as {','.join(expected)}", hint="reorder --recipe")
+
+
+__all__ = ["RECIPES", "CalibrationRequest", "Recipe", "check_composition", "recipe_class", "recipes_from_record"]

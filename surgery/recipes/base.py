@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from ..arch.configuration_surgery import SurgeryConfig
+from ..ranges import check_ranges
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class Recipe:
     saves: ClassVar[str]
     calibration: ClassVar[CalibrationRequest | None] = None
     distill_alpha: ClassVar[float | None] = None  # weight of KL in `surgery adapt`, from the paper when it trains
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     def validate(self, config: SurgeryConfig) -> None:
         """Raise SurgeryError when the options cannot apply to this model."""

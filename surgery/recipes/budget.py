@@ -16,9 +16,9 @@ from .base import Recipe
 class TokenBudgetRecipe(Recipe):
     policy: ClassVar[str]
 
-    budget: float | None = field(default=None, metadata={"help": "fraction of the prompt each layer keeps on average (default 0.2); for matryoshka: of the KV bytes"})
-    budget_tokens: int | None = field(default=None, metadata={"help": "tokens each layer keeps on average, instead of --budget"})
-    window: int | None = field(default=None, metadata={"help": "observation window (default: the policy's)"})
+    budget: float | None = field(default=None, metadata={"help": "fraction of the prompt each layer keeps on average (default 0.2); for matryoshka: of the KV bytes", "above": 0, "max": 1})
+    budget_tokens: int | None = field(default=None, metadata={"help": "tokens each layer keeps on average, instead of --budget", "min": 1})
+    window: int | None = field(default=None, metadata={"help": "observation window (default: the policy's)", "min": 1})
     pooling: str = field(default="avg", metadata={"help": "1-D pooling of the scores (kernel 7)", "choices": ("avg", "max")})
 
     def validate(self, config: SurgeryConfig) -> None:

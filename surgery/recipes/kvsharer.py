@@ -75,11 +75,11 @@ class KVSharer(Recipe):
     calibration = CalibrationRequest(num_samples=30, seq_len=64)
     distill_alpha = 1.0  # the paper does not train; pure distillation targets the gap to the base model
 
-    share_layers: int | None = field(default=None, metadata={"help": "number of layers that share (default: 25% of layers)"})
-    ratio: float | None = field(default=None, metadata={"help": "fraction of layers that share, instead of --share-layers"})
-    threshold: float = field(default=0.5, metadata={"help": "min. mean cosine similarity of final hidden states"})
+    share_layers: int | None = field(default=None, metadata={"help": "number of layers that share (default: 25% of layers)", "min": 1})
+    ratio: float | None = field(default=None, metadata={"help": "fraction of layers that share, instead of --share-layers", "above": 0, "below": 1})
+    threshold: float = field(default=0.5, metadata={"help": "min. mean cosine similarity of final hidden states", "min": -1, "max": 1})
     order: str = field(default="dissimilar", metadata={"help": "pair order: dissimilar (paper), similar or random", "choices": ORDERS})
-    batch_size: int = field(default=8, metadata={"help": "calibration batch size"})
+    batch_size: int = field(default=8, metadata={"help": "calibration batch size", "min": 1})
 
     def target(self, num_layers: int) -> int:
         if self.share_layers is not None:

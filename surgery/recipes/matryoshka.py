@@ -91,13 +91,14 @@ class MatryoshkaKV(Recipe):
     calibration = CalibrationRequest(num_samples=32, seq_len=128)
     distill_alpha = 0.25  # the paper's weight of the KL term
 
-    budget: float = field(default=0.5, metadata={"help": "fraction of the KV-cache bytes to keep"})
+    budget: float = field(default=0.5, metadata={"help": "fraction of the KV-cache bytes to keep", "above": 0, "max": 1})
     uniform: bool = field(default=False, metadata={"help": "same rank for every head instead of the searched ranks", "flag": True})
-    search_samples: int = field(default=4, metadata={"help": "calibration samples scored by the rank search"})
-    search_len: int = field(default=64, metadata={"help": "tokens of each sample scored by the rank search"})
-    batch_size: int = field(default=8, metadata={"help": "calibration batch size"})
+    search_samples: int = field(default=4, metadata={"help": "calibration samples scored by the rank search", "min": 1})
+    search_len: int = field(default=64, metadata={"help": "tokens of each sample scored by the rank search", "min": 2})
+    batch_size: int = field(default=8, metadata={"help": "calibration batch size", "min": 1})
 
     def __post_init__(self):
+        super().__post_init__()
         self.tensors: dict[str, torch.Tensor] = {}
 
     def validate(self, config: SurgeryConfig) -> None:

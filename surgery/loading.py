@@ -1,0 +1,198 @@
+"""Load models and tokenizers inside the CLI without running code that surgery did not write.
+
+- A surgery checkpoint loads with this package's own classes (registered with transformers' Auto classes), never
+  with the Python files in its folder, which anyone could have edited. Its `surgery_format` must be one this
+  package knows.
+- A source model loads with its family's transformers class; an `auto_map` in its config is ignored.
+- A tokenizer loads from a clean copy of its files with every `auto_map` removed. A tokenizer that exists only as
+  remote code is run only with `--trust-remote-code`, and is then re-saved as a standard fast tokenizer.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .arch.configuration_surgery import SURGERY_FORMAT, SurgeryConfig
+from .arch.modeling_surgery import SurgeryForCausalLM
+from .errors import SurgeryError
+from .families import source_config
+from .sources import Source, resolve
+from .tensor_io import LazyCheckpoint
+
+AutoConfig.register(SurgeryConfig.model_type, SurgeryConfig, exist_ok=True)
+AutoModelForCausalLM.register(SurgeryConfig, SurgeryForCausalLM, exist_ok=True)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TOKENIZER_CONFIG = "tokenizer_config.json"
+STANDARD_FAST_TOKENIZER = "PreTrainedTokenizerFast"
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SurgeryError(f"cannot read {path}: {first_line(error)}", hint="fix or re-download the file") from None
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", TOKENIZER_CONFIG, "tokenizer.model"))
+
+
+def _names_remote_tokenizer(folder: Path, tokenizer_config: dict) -> bool:
+    """Whether the tokenizer points at code outside transformers: an auto_map, or a class transformers lacks."""
+    model_config = Path(folder) / "config.json"
+    model_auto_map = _read_json(model_config).get("auto_map", {}) if model_config.is_file() else {}
+    tokenizer_class = tokenizer_config.get("tokenizer_class")
+    unknown_class = isinstance(tokenizer_class, str) and not hasattr(transformers, tokenizer_class)
+    return "auto_map" in tokenizer_config or "AutoTokenizer" in (model_auto_map or {}) or unknown_class
+
+
+def write_tokenizer_files(source: Path, target: Path, trust_remote_code: bool = False) -> list[str]:
+    """Copy the tokenizer files of `source` into `target` without any `auto_map`, so they never run foreign code.
+
+    A tokenizer whose own class is remote code is replaced by the standard fast tokenizer of its `tokenizer.json`.
+    Without a `tokenizer.json` it is loaded with its code only under `trust_remote_code`, and re-saved as a
+    standard fast tokenizer.
+    """
+    source, target = Path(source), Path(target)
+    tokenizer_config = _read_json(source / TOKENIZER_CONFIG) if (source / TOKENIZER_CONFIG).is_file() else {}
+    if not isinstance(tokenizer_config, dict):
+        raise SurgeryError(f"{source / TOKENIZER_CONFIG} is not a JSON object", hint="fix or re-download the file")
+    remote = _names_remote_tokenizer(source, tokenizer_config)
+    if remote and not (source / "tokenizer.json").is_file():
+        return _resave_remote_tokenizer(source, target, tokenizer_config, trust_remote_code)
+    written = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and name != TOKENIZER_CONFIG:
+            (target / name).write_bytes((source / name).read_bytes())
+            written.append(name)
+    if tokenizer_config:
+        clean = {k: v for k, v in tokenizer_config.items() if k != "auto_map"}
+        if remote:
+            clean["tokenizer_class"] = STANDARD_FAST_TOKENIZER
+        (target / TOKENIZER_CONFIG).write_text(json.dumps(clean, indent=2, ensure_ascii=False) + "\n")
+        written.append(TOKENIZER_CONFIG)
+    return written
+
+
+def _resave_remote_tokenizer(source: Path, target: Path, tokenizer_config: dict, trust_remote_code: bool) -> list[str]:
+    name = tokenizer_config.get("tokenizer_class") or "a custom tokenizer"
+    if not trust_remote_code:
+        raise SurgeryError(f"the tokenizer of {source} ({name}) exists only as remote code, which surgery does not run",
+                           hint="pass --trust-remote-code if you trust it; it is then re-saved as a standard tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+    except Exception as error:  # foreign code raises anything
+        raise SurgeryError(f"the remote tokenizer of {source} failed to load: {first_line(error)}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise SurgeryError(f"the remote tokenizer of {source} ({name}) has no fast (tokenizer.json) form",
+                           hint="convert from a model whose tokenizer ships a tokenizer.json")
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        return write_tokenizer_files(Path(scratch), target)
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    """The tokenizer of `folder` from a clean copy of its files, or None for a weights-only folder."""
+    folder = Path(folder)
+    if not has_tokenizer(folder):
+        return None
+    with tempfile.TemporaryDirectory() as clean:
+        write_tokenizer_files(folder, Path(clean), trust_remote_code)
+        model_config = folder / "config.json"
+        config = _read_json(model_config) if model_config.is_file() else None
+        if isinstance(config, dict) and config.get("model_type") in transformers.CONFIG_MAPPING:
+            # lets AutoTokenizer infer the class when tokenizer_config.json names none; no auto_map
+            clean_config = {k: v for k, v in config.items() if k != "auto_map"}
+            (Path(clean) / "config.json").write_text(json.dumps(clean_config))
+        try:
+            return AutoTokenizer.from_pretrained(clean)
+        except Exception as error:  # transformers raises many types for a broken tokenizer
+            raise SurgeryError(f"cannot load the tokenizer of {folder}: {first_line(error)}",
+                               hint="fix or re-download the tokenizer files") from None
+
+
+def read_checkpoint_config(folder: Path) -> SurgeryConfig:
+    """The config of a surgery checkpoint, refused when its format is newer than this package or its plan is invalid."""
+    from . import __version__
+
+    raw = _read_json(Path(folder) / "config.json")
+    found = raw.get("surgery_format", 1) if isinstance(raw, dict) else None
+    if isinstance(found, bool) or not isinstance(found, int) or found < 1:
+        raise SurgeryError(f"{folder}/config.json has an invalid surgery_format {found!r}",
+                           hint="re-export the checkpoint with `surgery convert`")
+    if found > SURGERY_FORMAT:
+        raise SurgeryError(f"{folder} is surgery format {found}; surgery {__version__} reads formats up to {SURGERY_FORMAT}",
+                           hint="upgrade surgery: pip install -U surgery")
+    try:
+        return SurgeryConfig.from_pretrained(folder)
+    except Exception as error:  # validation of the plan and of field types raises several types
+        raise SurgeryError(f"{folder}/config.json is not a valid surgery config: {first_line(error)}",
+                           hint="re-export the checkpoint with `surgery convert`") from None
+
+
+def _from_pretrained(model_class, folder: Path, config) -> torch.nn.Module:
+    LazyCheckpoint(folder)  # a missing, truncated or corrupt shard is one clear line
+    try:
+        model, info = model_class.from_pretrained(folder, config=config, dtype=torch.float32, output_loading_info=True)
+    except Exception as error:  # missing weights, bad shapes, I/O: each becomes one line
+        raise SurgeryError(f"cannot load the weights of {folder}: {first_line(error)}",
+                           hint="re-export or re-download the model") from None
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise SurgeryError(f"{folder} lacks {len(missing)} weights the model needs, e.g. {missing[0]}",
+                           hint="re-export or re-download the model")
+    return model.eval()
+
+
+def family_model_class(model_type: str):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+
+
+def load_source_model(source: Source) -> torch.nn.Module:
+    """A resolved model in float32: surgery checkpoints with our classes, sources with their family's class."""
+    if source.model_type == SurgeryConfig.model_type:
+        return _from_pretrained(SurgeryForCausalLM, source.folder, read_checkpoint_config(source.folder))
+    config = source_config(source.config)
+    return _from_pretrained(family_model_class(config.model_type), source.folder, config)
+
+
+def load_model(spec: str, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """A checkpoint folder or any MODEL that `surgery convert` accepts, in float32, and its tokenizer (or None)."""
+    source = resolve(spec, allow_pickle=allow_pickle)
+    return load_source_model(source), load_tokenizer(source.folder, trust_remote_code)
+
+
+def check_same_vocabulary(model: Source, other: Source, role: str) -> None:
+    """Refuse to compare or distil across vocabularies: token ids would mean different things."""
+    sizes = model.config.get("vocab_size"), other.config.get("vocab_size")
+    if sizes[0] != sizes[1]:
+        raise SurgeryError(f"the {role} {other.name} has a vocabulary of {sizes[1]} tokens, the model {sizes[0]}",
+                           hint=f"pass a {role} with the same tokenizer")
+    if has_tokenizer(model.folder) and has_tokenizer(other.folder):
+        mine, theirs = load_tokenizer(model.folder), load_tokenizer(other.folder)
+        if mine.get_vocab() != theirs.get_vocab():
+            raise SurgeryError(f"the {role} {other.name} uses a different tokenizer than the model",
+                               hint=f"pass a {role} with the same tokenizer")

@@ -1,0 +1,62 @@
+"""Numeric option ranges, declared once in dataclass field metadata and enforced for the CLI and the API alike.
+
+Metadata keys: "min" and "max" (inclusive), "above" and "below" (exclusive). The CLI turns them into click range
+types; `check_ranges` applies the same bounds to a dataclass built from Python.
+"""
+
+from dataclasses import Field, fields
+from typing import Any
+
+import click
+
+from .errors import SurgeryError
+
+
+def flag_name(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def has_range(spec: Field) -> bool:
+    return any(key in spec.metadata for key in ("min", "max", "above", "below"))
+
+
+def describe(spec: Field) -> str:
+    meta = spec.metadata
+    parts = []
+    if "min" in meta:
+        parts.append(f">= {meta['min']}")
+    if "above" in meta:
+        parts.append(f"> {meta['above']}")
+    if "max" in meta:
+        parts.append(f"<= {meta['max']}")
+    if "below" in meta:
+        parts.append(f"< {meta['below']}")
+    return " and ".join(parts)
+
+
+def in_range(spec: Field, value: Any) -> bool:
+    meta = spec.metadata
+    return not (("min" in meta and value < meta["min"]) or ("above" in meta and value <= meta["above"])
+                or ("max" in meta and value > meta["max"]) or ("below" in meta and value >= meta["below"]))
+
+
+def click_range(spec: Field, kind: type) -> click.ParamType:
+    """A click IntRange/FloatRange with the field's bounds."""
+    meta = spec.metadata
+    low = meta.get("min", meta.get("above"))
+    high = meta.get("max", meta.get("below"))
+    range_type = click.IntRange if kind is int else click.FloatRange
+    return range_type(min=low, max=high, min_open="above" in meta, max_open="below" in meta)
+
+
+def check_ranges(instance: Any) -> None:
+    """Raise SurgeryError for the first field whose value lies outside its declared range."""
+    for spec in fields(instance):
+        value = getattr(instance, spec.name)
+        if value is None or not has_range(spec):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SurgeryError(f"{flag_name(spec.name)} must be a number, got {value!r}")
+        if not in_range(spec, value):
+            raise SurgeryError(f"{flag_name(spec.name)} must be {describe(spec)}, got {value}",
+                               hint=f"see `surgery --help` for {flag_name(spec.name)}")
