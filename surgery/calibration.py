@@ -54,7 +54,21 @@ def read_text(source: str, split: str = "train") -> str:
     return _read_hub_dataset(source, split)
 
 
+DATA_EXTRA_HINT = "pip install 'surgery[data]'"
+
+
+def _missing_extra(package: str, what: str) -> SurgeryError:
+    return SurgeryError(f"{what} needs the {package} package, which is not installed", hint=DATA_EXTRA_HINT)
+
+
 def _read_file(path: Path) -> str:
+    try:
+        return _read_file_unchecked(path)
+    except UnicodeDecodeError as error:
+        raise SurgeryError(f"{path} is not UTF-8 text (byte {error.start})", hint="pass a UTF-8 text file") from None
+
+
+def _read_file_unchecked(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return path.read_text(encoding="utf-8", errors="replace")
@@ -70,7 +84,10 @@ def _read_file(path: Path) -> str:
             texts.append(_text_of(record, path))
         return "\n\n".join(texts)
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise _missing_extra("pyarrow", f"reading {path.name}") from None
 
         table = pq.read_table(path)
         column = next((name for name in TEXT_FIELDS if name in table.column_names), None)
@@ -91,7 +108,10 @@ def _text_of(record, path: Path) -> str:
 
 def _read_folder(folder: Path) -> str:
     if (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file():
-        from datasets import load_from_disk
+        try:
+            from datasets import load_from_disk
+        except ImportError:
+            raise _missing_extra("datasets", f"reading the dataset folder {folder}") from None
 
         dataset = load_from_disk(str(folder))
         if hasattr(dataset, "keys"):
@@ -110,7 +130,7 @@ def _read_hub_dataset(name: str, split: str) -> str:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise SurgeryError("Hub datasets need the datasets package", hint="pip install 'surgery[data]'") from None
+        raise _missing_extra("datasets", f"the Hub dataset {name!r}") from None
     try:
         dataset = load_dataset(name, split=split)
     except Exception as error:  # datasets raises many types for an unreachable or unknown dataset
@@ -165,7 +185,11 @@ def calibration_ids(settings: CalibrationSettings, tokenizer, model) -> torch.Te
     if tokenizer is None:
         raise SurgeryError("the source folder has no tokenizer to read calibration text", hint="add its tokenizer files")
     if settings.source in GPTQ_DATASETS:
-        from optimum.gptq.data import get_dataset
+        try:
+            import datasets  # noqa: F401  optimum's helpers need it
+            from optimum.gptq.data import get_dataset
+        except ImportError:
+            raise _missing_extra("datasets", f"--calib {settings.source}") from None
 
         try:
             samples = get_dataset(settings.source, tokenizer, settings.num_samples, settings.seq_len, settings.seed)

@@ -72,3 +72,12 @@ def tiny_with_tokenizer(tmp_path_factory, demo_source) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_source.folder / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_with_tokenizer, tmp_path_factory) -> Path:
+    """A converted KVSharer checkpoint (one sharing layer) with SmolLM2's tokenizer; treat it as read-only."""
+    from helpers import run_convert
+
+    return run_convert(tiny_with_tokenizer, tmp_path_factory.mktemp("ckpt") / "kvsharer", recipe="kvsharer",
+                       share_layers=1, threshold=-1.0, num_samples=2, seq_len=16)

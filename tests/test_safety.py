@@ -38,10 +38,9 @@ def source(tiny_models, tmp_path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def kvsharer_checkpoint(tiny_with_tokenizer, tmp_path_factory) -> Path:
-    return run_convert(tiny_with_tokenizer, tmp_path_factory.mktemp("safety") / "ckpt", recipe="kvsharer",
-                       share_layers=1, threshold=-1.0, num_samples=2, seq_len=16)
+@pytest.fixture
+def kvsharer_checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 # --- --out never overlaps an input -------------------------------------------------------------------------------
