@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from surgery.arch.sharing_surgery import set_kv_sources
 from surgery.calibration import CalibrationSettings, calibration_ids, heldout_text
 from surgery.convert import load_calibration_model
 from surgery.evaluate import greedy_agreement, greedy_continuations, kv_bytes_per_token, perplexity, speed
@@ -51,7 +52,7 @@ def main() -> None:
     decode_ids = text_ids[:, -args.decode_context:]  # a different stretch of the held-out text
     prompts = torch.cat([eval_ids[:, i * 1024 : i * 1024 + 64] for i in range(4)])
     identity = list(range(config.num_hidden_layers))
-    model.set_kv_sources(identity)
+    set_kv_sources(model, identity)
     reference = greedy_continuations(model, prompts, 32)
 
     rows, maps = [], []
@@ -63,7 +64,7 @@ def main() -> None:
             start = time.perf_counter()
             plan = recipe.plan(model, calib, args.seed, progress=False)
             search_s = time.perf_counter() - start
-            model.set_kv_sources(plan["kv_source"])
+            set_kv_sources(model, plan["kv_source"])
             row = {
                 "order": order if layers else "-",
                 "shared": layers,
@@ -74,7 +75,7 @@ def main() -> None:
                 "search_s": search_s,
                 "tried": plan["candidates_tried"],
             }
-            model.set_kv_sources(identity)
+            set_kv_sources(model, identity)
             rows.append(row)
             sharing = [f"{i}→{s}" for i, s in enumerate(plan["kv_source"]) if s != i]
             maps.append(f"- {order}, {layers}: {', '.join(sharing) or 'none'}")

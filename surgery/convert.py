@@ -14,11 +14,12 @@ from .arch.modeling_surgery import SurgeryForCausalLM
 from .calibration import CalibrationSettings, calibration_ids
 from .card import EVAL_FILE, render_card
 from .errors import SurgeryError
-from .export import DTYPES, check_source_tensors, finish_checkpoint, write_weights
+from .export import DTYPES, check_source_tensors, expected_tensors, finish_checkpoint, write_weights
 from .families import surgery_config_from_source
 from .loading import load_tokenizer
 from .outputs import check_output, exclusive, staging
 from .recipes import Recipe, check_composition
+from .rewrite import DictWriter, TensorPlan, rewrite
 from .sources import Source, resolve
 from .tensor_io import LazyCheckpoint, check_finite
 
@@ -49,6 +50,14 @@ class ConvertRequest:
     progress: bool = True
     command: str = ""
     eval_options: dict = field(default_factory=dict)
+
+
+def tensor_plan(recipes: list[Recipe]) -> TensorPlan:
+    """Every recipe's rewrite rules, in composition order: later rules for the same tensor win."""
+    plan = TensorPlan()
+    for recipe in recipes:
+        recipe.rewrite(plan)
+    return plan
 
 
 def calibration_settings(request: ConvertRequest) -> CalibrationSettings | None:
@@ -85,13 +94,27 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
     model = load_calibration_model(source, config)
     ids = calibration_ids(settings, tokenizer, model)
     plans = []
-    for recipe in request.recipes:
+    for done, recipe in enumerate(request.recipes, start=1):
         plan = recipe.plan(model, ids, request.seed, request.progress)
         recipe.apply(config, plan)
-        model.set_kv_sources(config.kv_source)  # the next recipe plans on top of this one
         plans.append(plan)
+        if any(later.calibration is not None for later in request.recipes[done:]):
+            model = planning_model(source, config, request.recipes[:done])  # the next recipe plans on this one
     del model
     return plans
+
+
+def planning_model(source: Source, config: SurgeryConfig, recipes: list[Recipe]) -> SurgeryForCausalLM:
+    """The model as the recipes so far left it, whatever they changed (sharing, projections, new tensors):
+    the rewrite stage run into memory, in float32, loaded into the planned architecture."""
+    writer = DictWriter()
+    rewrite(source.folder, expected_tensors(config), tensor_plan(recipes), writer, torch.float32)
+    model = SurgeryForCausalLM(copy.deepcopy(config)).to(torch.float32)
+    missing, unexpected = model.load_state_dict(writer.tensors, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise SurgeryError(f"the planned model does not match the rewritten tensors: {(missing + unexpected)[0]}")
+    model.tie_weights()
+    return model.eval()
 
 
 def source_license(folder: Path) -> str | None:
@@ -153,8 +176,8 @@ def _convert(request: ConvertRequest, source: Source, out: Path) -> Path:
     config.surgery_recipes = [recipe.name for recipe in request.recipes]
 
     with staging(out, request.overwrite) as folder:
-        new_tensors = {name: t for recipe in request.recipes for name, t in recipe.new_tensors().items()}
-        write_weights(source.folder, config, folder, dtype, request.max_shard_size, request.progress, new_tensors)
+        write_weights(source.folder, config, folder, dtype, request.max_shard_size, request.progress,
+                      tensor_plan(request.recipes))
         finish_checkpoint(folder, config, dtype, source.folder, recipe_record(request, source, settings, plans, dtype),
                           request.verify, request.trust_remote_code)
         if request.evaluate:

@@ -9,12 +9,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .arch.configuration_surgery import SURGERY_FORMAT, SurgeryConfig
 from .arch.modeling_surgery import SurgeryForCausalLM
 from .errors import SurgeryError
-from .tensor_io import LazyCheckpoint, ShardWriter, check_finite
+from .rewrite import RewriteReport, TensorPlan, rewrite
+from .tensor_io import LazyCheckpoint, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -68,37 +68,12 @@ def check_source_tensors(source_folder: Path, config: SurgeryConfig) -> None:
 
 
 def write_weights(source_folder: Path, config: SurgeryConfig, folder: Path, dtype: torch.dtype | None,
-                  max_shard_size: int, progress: bool = True,
-                  new_tensors: dict[str, torch.Tensor] | None = None) -> dict[str, list[str]]:
-    """Stream the source shard by shard into the new layout: copy what the plan keeps, drop the rest, then add
-    the tensors the recipes created (or replaced)."""
-    new_tensors = new_tensors or {}
-    expected = expected_tensors(config)
-    reader = LazyCheckpoint(source_folder)
+                  max_shard_size: int, progress: bool = True, plan: TensorPlan | None = None) -> RewriteReport:
+    """The rewrite stage into sharded safetensors: the source streamed shard by shard into the planned layout."""
     writer = ShardWriter(folder, max_shard_size)
-    written, dropped = [], []
-    for shard in tqdm(reader.shards(), desc="writing shards", unit="shard", disable=not progress):
-        for name, tensor in reader.iter_shard(shard):
-            if name not in expected or name in new_tensors:
-                dropped.append(name)
-                continue
-            if tuple(tensor.shape) != expected[name]:
-                raise SurgeryError(f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
-            check_finite(name, tensor)
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            writer.add(name, tensor)
-            written.append(name)
-    for name, tensor in new_tensors.items():
-        if name not in expected or tuple(tensor.shape) != expected[name]:
-            raise SurgeryError(f"recipe tensor {name} {tuple(tensor.shape)} does not fit the planned model")
-        writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
-        written.append(name)
-    missing = sorted(set(expected) - set(written))
-    if missing:
-        raise SurgeryError(f"the source lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+    report = rewrite(source_folder, expected_tensors(config), plan or TensorPlan(), writer, dtype, progress)
     writer.finish()
-    return {"dropped": dropped, "written": written}
+    return report
 
 
 def write_config(config: SurgeryConfig, folder: Path, dtype: torch.dtype) -> None:

@@ -108,6 +108,11 @@ class ShardWriter:
         self._written: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes waiting for the next shard to be written."""
+        return self._pending_bytes
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_size:

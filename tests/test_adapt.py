@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import run_convert
+from surgery.card import read_recipe
 from surgery.adapt import AdaptSettings, adapt, distillation_loss
 from surgery.recipes.matryoshka import MatryoshkaKV
 
@@ -52,6 +53,9 @@ def test_resume_ends_with_the_same_weights(matryoshka_checkpoint, tiny_llama, tm
     resumed = adapt(matryoshka_checkpoint, tmp_path / "resumed", settings, resume=True, verify=False, progress=False)
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
+    record = read_recipe(resumed)["adapt"]
+    assert record["resumed_from_step"] == 2  # it continued from the saved state, not from step 0
+    assert record["tokens"] == (settings.steps - 2) * settings.batch_size * settings.seq_len * settings.grad_accum
 
 
 def test_kvsharer_adapt_trains_sharing_layers_attention(tiny_llama, tmp_path):

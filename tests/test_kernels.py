@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from surgery.arch.projection_surgery import set_kv_ranks
 from surgery.kernels.decode_surgery import decode_attention  # TRITON_INTERPRET=1 is set in conftest.py
 
 
@@ -118,7 +119,7 @@ def test_model_decode_with_kernels_matches_pytorch(layout):
         extra = {"kv_policy": "snapkv", "kv_window": 4, "kv_budget": 0.4}
     model = tiny_model(**extra)
     if layout == "projected":
-        model.set_kv_ranks([[3, 5]] * 4, [[4, 2]] * 4)
+        set_kv_ranks(model, [[3, 5]] * 4, [[4, 2]] * 4)
     ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     if layout == "padded":
@@ -136,7 +137,7 @@ def test_model_decode_with_kernels_matches_pytorch(layout):
 
 
 def test_decode_kernel_is_really_used(monkeypatch):
-    import surgery.arch.modeling_surgery as modeling
+    import surgery.arch.attention_surgery as modeling
 
     calls = []
     original = modeling.decode_attention
@@ -180,7 +181,7 @@ def reference_prefill(query, keys, values, scale, valid=None, key_widths=None, v
 @pytest.mark.parametrize("group,head_dim,past", [(1, 64, 0), (3, 48, 5), (4, 80, 0), (3, 128, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_and_window_scores(monkeypatch, group, head_dim, past, dtype):
-    from surgery.kernels.prefill_surgery import prefill_attention, window_attention_sums
+    from surgery.kernels.prefill_surgery import prefill_attention, window_sums_from_lse
 
     poisoned_empty(monkeypatch)
     generator = torch.Generator().manual_seed(head_dim + past)
@@ -197,11 +198,12 @@ def test_prefill_and_window_scores(monkeypatch, group, head_dim, past, dtype):
     expected, probs = reference_prefill(query, keys, values, scale, valid)
     tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-5
     assert out.dtype == dtype and (out.double() - expected).abs().max() < tolerance
-    if valid is None:
-        window = 7
-        sums = window_attention_sums(query, keys, lse, scale, window, block_m=16, block_n=16)
-        reference_sums = probs[:, :, -window:, : slots - window].sum(2)
-        assert (sums.double() - reference_sums).abs().max() < (3e-2 if dtype == torch.bfloat16 else 1e-5)
+    window = 7
+    sums = window_sums_from_lse(query, keys, lse, scale, window, valid=valid, block_m=16, block_n=16, all_slots=True)
+    reference_sums = probs[:, :, -window:, :].sum(2)  # masked slots have probability 0 and must get no mass
+    assert (sums.double() - reference_sums).abs().max() < (3e-2 if dtype == torch.bfloat16 else 1e-5)
+    if valid is not None:
+        assert bool((sums[~valid.repeat_interleave(group, dim=1)] == 0).all())
 
 
 def test_prefill_reduced_width(monkeypatch):

@@ -7,7 +7,10 @@ import torch
 
 from helpers import decode_stepwise
 from surgery.arch import SurgeryConfig, SurgeryForCausalLM
-from surgery.arch.kvbudget_surgery import POLICIES, PYRAMID_BETA, apportion, tokens_to_reach
+from surgery.arch.budget_surgery import apportion, tokens_to_reach
+from surgery.arch.policies_surgery import POLICIES, build_policy
+from surgery.arch.projection_surgery import set_kv_ranks
+from surgery.arch.pyramid_surgery import PYRAMID_BETA
 from surgery.arch.modeling_surgery import apply_rope
 from surgery.evaluate import kv_bytes_per_token
 
@@ -19,6 +22,20 @@ def tiny(policy, seed=0, layers=6, kv_source=None, window=4, **extra) -> Surgery
                            kv_window=window, kv_source=kv_source, **extra)
     torch.manual_seed(seed)
     return SurgeryForCausalLM(config).eval()
+
+
+def plain_lmba(mass: torch.Tensor) -> float:
+    """ZigZagKV's LMBA written plainly: per head, the fewest tokens whose attention reaches 90% of the head's
+    total, averaged over heads."""
+    counts = []
+    for row in mass.double().tolist():
+        running, total = 0.0, sum(row)
+        for count, value in enumerate(sorted(row, reverse=True), start=1):
+            running += value
+            if running >= 0.9 * total:
+                counts.append(count)
+                break
+    return sum(counts) / len(counts)
 
 
 def decode(model, ids, prompt, budget, mask=None):
@@ -67,6 +84,7 @@ def _plain_layer(model, index, hidden, prompt, kept):
     attention = layer.self_attn
     source = config.kv_source[index]
     owner = model.model.layers[source].self_attn
+    projection = getattr(owner, "kv_projection", None)
     x, x_source = source_inputs[index], source_inputs[source]
     q = apply_rope(attention.q_proj(x).view(n, -1, 8).transpose(0, 1)[None], cos, sin)[0]
     k = apply_rope(owner.k_proj(x_source).view(n, -1, 8).transpose(0, 1)[None], cos, sin)[0]
@@ -76,8 +94,15 @@ def _plain_layer(model, index, hidden, prompt, kept):
         kv = head // group
         allowed = torch.tensor([[p <= t and (t < prompt or p >= prompt or p in kept[source][kv]) for p in range(n)]
                                 for t in range(n)])
-        scores = (q[head] @ k[kv].T / math.sqrt(8)).masked_fill(~allowed, float("-inf"))
-        heads.append(scores.softmax(-1) @ v[kv])
+        if projection is None:
+            scores = q[head] @ k[kv].T / math.sqrt(8)
+            values = v[kv]
+        else:  # MatryoshkaKV as the paper writes it, the softmax-invariant q·μ_K term included
+            u_k, u_v = projection.key_bases[kv](), projection.value_bases[kv]()
+            mu_k, mu_v = projection.key_mean[kv], projection.value_mean[kv]
+            scores = ((q[head] @ u_k) @ ((k[kv] - mu_k) @ u_k).T + (q[head] @ mu_k)[:, None]) / math.sqrt(8)
+            values = (v[kv] - mu_v) @ u_v @ u_v.T + mu_v
+        heads.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ values)
     hidden = hidden + attention.o_proj(torch.stack(heads, 1).reshape(n, -1))
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
@@ -145,8 +170,9 @@ def test_snapkv_keeps_what_the_paper_scores_highest():
 def test_layer_budgets_sum_to_the_total_and_bytes_match(policy):
     model = tiny(policy, seed=5, layers=8)
     ids = torch.randint(0, 97, (1, 120))
+    state = build_policy(policy, 0.2, None, model.config.owner_layers, torch.tensor([120]), model.config.kv_window)
     with torch.no_grad():
-        cache = model(ids, kv_budget=0.2).past_key_values
+        cache = model(ids, kv_policy=state).past_key_values
     counts = [int(layer.valid[0, 0].sum()) for layer in cache.layers]
     assert sum(counts) == round(0.2 * 120) * 8
     full_bytes = 2 * 2 * 8 * 4 * 8  # K and V, 2 KV heads, head_dim 8, float32, 8 layers
@@ -159,8 +185,7 @@ def test_layer_budgets_sum_to_the_total_and_bytes_match(policy):
         assert max(abs(c - e) for c, e in zip(counts, expected)) <= 1
         assert counts == sorted(counts, reverse=True)
     if policy == "zigzag":
-        policy_state = model.model.last_budget_policy
-        lmba = torch.stack([policy_state.scores[layer].lmba[0] for layer in range(8)]).double()
+        lmba = torch.tensor([plain_lmba(state.scores[layer].mass[0]) for layer in range(8)], dtype=torch.float64)
         expected = 0.2 * 24 + (24 - 0.2 * 24) * 8 * lmba / lmba.sum()
         assert max(abs(c - e) for c, e in zip(counts, expected.tolist())) <= 1
 
@@ -178,19 +203,48 @@ def test_batch_with_padding_decodes_like_each_sequence_alone():
     assert torch.equal(together[0], alone[0][0]) and torch.equal(together[1], alone[1][0])
 
 
-def test_matryoshka_projected_cache_is_evicted_per_head():
-    model = tiny("snapkv", seed=8)
-    model.set_kv_ranks([[3, 5]] * 6, [[4, 2]] * 6)
-    ids = torch.randint(0, 97, (1, 40))
+def random_bases(model, seed: int) -> None:
+    """Random orthonormal bases and means, so projection errors are visible (identity bases would hide them)."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        cache = model(ids[:, :32], kv_budget=0.25).past_key_values
-        assert tuple(cache.layers[2].keys.shape) == (1, 1, 8, 8) and tuple(cache.layers[2].values.shape) == (1, 1, 8, 6)
-        logits = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(32, 40)]
-        same = model(ids[:, :32], kv_budget=1.0).past_key_values
-        exact = [model(ids[:, t : t + 1], past_key_values=same).logits for t in range(32, 40)]
-    assert (torch.cat(exact, 1) - full[:, 32:]).abs().max() < 1e-5
-    assert torch.isfinite(torch.cat(logits, 1)).all()
+        for layer in model.model.layers:
+            projection = getattr(layer.self_attn, "kv_projection", None)
+            if projection is None:
+                continue
+            for basis in (*projection.key_bases, *projection.value_bases):
+                basis.weight.copy_(torch.linalg.qr(torch.randn(8, basis.weight.shape[1], generator=generator))[0])
+            projection.key_mean.copy_(torch.randn(projection.key_mean.shape, generator=generator) * 0.1)
+            projection.value_mean.copy_(torch.randn(projection.value_mean.shape, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("kv_source", [None, [0, 1, 0, 3, 1, 3]])
+def test_matryoshka_projected_cache_is_evicted_per_head(kv_source):
+    model = tiny("snapkv", seed=8, kv_source=kv_source)
+    set_kv_ranks(model, [[3, 5]] * 6, [[4, 2]] * 6)
+    random_bases(model, seed=9)
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(4))
+    logits, cache = decode(model, ids, 32, budget=0.25)
+    # 8 prompt tokens kept (25% of 32) plus 8 decoded, packed at Σ ranks: 3 + 5 for keys, 4 + 2 for values
+    assert tuple(cache.layers[1].keys.shape) == (1, 1, 16, 8) and tuple(cache.layers[1].values.shape) == (1, 1, 16, 6)
+    owners = sorted(set(model.config.kv_source))
+    kept = kept_positions(cache, owners)
+    assert all(len(heads[0]) < 32 for heads in kept.values())
+    expected = reference_decode(model, ids, 32, kept)
+    assert (logits[0, 31:].double() - expected[31:]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("projected", [False, True])
+def test_kvsharer_decoding_equals_plain_float64_attention_over_the_source_kv(projected):
+    """Without eviction: every layer attends to its source layer's K/V, computed plainly in float64."""
+    model = tiny(None, seed=11, kv_source=[0, 1, 0, 3, 1, 3])
+    if projected:
+        set_kv_ranks(model, [[5, 6], [7, 4], None, [3, 8], None, None], [[6, 5], [2, 8], None, [8, 3], None, None])
+        random_bases(model, seed=12)
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(5))
+    logits, cache = decode(model, ids, 20, budget=None)
+    assert [layer.keys is None for layer in cache.layers] == [False, False, True, False, True, True]
+    expected = reference_decode(model, ids, 30, kept=None)
+    assert (logits[0].double() - expected).abs().max() < 1e-5
 
 
 def test_apportion_and_lmba_helpers():
@@ -219,13 +273,20 @@ def test_context_only_cache_continues_in_generate():
 
 def test_probe_scores_the_context_and_leaves():
     model = tiny("snapkv", seed=10, window=4)
-    context, probe = torch.randint(3, 97, (1, 40)), torch.randint(3, 97, (1, 6))
+    generator = torch.Generator().manual_seed(10)
+    context, probe = torch.randint(3, 97, (1, 40), generator=generator), torch.randint(3, 97, (1, 6), generator=generator)
     with torch.no_grad():
         cache = model.compress_context(context, kv_budget=0.25, probe_ids=probe)
+        unprobed = model.compress_context(context, kv_budget=0.25)
     for layer in cache.layers:
         assert int(layer.valid.sum()) == 2 * 10  # 10 context tokens per KV head
         assert int(layer.positions[layer.valid].max()) < 40  # no probe token stays
     assert cache.get_seq_length() == 40
+    kept = kept_positions(cache, range(6))
+    assert kept != kept_positions(unprobed, range(6))  # the probe changed what was kept
+    for layer in (0, 2, 5):  # the probe's queries are the observation window, as SnapKV written out says
+        reference = snapkv_reference_selection(model, torch.cat([context, probe], 1), layer, window=6, budget_tokens=16)
+        assert kept[layer] == [{p for p in heads if p < 40} for heads in reference]
 
 
 def test_passkey_prompt_and_answer(tiny_with_tokenizer):
@@ -285,3 +346,55 @@ def test_eval_passkey_task_runs_from_the_cli(tiny_with_tokenizer, tmp_path):
     assert set(report["results"]) == {"query-aware", "context-only"}
     assert report["results"]["query-aware"]["160"].endswith("/3")
     assert report["continuation_perplexity"]["perplexity"] > 1
+
+
+def plain_dynamickv_counts(pooled: dict[int, torch.Tensor], n: int, base: int, window: int) -> list[int]:
+    """DynamicKV's allocation re-computed with plain loops from each layer's original pooled scores: cap every
+    layer at 10·B as it runs; every 4 layers a global top-k over the layers seen (max over heads of what each head
+    still keeps), rescaled to B·L; at the end the same top-k over all layers with B·L in all."""
+    layers = sorted(pooled)
+    prefix = pooled[layers[0]].shape[-1]
+    alive = {layer: [set(range(prefix)) for _ in range(pooled[layer].shape[0])] for layer in layers}
+
+    def keep(layer, count):
+        for head, kept in enumerate(alive[layer]):
+            ranked = sorted(kept, key=lambda p: -float(pooled[layer][head, p]))
+            alive[layer][head] = set(ranked[: max(count - window, 0)])
+
+    def top_k(seen, total):
+        entries = [(max(float(pooled[layer][h, p]) for h in range(pooled[layer].shape[0]) if p in alive[layer][h]), i)
+                   for i, layer in enumerate(seen) for p in range(prefix)
+                   if any(p in heads for heads in alive[layer])]
+        k = max(0, min(total - window * len(seen), len(entries)))
+        chosen = [0] * len(seen)
+        for _, i in sorted(entries, reverse=True)[:k]:
+            chosen[i] += 1
+        return [window + c for c in chosen]
+
+    for done, layer in enumerate(layers, start=1):
+        keep(layer, min(n, 10 * base))
+        if done % 4 == 0 and done < len(layers):
+            seen = layers[:done]
+            for owner, count in zip(seen, top_k(seen, base * done)):
+                keep(owner, min(n, round(count * len(layers) / done)))
+    return top_k(layers, base * len(layers))
+
+
+def test_dynamickv_allocation_equals_a_plain_recomputation():
+    from surgery.arch.dynamickv_surgery import DynamicKV
+
+    class Recording(DynamicKV):
+        def score_layer(self, layer, query, key, padding, scaling, cache, lse=None):
+            self.scores[layer] = self.scorer(query, key, padding, scaling, lse)
+            self.original = getattr(self, "original", {})
+            self.original[layer] = self.scores[layer].pooled[0].clone()
+            self.observe(layer, cache)
+
+    model = tiny("dynamickv", seed=13, layers=8, window=4)
+    ids = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(13))
+    policy = Recording(0.05, None, list(range(8)), torch.tensor([120]), 4)  # B = 6, so the 10·B cap (60) bites
+    with torch.no_grad():
+        cache = model(ids, kv_policy=policy).past_key_values
+    counts = [int(layer.valid[0, 0].sum()) for layer in cache.layers]
+    assert counts == plain_dynamickv_counts(policy.original, 120, 6, 4)
+    assert sum(counts) == 6 * 8

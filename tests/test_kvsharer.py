@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from helpers import decode_stepwise, load_remote, run_convert
 from surgery.arch import SurgeryCache, SurgeryConfig, SurgeryForCausalLM
+from surgery.arch.sharing_surgery import set_kv_sources
 from surgery.convert import load_calibration_model
 from surgery.families import surgery_config_from_source
 from surgery.recipes.kvsharer import KVSharer, mean_post_rope_kv, pair_distances, share
@@ -130,8 +131,27 @@ def test_search_keeps_only_changes_above_threshold(tiny_llama):
     source = resolve(str(tiny_llama))
     model = load_calibration_model(source, surgery_config_from_source(source.config))
     ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(0))
-    plan = KVSharer(share_layers=3, threshold=-1.0).plan(model, ids, progress=False)
-    assert all(step["similarity"] > -1.0 for step in plan["shared"])
+    recipe = KVSharer(share_layers=1)
+    reference = model.model(ids, use_cache=False).last_hidden_state.double()
+
+    def similarity_of(kv_source):
+        """Mean cosine of final-norm hidden states, shared vs original, computed here in float64."""
+        set_kv_sources(model, kv_source)
+        shared = model.model(ids, use_cache=False).last_hidden_state.double()
+        set_kv_sources(model, list(range(6)))
+        return torch.nn.functional.cosine_similarity(shared, reference, dim=-1).mean().item()
+
+    keys, values = mean_post_rope_kv(model, ids, 8)
+    pairs = recipe.ordered_pairs(pair_distances(keys, values), seed=0)
+    singles = [similarity_of(share(list(range(6)), layer, onto)) for layer, onto in pairs]
+    threshold = (singles[0] + max(singles[1:])) / 2
+    assert singles[0] < threshold < max(singles[1:])  # the first candidate must be refused, a later one taken
+    strict = KVSharer(share_layers=1, threshold=threshold).plan(model, ids, progress=False)
+    taken = next(i for i, s in enumerate(singles) if s > threshold)
+    assert strict["candidates_tried"] == taken + 1
+    (step,) = strict["shared"]
+    assert (step["layer"], step["onto"]) == pairs[taken] and step["similarity"] > threshold
+    assert abs(step["similarity"] - singles[taken]) < 1e-4
     with pytest.raises(Exception, match="above threshold"):
         KVSharer(share_layers=3, threshold=1.0).plan(model, ids, progress=False)
 

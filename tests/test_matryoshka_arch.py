@@ -6,6 +6,7 @@ import torch
 from helpers import decode_stepwise
 from surgery.arch import SurgeryConfig, SurgeryForCausalLM
 from surgery.arch.modeling_surgery import apply_rope
+from surgery.arch.projection_surgery import set_kv_ranks
 
 
 def tiny(kv_source=None, seed=0, **extra) -> SurgeryForCausalLM:
@@ -22,7 +23,7 @@ def random_orthogonal(d: int, generator) -> torch.Tensor:
 
 
 def install_random_bases(model, key_ranks, value_ranks, seed=0):
-    model.set_kv_ranks(key_ranks, value_ranks)
+    set_kv_ranks(model, key_ranks, value_ranks)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -91,7 +92,7 @@ def test_attention_follows_the_paper_formula_in_float64():
     from surgery.arch.cache_surgery import SurgeryCache
     from surgery.arch.modeling_surgery import LayerContext
 
-    context = LayerContext(masks={None: None}, cache=SurgeryCache(list(range(4))),
+    context = LayerContext(cache=SurgeryCache(list(range(4))), positions=torch.arange(7)[None], padding=None,
                            projections=[layer.self_attn.kv_projection for layer in model.model.layers])
     got = attention(x, (cos, sin), context)
     assert (got - expected).abs().max() < 1e-10
@@ -110,6 +111,6 @@ def test_sharing_layer_reads_the_projected_cache_of_its_source():
 
 def test_rank_above_stored_is_refused():
     model = tiny()
-    model.set_kv_ranks([[4, 4]] * 4, [[4, 4]] * 4)
+    set_kv_ranks(model, [[4, 4]] * 4, [[4, 4]] * 4)
     with pytest.raises(ValueError, match="outside"):
-        model.set_kv_ranks([[9, 4]] * 4, [[4, 4]] * 4)
+        set_kv_ranks(model, [[9, 4]] * 4, [[4, 4]] * 4)

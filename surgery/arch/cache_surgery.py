@@ -8,6 +8,8 @@ tensors, not masked. Shipped flat inside every checkpoint: imports torch and pub
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .attention_surgery import KVView
+
 
 class SharedKVSlot:
     """Placeholder for a layer that reads another layer's K/V: stores nothing, every cache operation is a no-op."""
@@ -157,16 +159,18 @@ class SurgeryCache(Cache):
         layers = [SurgeryKVLayer() if source == layer else SharedKVSlot(source) for layer, source in enumerate(kv_source)]
         super().__init__(layers=layers)
 
-    def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K/V that `layer_idx` attends to: its own, or its source layer's, already updated for this step."""
-        owner = self.layers[self.kv_source[layer_idx]]
+    def view(self, layer_idx: int, padding: torch.Tensor | None = None, projection=None) -> KVView:
+        """What `layer_idx` attends to: its own or its source layer's K/V, already updated for this step, with the
+        original positions and kept slots after eviction, else the padding mask (batch, slots) of a dense cache."""
+        owner_idx = self.kv_source[layer_idx]
+        owner = self.layers[owner_idx]
         if owner.keys is None or not owner.is_initialized:
-            raise RuntimeError(f"layer {layer_idx} reads layer {self.kv_source[layer_idx]}, which has not run yet")
-        return owner.keys, owner.values
-
-    def valid_slots(self, layer_idx: int) -> torch.Tensor | None:
-        """(batch, kv_heads, slots) mask of the slots `layer_idx` may attend to after eviction; None when dense."""
-        return self.layers[self.kv_source[layer_idx]].valid
+            raise RuntimeError(f"layer {layer_idx} reads layer {owner_idx}, which has not run yet")
+        if owner.valid is not None:
+            return KVView(owner.keys, owner.values, owner.positions, owner.valid, projection, ("kept", owner_idx))
+        slots = owner.keys.shape[-2]
+        valid = None if padding is None else padding[:, None, :slots]
+        return KVView(owner.keys, owner.values, None, valid, projection, ("dense",))
 
     def keep_top(self, layer_idx: int, scores: torch.Tensor, counts: list[int], window: int) -> torch.Tensor:
         return self.layers[layer_idx].keep_top(scores, counts, window)

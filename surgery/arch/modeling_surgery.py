@@ -1,39 +1,30 @@
 """The surgery decoder: one llama-family model whose layers are configured by a conversion plan.
 
-With an empty plan it computes exactly what the source family (llama, mistral, qwen2, qwen3) computes. The plan
-changes individual layers: a *sharing* layer (KVSharer) has no k_proj/v_proj and attends to an earlier layer's
-cached K/V. There is one attention path and one cache (`SurgeryCache`) for every plan.
+With an empty plan it computes exactly what the source family (llama, mistral, qwen2, qwen3) computes. It reads
+like transformers' `modeling_llama.py`: project, RoPE, cache, attend, output. What the plan changes lives in flat
+modules beside it: the cache layout (`cache_surgery.py`: sharing layers hold nothing), the attention over cache
+views (`attention_surgery.py`), reduced-width K/V (`projection_surgery.py`), and token eviction after prefill
+(`budget_surgery.py` and one file per policy). There is one attention path and one cache for every plan.
 
 Shipped flat inside every converted checkpoint, so it imports only torch and the public API of transformers.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, AttentionMaskInterface, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.masking_utils import sdpa_mask
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
+from .attention_surgery import TRITON_IMPLEMENTATION, Queries, attend, decode_attention
+from .budget_surgery import BudgetPolicy
 from .cache_surgery import SurgeryCache
 from .configuration_surgery import SurgeryConfig
-from .kvbudget_surgery import BudgetPolicy
-
-try:  # flat in a checkpoint, the kernels sit beside this file
-    from .decode_surgery import decode_attention, kernels_usable
-    from .prefill_surgery import prefill_attention, window_attention_sums
-except ImportError:  # inside the surgery package they live in surgery/kernels
-    try:
-        from surgery.kernels.decode_surgery import decode_attention, kernels_usable
-        from surgery.kernels.prefill_surgery import prefill_attention, window_attention_sums
-    except ImportError:
-        decode_attention = kernels_usable = prefill_attention = window_attention_sums = None
-
-TRITON_IMPLEMENTATION = "surgery_triton"
+from .policies_surgery import compress_context, policy_for_prefill
+from .projection_surgery import KVProjection
 
 
 class SurgeryRMSNorm(nn.Module):
@@ -94,193 +85,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def build_attention_mask(
-    attention_mask: torch.Tensor | None,
-    query_length: int,
-    past_length: int,
-    sliding_window: int | None,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """Additive (batch|1, 1, q, kv) mask: causal over cache slots, padding from the 2-D mask, optional window.
-
-    Returns None when plain causal attention is exact (no padding, no window), so SDPA can take its fast path.
-    """
-    kv_length = past_length + query_length
-    has_padding = attention_mask is not None and not bool(attention_mask[:, :kv_length].all())
-    window_bites = sliding_window is not None and kv_length > sliding_window
-    if not has_padding and not window_bites and (query_length == 1 or past_length == 0):
-        return None
-    query_slots = torch.arange(past_length, kv_length, device=device)[:, None]
-    key_slots = torch.arange(kv_length, device=device)[None, :]
-    allowed = key_slots <= query_slots
-    if sliding_window is not None:
-        allowed = allowed & (key_slots > query_slots - sliding_window)
-    allowed = allowed[None, None]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :kv_length].bool()
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def attend(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    scaling: float,
-    implementation: str,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """Grouped-query attention over (batch, heads, seq, dim) tensors; returns (batch, seq, heads, dim).
-
-    `mask=None` means causal with queries aligned to the end of the keys (prefill or single-token decode).
-    """
-    n_rep = query.shape[1] // key.shape[1]
-    is_causal = mask is None and query.shape[2] > 1
-    if implementation == "eager":  # "sdpa" and "surgery_triton" (outside a decode step) take the SDPA branch
-        key = key.repeat_interleave(n_rep, dim=1)
-        value = value.repeat_interleave(n_rep, dim=1)
-        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-        if mask is not None:
-            scores = scores + mask
-        elif is_causal:
-            q_len, k_len = scores.shape[-2:]
-            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
-            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        probs = F.dropout(probs, p=dropout)
-        out = torch.matmul(probs, value)
-    else:
-        if is_causal and query.shape[2] != key.shape[2]:
-            raise ValueError("causal SDPA without a mask needs as many queries as keys")
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
-            enable_gqa=n_rep > 1,
-        )
-    return out.transpose(1, 2)
-
-
-def _interface_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """`surgery_triton` as transformers' attention registry sees it: the model itself dispatches to the kernels."""
-    return attend(query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5, "sdpa", dropout), None
-
-
-AttentionInterface.register(TRITON_IMPLEMENTATION, _interface_attention)
-AttentionMaskInterface.register(TRITON_IMPLEMENTATION, sdpa_mask)  # without it transformers passes no padding mask
-
-
-def use_kernels(implementation: str, query: torch.Tensor) -> bool:
-    return implementation == TRITON_IMPLEMENTATION and decode_attention is not None and kernels_usable(query)
-
-
-class HeadBasis(nn.Module):
-    """Orthonormal columns (head_dim × stored rank) of one KV head's basis; the first `rank` columns are used.
-
-    `rank` can be lowered at run time, which is how the rank search and Matryoshka training try smaller ranks.
-    """
-
-    def __init__(self, head_dim: int, rank: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.eye(head_dim, rank))
-        self.rank = rank
-
-    def forward(self) -> torch.Tensor:
-        return self.weight[:, : self.rank]
-
-
-class KVProjection(nn.Module):
-    """MatryoshkaKV (Lin et al., arXiv 2410.14731): per-KV-head orthogonal bases applied after RoPE.
-
-    k̃ = (RoPE(k) − μ_K)·U_K[:, :r_k] and ṽ = (v − μ_V)·U_V[:, :r_v] are cached, packed head after head along the
-    last dim, so a layer's cache is exactly Σ r_k + Σ r_v wide. Attention uses q̃ = RoPE(q)·U_K[:, :r_k] and returns
-    softmax(q̃·k̃ᵀ·scale)·ṽ·U_V[:, :r_v]ᵀ + μ_V. The paper's extra score term RoPE(q)·μ_Kᵀ is the same for every
-    key of a query, so softmax cancels it and it is not computed. Bases are per KV head (not per query head as in
-    the official code), so a GQA model keeps its GQA saving.
-    """
-
-    def __init__(self, head_dim: int, key_ranks: list[int], value_ranks: list[int]):
-        super().__init__()
-        self.key_bases = nn.ModuleList(HeadBasis(head_dim, r) for r in key_ranks)
-        self.value_bases = nn.ModuleList(HeadBasis(head_dim, r) for r in value_ranks)
-        self.key_mean = nn.Parameter(torch.zeros(len(key_ranks), head_dim))
-        self.value_mean = nn.Parameter(torch.zeros(len(value_ranks), head_dim))
-
-    @property
-    def key_ranks(self) -> list[int]:
-        return [basis.rank for basis in self.key_bases]
-
-    @property
-    def value_ranks(self) -> list[int]:
-        return [basis.rank for basis in self.value_bases]
-
-    def compress(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, kv_heads, seq, head_dim) post-RoPE keys and values -> packed (batch, 1, seq, Σ rank)."""
-        keys = [(key[:, h] - self.key_mean[h]) @ basis() for h, basis in enumerate(self.key_bases)]
-        values = [(value[:, h] - self.value_mean[h]) @ basis() for h, basis in enumerate(self.value_bases)]
-        return torch.cat(keys, dim=-1).unsqueeze(1), torch.cat(values, dim=-1).unsqueeze(1)
-
-    def attend(self, query, packed_keys, packed_values, mask, scaling, implementation, dropout=0.0) -> torch.Tensor:
-        """Attention of (batch, heads, q, head_dim) queries over the packed cache; returns (batch, q, heads, head_dim)."""
-        group = query.shape[1] // len(self.key_bases)
-        outputs, key_offset, value_offset = [], 0, 0
-        for h, (key_basis, value_basis) in enumerate(zip(self.key_bases, self.value_bases)):
-            u_k, u_v = key_basis(), value_basis()
-            keys = packed_keys[..., key_offset : key_offset + u_k.shape[1]]
-            values = packed_values[..., value_offset : value_offset + u_v.shape[1]]
-            key_offset, value_offset = key_offset + u_k.shape[1], value_offset + u_v.shape[1]
-            reduced_query = query[:, h * group : (h + 1) * group] @ u_k
-            head_mask = mask[:, h * group : (h + 1) * group] if mask is not None and mask.shape[1] > 1 else mask
-            out = attend(reduced_query, keys, values, head_mask, scaling, implementation, dropout)
-            outputs.append(out @ u_v.T + self.value_mean[h])
-        return torch.cat(outputs, dim=2)
-
-    def kernel_attend(self, query, packed_keys, packed_values, valid, scaling) -> torch.Tensor:
-        """Attention through the Triton kernels on the packed reduced cache; returns (batch, q, heads, head_dim)."""
-        batch, heads, q_len, _ = query.shape
-        group = heads // len(self.key_bases)
-        reduced = query.new_zeros(batch, heads, q_len, max(self.key_ranks))
-        for h, basis in enumerate(self.key_bases):
-            reduced[:, h * group : (h + 1) * group, :, : basis.rank] = query[:, h * group : (h + 1) * group] @ basis()
-        widths = (self.key_ranks, self.value_ranks)
-        if q_len == 1:
-            out = decode_attention(reduced[:, :, 0], packed_keys, packed_values, scaling, valid, *widths)[:, :, None]
-        else:
-            out, _ = prefill_attention(reduced, packed_keys, packed_values, scaling, valid, *widths)
-        heads_out = [out[:, h * group : (h + 1) * group, :, : basis.rank] @ basis().T + self.value_mean[h]
-                     for h, basis in enumerate(self.value_bases)]
-        return torch.cat(heads_out, dim=1).transpose(1, 2)
-
-
 @dataclass
 class LayerContext:
-    """What every layer of one forward pass shares: masks per window size, the cache, the KV projections, and the
-    budget policy when this forward is a prefill that evicts tokens."""
+    """What every layer of one forward pass shares.
 
-    masks: dict
+    positions: (1, q) token index of each query row (the mask coordinate; RoPE uses position_ids).
+    padding: (batch, slots) bool padding mask, None when nothing is padded.
+    projections: each layer's KV projection (MatryoshkaKV) or None, indexed by the owner layer.
+    policy: the KV budget policy when this forward is a prefill that evicts; it scores every owner layer.
+    masks: additive masks built this forward, shared by the layers that read the same cache layout.
+    """
+
     cache: SurgeryCache
+    positions: torch.Tensor
+    padding: torch.Tensor | None
     projections: list
     policy: BudgetPolicy | None = None
-    padding: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
-
-    def slot_mask(self, layer_valid: torch.Tensor | None, kv_heads: int, slots: int) -> torch.Tensor | None:
-        """(batch, kv_heads, slots) slots a decode kernel may read: eviction's kept set, else the padding mask."""
-        if layer_valid is not None:
-            return layer_valid
-        if self.attention_mask is None or bool(self.attention_mask[:, :slots].all()):
-            return None
-        return self.attention_mask[:, None, :slots].bool().expand(-1, kv_heads, -1)
+    prompt_padding: torch.Tensor | None = None
+    masks: dict = field(default_factory=dict)
 
 
-def evicted_mask(valid: torch.Tensor, query_length: int, group: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive (batch, heads, q, slots) mask after eviction: kept slots, and causal among the q newest slots."""
-    slots = valid.shape[-1]
-    query_slots = torch.arange(slots - query_length, slots, device=valid.device)[:, None]
-    causal = torch.arange(slots, device=valid.device)[None, :] <= query_slots
-    allowed = valid[:, :, None, :] & causal[None, None]
-    allowed = allowed.repeat_interleave(group, dim=1)
-    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+def attention_implementation(config: SurgeryConfig) -> str:
+    """The attention implementation transformers resolved for this model. `_attn_implementation` is the one
+    place transformers keeps it (there is no public accessor in 5.x); read here only."""
+    return config._attn_implementation
 
 
 class SurgeryAttention(nn.Module):
@@ -341,41 +169,17 @@ class SurgeryAttention(nn.Module):
             full_key, widths = key, None
             if projection is not None:
                 key, value = projection.compress(key, value)
-                widths = (projection.key_ranks, projection.value_ranks)
-            key, value = context.cache.update(key, value, self.layer_idx, widths=widths)
-        else:
-            key, value = context.cache.read(self.layer_idx)
+                widths = projection.widths
+            context.cache.update(key, value, self.layer_idx, widths=widths)
+        view = context.cache.view(self.layer_idx, context.padding, projection)
 
-        valid = context.cache.valid_slots(self.layer_idx)
-        implementation = self.config._attn_implementation
-        window_applies = self.sliding_window is not None and key.shape[2] > self.sliding_window
-        lse = None
-        if use_kernels(implementation, query) and not window_applies:
-            slots = context.slot_mask(valid, self.num_kv_heads, key.shape[2])
-            if projection is not None:
-                out = projection.kernel_attend(query, key, value, slots, self.scaling)
-            elif query.shape[2] == 1:
-                out = decode_attention(query[:, :, 0], key, value, self.scaling, valid=slots)[:, None]
-            else:
-                out, lse = prefill_attention(query, key, value, self.scaling, valid=slots)
-                out = out.transpose(1, 2)
-        else:
-            if valid is None:
-                mask = context.masks[self.sliding_window]
-            else:
-                mask = evicted_mask(valid, query.shape[2], self.num_heads // self.num_kv_heads, query.dtype)
-            dropout = self.config.attention_dropout if self.training else 0.0
-            if projection is not None:
-                out = projection.attend(query, key, value, mask, self.scaling, implementation, dropout)
-            else:
-                out = attend(query, key, value, mask, self.scaling, implementation, dropout)
-
+        queries = Queries(query, context.positions, newest=True, masks=context.masks)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        out, lse = attend(queries, [view], self.scaling, attention_implementation(self.config), self.sliding_window,
+                          dropout)
         if self.owns_kv and context.policy is not None:
-            sums = None
-            if lse is not None:  # the prefill kernel's row log-sum-exp gives the window sums block by block
-                sums = window_attention_sums(query, full_key, lse, self.scaling, context.policy.window, all_slots=True)
-            scores = context.policy.score(query, full_key, context.padding, self.scaling, sums=sums)
-            context.policy.observe(self.layer_idx, scores, context.cache)
+            context.policy.score_layer(self.layer_idx, query, full_key, context.prompt_padding, self.scaling,
+                                       context.cache, lse)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
 
 
@@ -428,6 +232,7 @@ class SurgeryPreTrainedModel(PreTrainedModel):
         return (model, info) if wants_info else model
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """The one override of a transformers hook: on CUDA with triton, default to our kernels."""
         if requested_attention is None and decode_attention is not None and torch.cuda.is_available():
             return TRITON_IMPLEMENTATION
         return super().get_correct_attn_implementation(requested_attention, is_init_check)
@@ -466,28 +271,25 @@ class SurgeryModel(SurgeryPreTrainedModel):
 
         cache = self._resolve_cache(past_key_values)
         past_length = cache.get_seq_length()
-        query_length = inputs_embeds.shape[1]
+        batch, query_length = inputs_embeds.shape[:2]
+        positions = torch.arange(past_length, past_length + query_length, device=inputs_embeds.device)[None]
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + query_length, device=inputs_embeds.device)[None]
+            position_ids = positions
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("the surgery model takes a 2-D (batch, keys) padding mask")
+        padded = attention_mask is not None and not bool(attention_mask[:, : past_length + query_length].all())
+        policy = kv_policy or policy_for_prefill(self.config, kv_budget, kv_budget_tokens, past_length, query_length,
+                                                 attention_mask, batch, inputs_embeds.device)
+        context = LayerContext(
+            cache=cache,
+            positions=positions,
+            padding=attention_mask.bool() if padded else None,
+            projections=[getattr(layer.self_attn, "kv_projection", None) for layer in self.layers],
+            policy=policy,
+            prompt_padding=attention_mask[:, :query_length] if attention_mask is not None and policy else None,
+        )
 
-        windows = {layer.self_attn.sliding_window for layer in self.layers}
-        masks = {
-            window: build_attention_mask(
-                attention_mask, query_length, past_length, window, inputs_embeds.dtype, inputs_embeds.device
-            )
-            for window in windows
-        }
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        projections = [getattr(layer.self_attn, "kv_projection", None) for layer in self.layers]
-        policy = kv_policy or self._budget_policy(kv_budget, kv_budget_tokens, past_length, query_length,
-                                                  attention_mask, inputs_embeds.shape[0], inputs_embeds.device)
-        padding = attention_mask[:, :query_length] if attention_mask is not None and policy is not None else None
-        self.last_budget_policy = policy  # the last prefill's per-layer budgets and scores, for inspection
-        context = LayerContext(masks=masks, cache=cache, projections=projections, policy=policy, padding=padding,
-                               attention_mask=attention_mask)
-
         hidden_states = inputs_embeds
         all_hidden_states = [] if output_hidden_states else None
         for layer in self.layers:
@@ -505,23 +307,6 @@ class SurgeryModel(SurgeryPreTrainedModel):
             past_key_values=cache if use_cache else None,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
         )
-
-    def _budget_policy(self, budget, budget_tokens, past_length, query_length, attention_mask, batch, device):
-        """A policy when this forward is a prefill that must evict: a budget below the whole prompt is set (by the
-        call or by the config) for a policy, and there is no earlier cache."""
-        name = self.config.kv_policy
-        if budget is None and budget_tokens is None:
-            budget, budget_tokens = self.config.kv_budget, self.config.kv_budget_tokens
-        if name is None or past_length > 0 or query_length < 2:
-            return None
-        if budget_tokens is None and (budget is None or budget >= 1):
-            return None
-        if budget_tokens is not None and budget_tokens >= query_length:
-            return None
-        lengths = attention_mask[:, :query_length].sum(-1) if attention_mask is not None else torch.full((batch,), query_length, device=device)
-        owners = self.config.owner_layers
-        return BudgetPolicy(name, budget, budget_tokens, owners, lengths.cpu(), self.config.kv_window,
-                            self.config.kv_layer_weights, self.config.kv_pooling)
 
     def _resolve_cache(self, past_key_values: Cache | None) -> SurgeryCache:
         """Our cache, whatever generate() offers: it pre-builds an empty DynamicCache, which cannot hold our plan."""
@@ -544,69 +329,12 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def set_kv_sources(self, kv_source: list[int]) -> None:
-        """Re-point layers at other layers' caches in place, as a plan search does between trial forwards.
-
-        Layers keep their projections, so any plan whose owners still have k_proj/v_proj can be tried.
-        """
-        for layer, source in zip(self.model.layers, kv_source):
-            attention = layer.self_attn
-            if source == attention.layer_idx and not hasattr(attention, "k_proj"):
-                raise ValueError(f"layer {attention.layer_idx} has no K/V projections and cannot own a cache")
-            attention.kv_source = source
-        self.config.kv_source = list(kv_source)
-
-    def set_kv_ranks(self, key_ranks: list[list[int] | None], value_ranks: list[list[int] | None]) -> None:
-        """Project (or stop projecting) each layer's K/V at the given per-head ranks, in place.
-
-        A layer without a projection gets full-rank identity bases first; a rank can only go down to what is stored.
-        """
-        for layer, keys, values in zip(self.model.layers, key_ranks, value_ranks):
-            attention = layer.self_attn
-            if keys is None:
-                attention.kv_projection = None
-                continue
-            if getattr(attention, "kv_projection", None) is None:
-                full = [attention.head_dim] * attention.num_kv_heads
-                weight = attention.q_proj.weight
-                attention.kv_projection = KVProjection(attention.head_dim, full, full).to(weight.device, weight.dtype)
-            for bases, ranks in ((attention.kv_projection.key_bases, keys), (attention.kv_projection.value_bases, values)):
-                for basis, rank in zip(bases, ranks):
-                    if not 0 < rank <= basis.weight.shape[1]:
-                        raise ValueError(f"rank {rank} is outside 1..{basis.weight.shape[1]} (what the basis stores)")
-                    basis.rank = rank
-        self.config.kv_key_ranks = [None if r is None else list(r) for r in key_ranks]
-        self.config.kv_value_ranks = [None if r is None else list(r) for r in value_ranks]
-
-    @torch.no_grad()
     def compress_context(self, input_ids: torch.LongTensor, kv_budget: float | None = None,
                          kv_budget_tokens: int | None = None, probe_ids: torch.LongTensor | None = None,
                          policy: str | None = None) -> SurgeryCache:
-        """Prefill a context and evict down to the budget before any question is known (prefix caching, chat).
-
-        Returns a cache that later `generate(context + question, past_key_values=cache)` calls continue from.
-        `probe_ids` (batch 1): a generic question appended only to score the context, e.g. "What are the key facts
-        and numbers above?"; its tokens are the observation window, then leave the cache again. Without a probe the
-        last context tokens are the window, as in SnapKV.
-        """
-        name = policy or self.config.kv_policy or "snapkv"
-        context_length = input_ids.shape[1]
-        if kv_budget is None and kv_budget_tokens is None:
-            kv_budget, kv_budget_tokens = self.config.kv_budget, self.config.kv_budget_tokens
-        tokens = kv_budget_tokens if kv_budget_tokens is not None else round(kv_budget * context_length)
-        owners = self.config.owner_layers
-        ids, window = input_ids, self.config.kv_window
-        if probe_ids is not None:
-            ids = torch.cat([input_ids, probe_ids.to(input_ids.device)], dim=1)
-            window = probe_ids.shape[1]
-            tokens += window
-        lengths = torch.full((ids.shape[0],), ids.shape[1])
-        budget_policy = BudgetPolicy(name, None, tokens, owners, lengths, window, self.config.kv_layer_weights,
-                                     self.config.kv_pooling)
-        cache = self(ids, use_cache=True, kv_policy=budget_policy).past_key_values
-        if probe_ids is not None:
-            cache.drop_last(probe_ids.shape[1])
-        return cache
+        """Prefill a context and evict down to the budget before any question is known; see
+        `policies_surgery.compress_context`."""
+        return compress_context(self, input_ids, kv_budget, kv_budget_tokens, probe_ids, policy)
 
     def forward(
         self,
@@ -650,4 +378,4 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["KVProjection", "SurgeryForCausalLM", "SurgeryModel", "SurgeryPreTrainedModel", "SurgeryCache"]
+__all__ = ["SurgeryForCausalLM", "SurgeryModel", "SurgeryPreTrainedModel", "SurgeryCache", "TRITON_IMPLEMENTATION"]

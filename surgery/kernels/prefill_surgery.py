@@ -1,11 +1,13 @@
-"""Triton prefill attention over the surgery cache (causal, every layout), and the observation-window scores.
+"""Triton prefill attention over the surgery cache (causal, every layout), and the observation-window sums.
 
 Prefill: one program per (query block, sequence, query head), flash-attention style online softmax over the key
-blocks up to the block's last query (causal over cache slots: the queries are the newest `q_len` slots). Layouts use
-the same address arithmetic as the decode kernel (full, shared, packed reduced-width with per-head offsets and
-widths, a validity mask for evicted or padded slots). It also returns each row's log-sum-exp, which is what
-`window_scores` needs: the attention of the last w queries to every key, summed over them, is
-Σ_rows exp(q·k·scale − lse_row), computed block by block without materialising the attention matrix.
+blocks. Causality comes from token positions: by default the queries are the newest `q_len` slots and slot i holds
+token i, so only the blocks up to the block's last query are visited; with explicit query and key positions (a
+layer that holds only some tokens) every block is visited and a key is seen by the queries at or after its
+position. Layouts use the same address arithmetic as the decode kernel (full, shared, packed reduced-width with
+per-head offsets and widths, a validity mask for evicted or padded slots). It also returns each row's
+log-sum-exp, which is what `window_sums_from_lse` needs: the attention of the last w queries to every key, summed
+over them, is Σ_rows exp(q·k·scale − lse_row), computed block by block without forming the attention matrix.
 
 Shipped flat inside checkpoints; imported only where triton is installed.
 """
@@ -25,17 +27,18 @@ except ImportError:
 
 
 def _prefill_kernel_source(
-    Q, K, V, Valid, Out, Lse,
+    Q, K, V, Valid, QPos, KPos, Out, Lse,
     k_offsets, k_widths, v_offsets, v_widths,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_mb, stride_mh,
+    stride_qpb, stride_kpb, stride_kph,
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh,
     q_len, slots, scale,
     HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_VALID: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_VALID: tl.constexpr, HAS_POSITIONS: tl.constexpr,
 ):
     block_m = tl.program_id(0)
     pid = tl.program_id(1)
@@ -49,7 +52,12 @@ def _prefill_kernel_source(
 
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
-    row_slots = slots - q_len + rows
+    if HAS_POSITIONS:
+        row_positions = tl.load(QPos + batch * stride_qpb + rows, mask=row_ok, other=-1)
+        last = slots
+    else:
+        row_positions = slots - q_len + rows
+        last = tl.minimum(slots, slots - q_len + (block_m + 1) * BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + batch * stride_qb + query_head * stride_qh + rows[:, None] * stride_qt + dims[None, :],
@@ -58,7 +66,6 @@ def _prefill_kernel_source(
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-    last = tl.minimum(slots, slots - q_len + (block_m + 1) * BLOCK_M)
     for block in range(0, last, BLOCK_N):
         cols = block + tl.arange(0, BLOCK_N)
         col_ok = cols < slots
@@ -67,7 +74,11 @@ def _prefill_kernel_source(
             col_ok = col_ok & (keep != 0)
         k = tl.load(K + batch * stride_kb + head * stride_kh + cols[:, None] * stride_kt + k_off + dims[None, :],
                     mask=col_ok[:, None] & (dims[None, :] < k_width), other=0.0).to(tl.float32)
-        allowed = col_ok[None, :] & (cols[None, :] <= row_slots[:, None])
+        if HAS_POSITIONS:
+            col_positions = tl.load(KPos + batch * stride_kpb + head * stride_kph + cols, mask=col_ok, other=0)
+        else:
+            col_positions = cols
+        allowed = col_ok[None, :] & (col_positions[None, :] <= row_positions[:, None])
         scores = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         v = tl.load(V + batch * stride_vb + head * stride_vh + cols[:, None] * stride_vt + v_off + vdims[None, :],
                     mask=col_ok[:, None] & (vdims[None, :] < v_width), other=0.0).to(tl.float32)
@@ -80,15 +91,16 @@ def _prefill_kernel_source(
     tl.store(Lse + batch * stride_lb + query_head * stride_lh + rows, lse, mask=row_ok)
 
 
-def _window_scores_kernel_source(
-    Q, K, Lse, Scores, k_offsets, k_widths,
+def _window_sums_kernel_source(
+    Q, K, Valid, Lse, Sums, k_offsets, k_widths,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
+    stride_mb, stride_mh,
     stride_lb, stride_lh,
     stride_sb, stride_sh,
     q_len, slots, window, prefix, scale,
     HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr,
 ):
     block_n = tl.program_id(0)
     pid = tl.program_id(1)
@@ -100,6 +112,9 @@ def _window_scores_kernel_source(
     dims = tl.arange(0, BLOCK_D)
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < prefix
+    if HAS_VALID:  # padded or evicted slots get no attention, as in the prefill that produced the lse
+        keep = tl.load(Valid + batch * stride_mb + head * stride_mh + cols, mask=col_ok, other=0)
+        col_ok = col_ok & (keep != 0)
     k = tl.load(K + batch * stride_kb + head * stride_kh + cols[:, None] * stride_kt + k_off + dims[None, :],
                 mask=col_ok[:, None] & (dims[None, :] < k_width), other=0.0).to(tl.float32)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -113,21 +128,24 @@ def _window_scores_kernel_source(
         allowed = row_ok[:, None] & col_ok[None, :] & (cols[None, :] <= row_slots[:, None])
         p = tl.where(allowed, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
         total += tl.sum(p, axis=0)
-    tl.store(Scores + batch * stride_sb + query_head * stride_sh + cols, total, mask=col_ok)
+    tl.store(Sums + batch * stride_sb + query_head * stride_sh + cols, total, mask=cols < prefix)
 
 
 _prefill_kernel = triton.jit(_prefill_kernel_source) if triton is not None else None
-_window_scores_kernel = triton.jit(_window_scores_kernel_source) if triton is not None else None
+_window_sums_kernel = triton.jit(_window_sums_kernel_source) if triton is not None else None
 
 
 def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                       valid: torch.Tensor | None = None, key_widths: list[int] | None = None,
-                      value_widths: list[int] | None = None, block_m: int = 16,
-                      block_n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of the newest q_len slots; returns ((batch, heads, q_len, value width), lse float32).
+                      value_widths: list[int] | None = None, block_m: int = 16, block_n: int = 32,
+                      query_positions: torch.Tensor | None = None,
+                      key_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention; returns ((batch, heads, q_len, value width), lse float32).
 
     query: (batch, heads, q_len, width), projected and zero-padded per head for a reduced-width cache.
     keys/values: (batch, kv_heads, slots, head_dim), or packed (batch, 1, slots, Σ widths) with `*_widths`.
+    query_positions (batch|1, q_len) and key_positions (batch|1, kv_heads|1, slots): token indices; by default the
+    queries are the newest q_len slots and slot i holds token i.
     """
     batch, heads, q_len, _ = query.shape
     kv_heads = len(key_widths) if key_widths is not None else keys.shape[1]
@@ -138,27 +156,40 @@ def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     out = torch.empty(batch, heads, q_len, _pow2(width_v), dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=query.device)
     mask = valid.to(torch.int8).contiguous() if valid is not None else query
+    has_positions = query_positions is not None or key_positions is not None
+    if has_positions:
+        if query_positions is None:
+            query_positions = torch.arange(slots - q_len, slots, device=query.device)[None]
+        if key_positions is None:
+            key_positions = torch.arange(slots, device=query.device)[None, None]
+        query_positions = query_positions.to(torch.int32).expand(batch, -1).contiguous()
+        key_positions = key_positions.to(torch.int32).expand(batch, kv_heads, -1).contiguous()
+    else:
+        query_positions = key_positions = mask  # dummy pointers
     grid = (triton.cdiv(q_len, block_m), batch * heads)
     _prefill_kernel[grid](
-        query, keys, values, mask, out, lse, k_off, k_w, v_off, v_w,
+        query, keys, values, mask, query_positions, key_positions, out, lse, k_off, k_w, v_off, v_w,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), k_stride, keys.stride(2),
         values.stride(0), v_stride, values.stride(2),
         mask.stride(0) if valid is not None else 0, mask.stride(1) if valid is not None else 0,
+        query_positions.stride(0) if has_positions else 0, key_positions.stride(0) if has_positions else 0,
+        key_positions.stride(1) if has_positions else 0,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         q_len, slots, scale,
         HEADS=heads, GROUP=heads // kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(width_k),
-        BLOCK_DV=_pow2(width_v), HAS_VALID=valid is not None,
+        BLOCK_DV=_pow2(width_v), HAS_VALID=valid is not None, HAS_POSITIONS=has_positions,
     )
     return out[..., :width_v].to(query.dtype), lse
 
 
-def window_attention_sums(query: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, scale: float, window: int,
-                          key_widths: list[int] | None = None, block_m: int = 16, block_n: int = 32,
-                          all_slots: bool = False) -> torch.Tensor:
+def window_sums_from_lse(query: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, scale: float, window: int,
+                        key_widths: list[int] | None = None, valid: torch.Tensor | None = None, block_m: int = 16,
+                        block_n: int = 32, all_slots: bool = False) -> torch.Tensor:
     """(batch, heads, prefix) attention of the last `window` queries to each prefix slot, summed over them
-    (to every slot with `all_slots`, which ZigZagKV's attention mass needs)."""
+    (to every slot with `all_slots`, which ZigZagKV's attention mass needs), from the prefill's row log-sum-exp.
+    `valid` (batch, kv_heads, slots): the slots the prefill could attend to (padding); the others get 0."""
     batch, heads, q_len, _ = query.shape
     kv_heads = len(key_widths) if key_widths is not None else keys.shape[1]
     slots = keys.shape[2]
@@ -166,16 +197,19 @@ def window_attention_sums(query: torch.Tensor, keys: torch.Tensor, lse: torch.Te
     prefix = slots if all_slots else slots - window
     k_off, k_w, _, _, k_stride, _, width_k, _ = cache_layout(keys, keys, key_widths, key_widths, kv_heads, query.device)
     query = query.contiguous()
-    scores = torch.empty(batch, heads, max(prefix, 0), dtype=torch.float32, device=query.device)
+    sums = torch.empty(batch, heads, max(prefix, 0), dtype=torch.float32, device=query.device)
     if prefix <= 0:
-        return scores
-    _window_scores_kernel[(triton.cdiv(prefix, block_n), batch * heads)](
-        query, keys, lse, scores, k_off, k_w,
+        return sums
+    mask = valid.to(torch.int8).contiguous() if valid is not None else query
+    _window_sums_kernel[(triton.cdiv(prefix, block_n), batch * heads)](
+        query, keys, mask, lse, sums, k_off, k_w,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), k_stride, keys.stride(2),
+        mask.stride(0) if valid is not None else 0, mask.stride(1) if valid is not None else 0,
         lse.stride(0), lse.stride(1),
-        scores.stride(0), scores.stride(1),
+        sums.stride(0), sums.stride(1),
         q_len, slots, window, prefix, scale,
         HEADS=heads, GROUP=heads // kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(width_k),
+        HAS_VALID=valid is not None,
     )
-    return scores
+    return sums

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from ..arch.configuration_surgery import SurgeryConfig
 from ..ranges import check_ranges
+from ..rewrite import TensorPlan
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class Recipe:
     def new_tensors(self) -> dict[str, Any]:
         """Tensors the plan adds to the checkpoint (bases, gates, routers), by state-dict name."""
         return {}
+
+    def rewrite(self, plan: TensorPlan) -> None:
+        """Say, tensor by tensor, how the new checkpoint differs from the source: rename, derive, drop or add.
+        By default the recipe adds its `new_tensors`; tensors the planned model does not hold are dropped."""
+        for name, tensor in self.new_tensors().items():
+            plan.add(name, tensor)
 
     def is_trainable(self, name: str, config: SurgeryConfig) -> bool:
         """Whether `surgery adapt` trains this parameter of a checkpoint made with this recipe."""

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch.configuration_surgery import SurgeryConfig
+from ..arch.sharing_surgery import set_kv_sources
 from ..errors import SurgeryError
 from .base import CalibrationRequest, Recipe
 
@@ -115,7 +116,7 @@ class KVSharer(Recipe):
         num_layers = model.config.num_hidden_layers
         target = self.target(num_layers)
         identity = list(range(num_layers))
-        model.set_kv_sources(identity)
+        set_kv_sources(model, identity)
         keys, values = mean_post_rope_kv(model, calibration_ids, self.batch_size)
         distances = pair_distances(keys, values)
         reference = final_hidden_states(model, calibration_ids, self.batch_size)
@@ -130,7 +131,7 @@ class KVSharer(Recipe):
                 if kv_source[layer] != layer:
                     continue
                 candidate = share(kv_source, layer, onto)
-                model.set_kv_sources(candidate)
+                set_kv_sources(model, candidate)
                 similarity = mean_cosine(final_hidden_states(model, calibration_ids, self.batch_size), reference)
                 tried += 1
                 if similarity > self.threshold:
@@ -141,7 +142,7 @@ class KVSharer(Recipe):
                 bar.set_postfix(tried=tried, similarity=f"{similarity:.3f}")
         finally:
             bar.close()
-            model.set_kv_sources(identity)
+            set_kv_sources(model, identity)
         if len(accepted) < target:
             raise SurgeryError(
                 f"kvsharer found only {len(accepted)} of {target} sharing layers above threshold {self.threshold}",

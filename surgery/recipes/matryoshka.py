@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from ..arch.configuration_surgery import SurgeryConfig
+from ..arch.projection_surgery import set_kv_ranks
 from ..errors import SurgeryError
 from .base import CalibrationRequest, Recipe
 
@@ -143,7 +144,7 @@ class MatryoshkaKV(Recipe):
         """Full-rank projections on every owner layer, initialised from PCA of the calibration K/V."""
         config = model.config
         stats = kv_covariances(model, ids, owners, self.batch_size)
-        model.set_kv_ranks(*self.rank_lists(config, owners, lambda *_: config.head_dim))
+        set_kv_ranks(model, *self.rank_lists(config, owners, lambda *_: config.head_dim))
         for layer in owners:
             projection = model.model.layers[layer].self_attn.kv_projection
             for kind, bases, mean in (("key", projection.key_bases, projection.key_mean),
@@ -163,7 +164,7 @@ class MatryoshkaKV(Recipe):
         )
 
     def set_ranks(self, model, ranks: dict, owners: list[int]) -> None:
-        model.set_kv_ranks(*self.rank_lists(model.config, owners, lambda *key: ranks[key]))
+        set_kv_ranks(model, *self.rank_lists(model.config, owners, lambda *key: ranks[key]))
 
     def search(self, model, ids, reference, owners, budgets: list[float], progress: bool) -> dict[float, dict]:
         """Greedy rank lowering down to the smallest budget; a snapshot of the ranks at each budget.

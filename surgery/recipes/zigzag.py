@@ -32,18 +32,17 @@ class ZigZagKV(TokenBudgetRecipe):
 
     @staticmethod
     def layer_shares(model, ids: torch.Tensor) -> list[float]:
-        """u_l = LMBA_l / Σ LMBA averaged over calibration samples, measured by the shipped scoring code."""
-        previous = model.config.kv_policy
-        model.config.kv_policy = "zigzag"
-        try:
-            owners = model.config.owner_layers
-            totals = torch.zeros(len(owners), dtype=torch.float64)
-            for sample in ids.split(1):
-                model(sample, use_cache=True, kv_budget=0.5)
-                lmba = torch.stack([model.model.last_budget_policy.scores[layer].lmba[0] for layer in owners]).double()
-                totals += lmba / lmba.sum()
-        finally:
-            model.config.kv_policy = previous
+        """u_l = LMBA_l / Σ LMBA averaged over calibration samples, measured by the shipped scoring code: each
+        sample's prefill runs with a ZigZag policy object, whose scores are read back from that same call."""
+        from ..arch.policies_surgery import build_policy
+
+        owners = model.config.owner_layers
+        totals = torch.zeros(len(owners), dtype=torch.float64)
+        for sample in ids.split(1):
+            policy = build_policy("zigzag", 0.5, None, owners, torch.tensor([sample.shape[1]]), model.config.kv_window)
+            model(sample, use_cache=True, kv_policy=policy)
+            lmba = torch.stack([policy.lmba(layer)[0] for layer in owners]).double()
+            totals += lmba / lmba.sum()
         shares = totals / ids.shape[0]
         weights = [0.0] * model.config.num_hidden_layers
         for layer, share in zip(owners, shares.tolist()):

@@ -1,0 +1,230 @@
+"""The one attention function of the surgery decoder: queries attend over *views* of the cache.
+
+A view is what one layer reads: keys, values, the original token position of every slot, which slots are valid
+(padding, eviction), and an optional reduced-width projection (MatryoshkaKV). `attend(query, positions, views)`
+serves every layout. Causality and sliding windows come from comparing query positions with the positions each
+view carries, never from slot order, so a layer that holds only some tokens (eviction, routing) masks correctly.
+Several views merge exactly by their row log-sum-exp: softmax over the union of their keys equals the
+log-sum-exp-weighted mix of the partial outputs (how PoD joins near and distant tokens, and how split-KV works).
+
+The PyTorch path and the Triton path both implement it. A single dense view with plain causal attention keeps
+SDPA's fast path; the log-sum-exp is computed only when it is asked for.
+
+Shipped flat inside every checkpoint: imports torch, transformers' public attention registries and, behind a guard,
+the Triton kernels.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+try:  # flat in a checkpoint, the kernels sit beside this file
+    from .decode_surgery import decode_attention, kernels_usable
+    from .prefill_surgery import prefill_attention, window_sums_from_lse
+except ImportError:  # inside the surgery package they live in surgery/kernels
+    try:
+        from surgery.kernels.decode_surgery import decode_attention, kernels_usable
+        from surgery.kernels.prefill_surgery import prefill_attention, window_sums_from_lse
+    except ImportError:  # no triton: the PyTorch path serves everything
+        decode_attention = kernels_usable = prefill_attention = window_sums_from_lse = None
+
+TRITON_IMPLEMENTATION = "surgery_triton"
+
+
+@dataclass
+class KVView:
+    """What a layer reads from the cache.
+
+    keys, values: (batch, kv_heads, slots, head_dim), or packed (batch, 1, slots, Σ widths) under a projection.
+    positions: (batch|1, kv_heads|1, slots) original token index of each slot; None: slot i holds token i.
+    valid: (batch, kv_heads|1, slots) slots that may be attended to; None: all of them.
+    projection: reduced-width bases the keys and values are stored in (see projection_surgery.KVProjection).
+    layout: a key naming where positions and valid come from, so layers reading the same layout share one mask.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    projection: object | None = None
+    layout: tuple | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[-2]
+
+    def head(self, head: int, key_range: slice, value_range: slice) -> "KVView":
+        """One KV head's part of a packed view (its column blocks), for per-head attention."""
+        def pick(tensor):
+            return None if tensor is None else tensor[:, head : head + 1] if tensor.shape[1] > 1 else tensor
+
+        per_head = any(t is not None and t.shape[1] > 1 for t in (self.positions, self.valid))
+        layout = (*self.layout, "head", head) if self.layout is not None and per_head else self.layout
+        return KVView(self.keys[..., key_range], self.values[..., value_range], pick(self.positions), pick(self.valid),
+                      layout=layout)
+
+
+@dataclass
+class Queries:
+    """The queries of one layer call: post-RoPE (batch, heads, q, head_dim) and the token index of each row.
+
+    `newest` is True when the rows are the newest tokens of the sequence, in order, which lets a dense view use
+    plain causal attention without building a mask.
+    """
+
+    states: torch.Tensor
+    positions: torch.Tensor  # (batch|1, q) long
+    newest: bool = True
+    masks: dict = field(default_factory=dict)  # additive masks already built this forward, by view layout
+
+
+def allowed_slots(positions: torch.Tensor, view: KVView, window: int | None) -> torch.Tensor:
+    """(batch|1, kv_heads|1, q, slots) bool: causal and windowed by position, and only valid slots."""
+    key_positions = view.positions
+    if key_positions is None:
+        key_positions = torch.arange(view.slots, device=positions.device)[None, None]
+    query = positions[:, None, :, None]
+    keys = key_positions[:, :, None, :]
+    allowed = keys <= query
+    if window is not None:
+        allowed = allowed & (keys > query - window)
+    if view.valid is not None:
+        allowed = allowed & view.valid[:, :, None, :]
+    return allowed
+
+
+def additive_mask(queries: Queries, view: KVView, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive mask of a view, or None where plain causal attention over the slots is exact."""
+    window_bites = window is not None and view.slots > window
+    if view.positions is None and view.valid is None and not window_bites and queries.newest and (
+            queries.states.shape[2] == 1 or queries.states.shape[2] == view.slots):
+        return None
+    key = None if view.layout is None else (view.layout, view.slots, window, dtype)
+    if key is not None and key in queries.masks:
+        return queries.masks[key]
+    allowed = allowed_slots(queries.positions, view, window)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if key is not None:
+        queries.masks[key] = mask
+    return mask
+
+
+def _expand_heads(mask: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    if mask is None or mask.shape[1] in (1, heads):
+        return mask
+    return mask.repeat_interleave(heads // mask.shape[1], dim=1)
+
+
+def attend_dense(queries: Queries, query: torch.Tensor, view: KVView, scaling: float, implementation: str,
+                 window: int | None, dropout: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Grouped-query attention of (batch, heads, q, d) queries over one full-width view.
+
+    Returns the output (batch, q, heads, d) and, when asked, the row log-sum-exp (batch, heads, q) in float32.
+    """
+    heads, q_len = query.shape[1], query.shape[2]
+    n_rep = heads // view.keys.shape[1]
+    mask = _expand_heads(additive_mask(queries, view, window, query.dtype), heads)
+    if need_lse or implementation == "eager":
+        keys = view.keys.repeat_interleave(n_rep, dim=1)
+        values = view.values.repeat_interleave(n_rep, dim=1)
+        precise = torch.promote_types(query.dtype, torch.float32)  # softmax statistics in fp32 or better
+        scores = torch.matmul(query, keys.transpose(2, 3)).to(precise) * scaling
+        if mask is not None:
+            scores = scores + mask
+        elif q_len > 1:
+            causal = torch.ones(q_len, view.slots, dtype=torch.bool, device=scores.device).tril(view.slots - q_len)
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = F.dropout(torch.exp(scores - lse[..., None]).to(query.dtype), p=dropout)
+        out = torch.matmul(probs, values)
+        return out.transpose(1, 2), lse if need_lse else None
+    is_causal = mask is None and q_len > 1
+    out = F.scaled_dot_product_attention(query, view.keys, view.values, attn_mask=mask, dropout_p=dropout,
+                                         is_causal=is_causal, scale=scaling, enable_gqa=n_rep > 1)
+    return out.transpose(1, 2), None
+
+
+def merge(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]):
+    """Join two partial attentions over disjoint key sets: weights exp(lse_i − lse) make the softmax of the union."""
+    (out_a, lse_a), (out_b, lse_b) = first, second
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - lse).transpose(1, 2)[..., None]
+    weight_b = torch.exp(lse_b - lse).transpose(1, 2)[..., None]
+    precise = torch.promote_types(out_a.dtype, torch.float32)
+    out = out_a.to(precise) * weight_a + out_b.to(precise) * weight_b
+    return out.to(out_a.dtype), lse
+
+
+def use_kernels(implementation: str, query: torch.Tensor) -> bool:
+    return implementation == TRITON_IMPLEMENTATION and decode_attention is not None and kernels_usable(query)
+
+
+def kernel_valid(view: KVView, kv_heads: int) -> torch.Tensor | None:
+    """(batch, kv_heads, slots) slots a kernel may read."""
+    if view.valid is None:
+        return None
+    return view.valid.expand(-1, kv_heads, -1) if view.valid.shape[1] != kv_heads else view.valid
+
+
+def attend_view(queries: Queries, view: KVView, scaling: float, implementation: str, window: int | None = None,
+                dropout: float = 0.0, need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over one view, on the Triton kernels where they apply, else in PyTorch."""
+    query = queries.states
+    window_bites = window is not None and view.slots > window
+    if use_kernels(implementation, query) and not window_bites:
+        return attend_kernels(queries, view, scaling)
+    if view.projection is not None:
+        return view.projection.attend(queries, view, scaling, implementation, window, dropout, need_lse)
+    return attend_dense(queries, query, view, scaling, implementation, window, dropout, need_lse)
+
+
+def attend_kernels(queries: Queries, view: KVView, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton path: decode kernel for one query row, prefill kernel (with its log-sum-exp) otherwise."""
+    query = queries.states
+    if view.projection is not None:
+        return view.projection.attend_kernels(queries, view, scaling)
+    kv_heads = view.keys.shape[1]
+    valid = kernel_valid(view, kv_heads)
+    if query.shape[2] == 1 and queries.newest:  # every cached slot precedes the newest token
+        return decode_attention(query[:, :, 0], view.keys, view.values, scaling, valid=valid)[:, None], None
+    out, lse = prefill_attention(query, view.keys, view.values, scaling, valid=valid,
+                                 query_positions=None if queries.newest else queries.positions,
+                                 key_positions=view.positions)
+    return out.transpose(1, 2), lse
+
+
+def attend(queries: Queries, views: list[KVView], scaling: float, implementation: str, window: int | None = None,
+           dropout: float = 0.0, need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of `queries` over the union of `views`; (batch, q, heads, d) and the row log-sum-exp if asked
+    for (always computed when several views merge)."""
+    if len(views) == 1:
+        return attend_view(queries, views[0], scaling, implementation, window, dropout, need_lse)
+    result = None
+    for view in views:
+        part = attend_view(queries, view, scaling, implementation, window, dropout, need_lse=True)
+        result = part if result is None else merge(result, part)
+    return result
+
+
+def registry_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """`surgery_triton` as transformers' attention registry sees it (SDPA); the model dispatches to the kernels."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         is_causal=attention_mask is None and query.shape[2] > 1, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2), None
+
+
+def register_with_transformers() -> None:
+    """The public registries through which `attn_implementation="surgery_triton"` is accepted by transformers.
+
+    Registering a mask function too makes transformers pass the padding mask through, as it does for SDPA.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask  # public module; the mask format our kernels' fallback uses
+
+    AttentionInterface.register(TRITON_IMPLEMENTATION, registry_attention)
+    AttentionMaskInterface.register(TRITON_IMPLEMENTATION, sdpa_mask)
+
+
+register_with_transformers()

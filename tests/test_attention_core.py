@@ -1,0 +1,109 @@
+"""The attention core: views merged by log-sum-exp, masks from positions, padding with eviction, on both paths.
+
+The Triton path runs under TRITON_INTERPRET=1 (set in conftest.py). References are plain float64 softmax.
+"""
+
+import pytest
+import torch
+
+from surgery.arch import SurgeryConfig, SurgeryForCausalLM
+from surgery.arch.attention_surgery import KVView, Queries, attend
+from surgery.arch.policies_surgery import POLICIES
+
+PATHS = ["sdpa", "eager", "surgery_triton"]
+
+
+def reference(query, keys, values, query_positions, key_positions, valid=None, window=None):
+    """Plain float64 attention: query row t sees key s when pos(s) <= pos(t) (and within the window), if valid."""
+    batch, heads, q_len, _ = query.shape
+    group = heads // keys.shape[1]
+    out = torch.zeros(batch, q_len, heads, values.shape[-1], dtype=torch.float64)
+    lse = torch.zeros(batch, heads, q_len, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            kv = h // group
+            for t in range(q_len):
+                allowed = key_positions <= query_positions[t]
+                if window is not None:
+                    allowed &= key_positions > query_positions[t] - window
+                if valid is not None:
+                    allowed &= valid[b, kv]
+                scores = (query[b, h, t].double() @ keys[b, kv].double().T) * query.shape[-1] ** -0.5
+                scores = scores.masked_fill(~allowed, float("-inf"))
+                lse[b, h, t] = torch.logsumexp(scores, -1)
+                out[b, t, h] = scores.softmax(-1) @ values[b, kv].double()
+    return out, lse
+
+
+def random_qkv(dtype, heads=6, kv_heads=2, q_len=6, slots=24, dim=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(2, heads, q_len, dim, generator=generator).to(dtype)
+    keys = torch.randn(2, kv_heads, slots, dim, generator=generator).to(dtype)
+    values = torch.randn(2, kv_heads, slots, dim, generator=generator).to(dtype)
+    return query, keys, values
+
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("path,dtype", [(path, dtype) for path in PATHS
+                                        for dtype in (torch.float64, torch.float32, torch.bfloat16)
+                                        if not (path == "surgery_triton" and dtype == torch.float64)])
+def test_two_views_merge_exactly_by_log_sum_exp(path, dtype):
+    query, keys, values = random_qkv(dtype)
+    positions = torch.arange(24)
+    query_positions = torch.arange(18, 24)
+    distant = KVView(keys[:, :, :16], values[:, :, :16], positions[None, None, :16])
+    near = KVView(keys[:, :, 16:], values[:, :, 16:], positions[None, None, 16:])
+    out, lse = attend(Queries(query, query_positions[None], newest=False), [distant, near], 16**-0.5, path)
+    expected, expected_lse = reference(query, keys, values, query_positions, positions)
+    assert (out.double() - expected).abs().max() < TOLERANCE[dtype]
+    assert (lse.double() - expected_lse).abs().max() < TOLERANCE[dtype] * 10
+    union, _ = attend(Queries(query, query_positions[None], newest=False), [KVView(keys, values)], 16**-0.5, path)
+    assert (out.double() - union.double()).abs().max() < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("window", [None, 3])
+def test_masks_come_from_positions_for_a_token_subset(path, window):
+    """A layer that holds only some tokens (kept or routed), queried by only some tokens, masks by position."""
+    query, keys, values = random_qkv(torch.float32, q_len=3, slots=6)
+    key_positions = torch.tensor([0, 2, 3, 7, 9, 11])
+    query_positions = torch.tensor([3, 8, 11])
+    valid = torch.ones(2, 2, 6, dtype=torch.bool)
+    valid[1, 0, 1] = valid[0, 1, 4] = False  # one slot of one head per sequence was evicted
+    view = KVView(keys, values, key_positions[None, None], valid)
+    out, _ = attend(Queries(query, query_positions[None], newest=False), [view], 16**-0.5, path, window=window)
+    expected, _ = reference(query, keys, values, query_positions, key_positions, valid, window)
+    assert (out.double() - expected).abs().max() < 1e-5
+
+
+def tiny(policy: str) -> SurgeryForCausalLM:
+    config = SurgeryConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, kv_policy=policy,
+                           kv_window=4, kv_budget=0.3, pad_token_id=0)
+    torch.manual_seed(3)
+    return SurgeryForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_padding_with_eviction_is_the_same_on_both_paths(policy):
+    model = tiny(policy)
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 97, (2, 40), generator=generator)
+    ids[1, :9] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    kept, tokens = {}, {}
+    for path in ("sdpa", "surgery_triton"):
+        model.config._attn_implementation = path
+        with torch.no_grad():
+            cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        kept[path] = [[sorted(layer.positions[b, h][layer.valid[b, h]].tolist()) for b in range(2) for h in range(2)]
+                      for layer in cache.layers]
+        tokens[path] = out[:, 40:]
+        assert all(min(heads[2]) >= 9 and min(heads[3]) >= 9 for heads in kept[path])  # no padding kept
+    assert kept["sdpa"] == kept["surgery_triton"]
+    assert torch.equal(tokens["sdpa"], tokens["surgery_triton"])
