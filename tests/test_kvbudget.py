@@ -186,6 +186,7 @@ def test_layer_budgets_sum_to_the_total_and_bytes_match(policy):
         assert counts == sorted(counts, reverse=True)
     if policy == "zigzag":
         lmba = torch.tensor([plain_lmba(state.scores[layer].mass[0]) for layer in range(8)], dtype=torch.float64)
+        assert [float(state.lmba(layer)[0]) for layer in range(8)] == pytest.approx(lmba.tolist())
         expected = 0.2 * 24 + (24 - 0.2 * 24) * 8 * lmba / lmba.sum()
         assert max(abs(c - e) for c, e in zip(counts, expected.tolist())) <= 1
 
@@ -348,10 +349,12 @@ def test_eval_passkey_task_runs_from_the_cli(tiny_with_tokenizer, tmp_path):
     assert report["continuation_perplexity"]["perplexity"] > 1
 
 
-def plain_dynamickv_counts(pooled: dict[int, torch.Tensor], n: int, base: int, window: int) -> list[int]:
+def plain_dynamickv(pooled: dict[int, torch.Tensor], n: int, base: int, window: int):
     """DynamicKV's allocation re-computed with plain loops from each layer's original pooled scores: cap every
     layer at 10·B as it runs; every 4 layers a global top-k over the layers seen (max over heads of what each head
-    still keeps), rescaled to B·L; at the end the same top-k over all layers with B·L in all."""
+    still keeps), rescaled to B·L; at the end the same top-k over all layers with B·L in all.
+
+    Returns the tokens each seen layer's first head holds after each layer has run, and the final counts."""
     layers = sorted(pooled)
     prefix = pooled[layers[0]].shape[-1]
     alive = {layer: [set(range(prefix)) for _ in range(pooled[layer].shape[0])] for layer in layers}
@@ -371,30 +374,36 @@ def plain_dynamickv_counts(pooled: dict[int, torch.Tensor], n: int, base: int, w
             chosen[i] += 1
         return [window + c for c in chosen]
 
+    history = []
     for done, layer in enumerate(layers, start=1):
         keep(layer, min(n, 10 * base))
         if done % 4 == 0 and done < len(layers):
             seen = layers[:done]
             for owner, count in zip(seen, top_k(seen, base * done)):
                 keep(owner, min(n, round(count * len(layers) / done)))
-    return top_k(layers, base * len(layers))
+        history.append({seen: len(alive[seen][0]) + window for seen in layers[:done]})
+    return history, top_k(layers, base * len(layers))
 
 
 def test_dynamickv_allocation_equals_a_plain_recomputation():
     from surgery.arch.dynamickv_surgery import DynamicKV
 
     class Recording(DynamicKV):
+        original, history = {}, []
+
         def score_layer(self, layer, query, key, padding, scaling, cache, lse=None):
             self.scores[layer] = self.scorer(query, key, padding, scaling, lse)
-            self.original = getattr(self, "original", {})
             self.original[layer] = self.scores[layer].pooled[0].clone()
             self.observe(layer, cache)
+            self.history.append({seen: int(cache.layers[seen].valid[0, 0].sum()) for seen in self.original})
 
     model = tiny("dynamickv", seed=13, layers=8, window=4)
     ids = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(13))
     policy = Recording(0.05, None, list(range(8)), torch.tensor([120]), 4)  # B = 6, so the 10·B cap (60) bites
     with torch.no_grad():
         cache = model(ids, kv_policy=policy).past_key_values
+    history, final = plain_dynamickv(policy.original, 120, 6, 4)
+    assert policy.history == history
+    assert history[0] == {0: 60} and min(history[3].values()) < 60  # the cap, then the cut after 4 layers
     counts = [int(layer.valid[0, 0].sum()) for layer in cache.layers]
-    assert counts == plain_dynamickv_counts(policy.original, 120, 6, 4)
-    assert sum(counts) == 6 * 8
+    assert counts == final and sum(counts) == 6 * 8
