@@ -26,6 +26,19 @@ from .configuration_surgery import SurgeryConfig
 from .policies_surgery import compress_context, policy_for_prefill
 from .projection_surgery import KVProjection
 
+# Every bundled module is named here once. transformers before 5.23 copies into its module cache only the files
+# that a checkpoint's main module imports itself, not the files those import in turn.
+from .dynamickv_surgery import DynamicKV  # noqa: E402,F401
+from .pyramid_surgery import PyramidKV  # noqa: E402,F401
+from .snapkv_surgery import SnapKV  # noqa: E402,F401
+from .zigzag_surgery import ZigZagKV  # noqa: E402,F401
+
+try:  # the kernels need triton; transformers skips imports inside try blocks when it checks requirements
+    from .decode_surgery import kernels_usable  # noqa: F401
+    from .prefill_surgery import prefill_attention  # noqa: F401
+except ImportError:
+    pass
+
 
 class SurgeryRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
