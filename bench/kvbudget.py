@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from surgery.arch.kvbudget_surgery import DEFAULT_WINDOW, BudgetPolicy, window_scores
+from surgery.arch.budget_surgery import BudgetPolicy, ObservationWindowScorer
+from surgery.arch.policies_surgery import POLICIES as POLICY_CLASSES
+from surgery.arch.policies_surgery import build_policy
 from surgery.calibration import heldout_text
 from surgery.evaluate import cache_kv_bytes_per_token
 from surgery.loading import load_model
@@ -36,16 +38,13 @@ class Recorder(BudgetPolicy):
     """Scores every layer for several window sizes during one full prefill, and evicts nothing."""
 
     def __init__(self, owners, length: int, windows):
-        super().__init__("snapkv", 1.0, None, owners, torch.tensor([length]), max(windows))
-        self.windows = sorted(set(windows))
-        self.recorded = {window: {} for window in self.windows}
+        super().__init__(1.0, None, owners, torch.tensor([length]), max(windows))
+        self.scorers = {window: ObservationWindowScorer(window) for window in sorted(set(windows))}
+        self.recorded = {window: {} for window in self.scorers}
 
-    def score(self, query, key, padding, scaling, sums=None):
-        return {window: window_scores(query, key, padding, window, scaling) for window in self.windows}
-
-    def observe(self, layer, scores, cache):
-        for window, layer_scores in scores.items():
-            self.recorded[window][layer] = layer_scores
+    def score_layer(self, layer, query, key, padding, scaling, cache, lse=None):
+        for window, scorer in self.scorers.items():
+            self.recorded[window][layer] = scorer(query, key, padding, scaling)
 
     def finish(self, cache):
         pass
@@ -61,14 +60,15 @@ def prefill(model, ids, owners, windows):
 
 def compress(cache, recorder, owners, name, length, budget, window=None, extra_tokens=0):
     """Apply one policy to a copy of a full cache, feeding it the recorded scores layer by layer."""
-    window = window or DEFAULT_WINDOW[name]
+    window = window or POLICY_CLASSES[name].default_window
     tokens = round(budget * (length - extra_tokens)) + extra_tokens
-    policy = BudgetPolicy(name, None, tokens, owners, torch.tensor([length]), window)
+    policy = build_policy(name, None, tokens, owners, torch.tensor([length]), window)
     cache = copy.deepcopy(cache)
     start = time.perf_counter()
     for layer in owners:
         scores = recorder.recorded[window][layer]
-        policy.observe(layer, replace(scores, pooled=scores.pooled.clone()), cache)
+        policy.scores[layer] = replace(scores, pooled=scores.pooled.clone())
+        policy.observe(layer, cache)
     policy.finish(cache)
     return cache, time.perf_counter() - start
 
@@ -110,7 +110,7 @@ def main() -> None:
                                                    dtype=torch.float32).eval()
     owners = model.config.owner_layers
     probe = tokenizer(PROBE, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    windows = [*DEFAULT_WINDOW.values(), probe.shape[1]]
+    windows = [*(policy.default_window for policy in POLICY_CLASSES.values()), probe.shape[1]]
     haystack = heldout_text()
     prompts = passkey_prompts(tokenizer, haystack, lengths, per_depth=args.per_depth, seed=args.seed)
     stream = torch.tensor([tokenizer(haystack, add_special_tokens=False)["input_ids"]])

@@ -21,6 +21,7 @@ from surgery.calibration import CalibrationSettings, calibration_ids, heldout_te
 from surgery.convert import load_calibration_model
 from surgery.evaluate import greedy_agreement, greedy_continuations, kv_bytes_per_token, perplexity, speed
 from surgery.families import surgery_config_from_source
+from surgery.layer_runner import LayerRunner
 from surgery.recipes.kvsharer import KVSharer
 from surgery.sources import resolve
 
@@ -62,7 +63,8 @@ def main() -> None:
                 continue
             recipe = KVSharer(share_layers=layers, order=order)
             start = time.perf_counter()
-            plan = recipe.plan(model, calib, args.seed, progress=False)
+            runner = LayerRunner(source.folder, config, calib, recipe.batch_size)
+            plan = recipe.plan(runner, calib, args.seed, progress=False)
             search_s = time.perf_counter() - start
             set_kv_sources(model, plan["kv_source"])
             row = {

@@ -16,6 +16,7 @@ from .card import EVAL_FILE, render_card
 from .errors import SurgeryError
 from .export import DTYPES, check_source_tensors, expected_tensors, finish_checkpoint, write_weights
 from .families import surgery_config_from_source
+from .layer_runner import LayerRunner
 from .loading import load_tokenizer
 from .outputs import check_output, exclusive, staging
 from .recipes import Recipe, check_composition
@@ -83,7 +84,11 @@ def load_calibration_model(source: Source, config: SurgeryConfig) -> SurgeryForC
 
 def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
                  settings: CalibrationSettings | None) -> list[dict]:
-    """Run calibration once and let each recipe plan, in order, applying each plan before the next."""
+    """Run calibration once and let each recipe plan, in order, on what the recipes before it left.
+
+    A recipe that calibrates layer by layer gets a LayerRunner (one decoder layer in memory); the others get the
+    whole model in float32, which is loaded only when one of them, or self-generated calibration text, needs it.
+    """
     if settings is None:
         plans = [recipe.plan(None, None, request.seed, request.progress) for recipe in request.recipes]
         for recipe, plan in zip(request.recipes, plans):
@@ -91,14 +96,21 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
         return plans
     torch.manual_seed(request.seed)
     tokenizer = load_tokenizer(source.folder, request.trust_remote_code)
-    model = load_calibration_model(source, config)
+    needs_model = settings.source is None or any(
+        recipe.calibration is not None and not recipe.uses_layer_runner for recipe in request.recipes)
+    model = load_calibration_model(source, config) if needs_model else None
     ids = calibration_ids(settings, tokenizer, model)
     plans = []
     for done, recipe in enumerate(request.recipes, start=1):
-        plan = recipe.plan(model, ids, request.seed, request.progress)
+        if recipe.uses_layer_runner:
+            subject = LayerRunner(source.folder, config, ids, getattr(recipe, "batch_size", 8), progress=request.progress)
+        else:
+            subject = model
+        plan = recipe.plan(subject, ids, request.seed, request.progress)
         recipe.apply(config, plan)
         plans.append(plan)
-        if any(later.calibration is not None for later in request.recipes[done:]):
+        later = request.recipes[done:]
+        if any(r.calibration is not None and not r.uses_layer_runner for r in later):
             model = planning_model(source, config, request.recipes[:done])  # the next recipe plans on this one
     del model
     return plans

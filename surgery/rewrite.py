@@ -87,10 +87,11 @@ class DictWriter:
 
     def __init__(self):
         self.tensors: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.held_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.tensors[name] = tensor
+        self.held_bytes += _nbytes(tensor)
 
     def finish(self) -> dict[str, torch.Tensor]:
         return self.tensors
@@ -152,4 +153,4 @@ def rewrite(source_folder: Path, expected: dict[str, tuple[int, ...]], plan: Ten
 
 
 def _pending(writer) -> int:
-    return getattr(writer, "pending_bytes", 0)
+    return writer.held_bytes

@@ -119,13 +119,15 @@ def _fingerprint(path: Path) -> str:
 
 
 def _gguf_to_folder(gguf: Path) -> Path:
-    """Dequantize a GGUF once through transformers and cache the result as a safetensors folder."""
+    """Dequantize a GGUF once, tensor by tensor, and cache the result as a safetensors folder."""
     target = cache_root() / "gguf" / f"{gguf.stem}-{_fingerprint(gguf)}"
     if (target / "config.json").is_file():
         return target
     log.info("dequantizing %s once into %s", gguf.name, target)
     try:
-        return _materialize(target, lambda folder: _save_gguf_model(gguf, folder))
+        from .gguf_stream import stream_gguf
+
+        return _materialize(target, lambda folder: stream_gguf(gguf, folder))
     except SurgeryError:
         raise
     except Exception as error:  # gguf and transformers raise many types for a damaged file
@@ -181,24 +183,6 @@ def _save_state(model, out: Path) -> None:
     config_dict["dtype"] = "float32"
     config_dict["architectures"] = [type(model).__name__]
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-
-
-def _save_gguf_model(gguf: Path, out: Path) -> None:
-    """Dequantize through transformers and write plain safetensors, config, tokenizer and generation config."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    if gguf.stat().st_size == 0:
-        raise SurgeryError(f"the GGUF file {gguf} is empty", hint="re-download it")
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    read_model_type(config.to_dict())
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    _save_state(model, out)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
-    try:
-        GenerationConfig.from_model_config(model.config).save_pretrained(out)
-    except ValueError:
-        pass
 
 
 def _save_unpickled_model(folder: Path, out: Path) -> None:

@@ -1,12 +1,12 @@
 """Lazy safetensors reading and streaming sharded writing, so a conversion never holds the model twice."""
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import SurgeryError
 
@@ -62,6 +62,11 @@ class LazyCheckpoint:
                 f"cannot read safetensors file {shard}: {error}", hint="re-download or re-export the source"
             ) from None
 
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from its shard."""
+        with safe_open(self.folder / self.weight_map[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the shard headers only."""
         shapes = {}
@@ -95,42 +100,71 @@ class LazyCheckpoint:
         return torch.float32
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
 class ShardWriter:
-    """Accumulate tensors and flush a shard whenever the next tensor would push it past `max_shard_size` bytes."""
+    """Write safetensors shards tensor by tensor: each tensor's bytes go to disk as it arrives (a data file per
+    shard), and a shard is assembled (header, then the data) once the next tensor would push it past
+    `max_shard_size` bytes. It holds no tensor after `add` returns, so writing never buffers a shard in memory."""
+
+    held_bytes = 0  # what the writer keeps in memory between calls (the rewrite stage's accounting)
 
     def __init__(self, folder: Path, max_shard_size: int):
         if max_shard_size <= 0:
             raise SurgeryError(f"--max-shard-size must be positive, got {max_shard_size}")
         self.folder = Path(folder)
         self.max_shard_size = max_shard_size
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._entries: dict[str, dict] = {}
+        self._shard_bytes = 0
+        self._data = None
         self._written: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
 
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes waiting for the next shard to be written."""
-        return self._pending_bytes
+    def _data_path(self) -> Path:
+        return self.folder / f"shard-{len(self._written):05d}.data"
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_size:
+        if self._entries and self._shard_bytes + size > self.max_shard_size:
             self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += size
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise SurgeryError(f"{name} has dtype {tensor.dtype}, which safetensors cannot store")
+        if self._data is None:
+            self._data = open(self._data_path(), "wb")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if size:
+            flat.view(torch.uint8).numpy().tofile(self._data)
+        self._entries[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._shard_bytes, self._shard_bytes + size]}
+        self._shard_bytes += size
         self.total_bytes += size
 
     def _flush(self) -> None:
         temp_name = f"shard-{len(self._written):05d}.safetensors"
-        save_file(self._pending, self.folder / temp_name, metadata={"format": "pt"})
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        data_path = self._data_path()
+        if self._data is None:
+            data_path.write_bytes(b"")
+        else:
+            self._data.close()
+            self._data = None
+        with open(self.folder / temp_name, "wb") as shard, open(data_path, "rb") as data:
+            shard.write(len(header).to_bytes(8, "little"))
+            shard.write(header)
+            shutil.copyfileobj(data, shard, 16 * 1024 * 1024)
+        data_path.unlink()
         (self.folder / temp_name).chmod(0o644)
-        self._written.append((temp_name, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        self._written.append((temp_name, list(self._entries)))
+        self._entries, self._shard_bytes = {}, 0
 
     def finish(self) -> list[str]:
         """Flush, give the shards their final names and write the index when there is more than one shard."""
-        if self._pending or not self._written:
+        if self._entries or not self._written:
             self._flush()
         count = len(self._written)
         if count == 1:

@@ -239,7 +239,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(source, tmp_path, monkeypatch)
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
 
-    monkeypatch.setattr(surgery.tensor_io, "save_file", full)
+    monkeypatch.setattr(surgery.tensor_io.shutil, "copyfileobj", full)
     assert_clean_failure(convert(source, tmp_path), "no space left")
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
 
@@ -296,6 +296,7 @@ def pickled(tiny_with_tokenizer, tmp_path, cache) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_allow_pickle_is_accepted_by_every_command_that_loads_a_model(pickled, checkpoint, tmp_path):
     assert_clean_failure(cli("inspect", pickled), "pickled", "--allow-pickle")
     assert cli("inspect", pickled, "--allow-pickle").exit_code == 0

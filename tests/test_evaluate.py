@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -58,6 +59,7 @@ def test_greedy_agreement_counts_matching_argmax():
     assert greedy_agreement(model, corrupted, 5) < 1.0
 
 
+@pytest.mark.slow
 def test_eval_command_writes_json_and_card(tiny_with_tokenizer, tmp_path):
     import json
 

@@ -69,6 +69,7 @@ def test_checkpoint_files_recipe_and_card(demo_source, tmp_path):
     assert "trust_remote_code=True" in card and "surgery convert demo --recipe none" in card
 
 
+@pytest.mark.slow
 def test_loads_in_interpreter_without_surgery(tiny_models, tmp_path):
     out = run_convert(tiny_models["qwen3"], tmp_path / "q3", verify=True)
     probe = "import sys; sys.modules['surgery'] = None\ntry:\n    import surgery\nexcept ImportError:\n    print('blocked')"

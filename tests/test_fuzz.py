@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from helpers import cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,6 +35,7 @@ def assert_clean_outcome(result) -> None:
         assert "unexpected" not in errors[0], errors[0]  # the last-resort handler means a case nobody validated
 
 
+@pytest.mark.slow
 @FUZZ
 @given(changes=st.dictionaries(st.sampled_from(CONFIG_FIELDS), odd_values, min_size=1, max_size=3))
 def test_fuzzed_config_json(tiny_models, tmp_path_factory, changes):
@@ -59,6 +61,7 @@ RECIPE_OPTIONS = {
 }
 
 
+@pytest.mark.slow
 @FUZZ
 @given(recipe=st.sampled_from(sorted(RECIPE_OPTIONS)), data=st.data())
 def test_fuzzed_numeric_options(tiny_llama, tmp_path_factory, recipe, data):

@@ -41,6 +41,7 @@ def test_identity_matches_family(tiny_models, tmp_path, family):
     assert torch.equal(expected_tokens, got_tokens_no_cache)
 
 
+@pytest.mark.slow
 def test_identity_on_smollm2(demo_source, tmp_path):
     """Real weights: fp32 logits within 1e-4, and the same 64-token greedy continuation with and without cache."""
     out = run_convert("demo", tmp_path / "smol", recipe="none")

@@ -11,6 +11,7 @@ from surgery.arch import SurgeryCache, SurgeryConfig, SurgeryForCausalLM
 from surgery.arch.sharing_surgery import set_kv_sources
 from surgery.convert import load_calibration_model
 from surgery.families import surgery_config_from_source
+from surgery.layer_runner import LayerRunner
 from surgery.recipes.kvsharer import KVSharer, mean_post_rope_kv, pair_distances, share
 from surgery.sources import resolve
 
@@ -97,10 +98,16 @@ def test_pair_distance_matches_plain_formula():
         assert d == pytest.approx(0.5 * (plain(keys[i], keys[j]) + plain(values[i], values[j])), rel=1e-12)
 
 
-def test_mean_kv_is_post_rope_average_over_samples():
+def runner_for(folder, ids, batch_size=4) -> LayerRunner:
+    return LayerRunner(folder, surgery_config_from_source(resolve(str(folder)).config), ids, batch_size)
+
+
+def test_mean_kv_is_post_rope_average_over_samples(tmp_path):
     model = tiny_sharing_model(list(range(6)), seed=5)
+    model.save_pretrained(tmp_path / "m")
     ids = torch.randint(0, 97, (5, 7))
-    keys, values = mean_post_rope_kv(model, ids, batch_size=2)
+    runner = LayerRunner(tmp_path / "m", model.config, ids, batch_size=2)
+    keys, values = mean_post_rope_kv(runner.run(list(range(6))), ids.shape[0])
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values  # post-RoPE K as stored by the attention
     assert torch.allclose(keys[3], cache.layers[3].keys.double().mean(0), atol=1e-6)
@@ -120,11 +127,27 @@ def test_search_visits_pairs_in_paper_order(tiny_llama, order, pick):
     source = resolve(str(tiny_llama))
     model = load_calibration_model(source, surgery_config_from_source(source.config))
     ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(0))
-    distances = pair_distances(*mean_post_rope_kv(model, ids, 4))
-    plan = KVSharer(share_layers=1, threshold=-1.0, order=order).plan(model, ids, progress=False)
+    runner = runner_for(tiny_llama, ids)
+    distances = pair_distances(*mean_post_rope_kv(runner.run(list(range(6))), ids.shape[0]))
+    plan = KVSharer(share_layers=1, threshold=-1.0, order=order).plan(runner_for(tiny_llama, ids), ids, progress=False)
     expected = pick(distances, key=distances.get)
     assert (plan["shared"][0]["layer"], plan["shared"][0]["onto"]) == expected
-    assert model.config.kv_source == list(range(6))  # the search leaves the model as it found it
+
+
+@pytest.mark.parametrize("kv_source", [[0, 1, 2, 3, 4, 5], [0, 1, 1, 3, 1, 3]])
+def test_layer_by_layer_runs_equal_the_whole_model(tiny_llama, kv_source):
+    """The runner's final hidden states equal the whole model's, and a trial from layer 2 equals a full run."""
+    source = resolve(str(tiny_llama))
+    model = load_calibration_model(source, surgery_config_from_source(source.config))
+    ids = torch.randint(3, 128, (5, 9), generator=torch.Generator().manual_seed(1))
+    runner = runner_for(tiny_llama, ids, batch_size=2)
+    runner.run(list(range(6)))
+    trial = runner.run(kv_source, start=2, commit=False)
+    set_kv_sources(model, kv_source)
+    with torch.no_grad():
+        whole = model.model(ids, use_cache=False).last_hidden_state
+    assert (torch.cat(trial.final) - whole).abs().max() < 1e-5
+    assert (torch.cat(runner_for(tiny_llama, ids, 2).run(kv_source).final) - whole).abs().max() < 1e-5
 
 
 def test_search_keeps_only_changes_above_threshold(tiny_llama):
@@ -141,19 +164,19 @@ def test_search_keeps_only_changes_above_threshold(tiny_llama):
         set_kv_sources(model, list(range(6)))
         return torch.nn.functional.cosine_similarity(shared, reference, dim=-1).mean().item()
 
-    keys, values = mean_post_rope_kv(model, ids, 8)
+    keys, values = mean_post_rope_kv(runner_for(tiny_llama, ids).run(list(range(6))), ids.shape[0])
     pairs = recipe.ordered_pairs(pair_distances(keys, values), seed=0)
     singles = [similarity_of(share(list(range(6)), layer, onto)) for layer, onto in pairs]
     threshold = (singles[0] + max(singles[1:])) / 2
     assert singles[0] < threshold < max(singles[1:])  # the first candidate must be refused, a later one taken
-    strict = KVSharer(share_layers=1, threshold=threshold).plan(model, ids, progress=False)
+    strict = KVSharer(share_layers=1, threshold=threshold).plan(runner_for(tiny_llama, ids), ids, progress=False)
     taken = next(i for i, s in enumerate(singles) if s > threshold)
     assert strict["candidates_tried"] == taken + 1
     (step,) = strict["shared"]
     assert (step["layer"], step["onto"]) == pairs[taken] and step["similarity"] > threshold
     assert abs(step["similarity"] - singles[taken]) < 1e-4
     with pytest.raises(Exception, match="above threshold"):
-        KVSharer(share_layers=3, threshold=1.0).plan(model, ids, progress=False)
+        KVSharer(share_layers=3, threshold=1.0).plan(runner_for(tiny_llama, ids), ids, progress=False)
 
 
 def test_exported_checkpoint_drops_kv_weights(tiny_llama, tmp_path):
@@ -172,6 +195,7 @@ def test_exported_checkpoint_drops_kv_weights(tiny_llama, tmp_path):
     assert sum(layer.keys is not None for layer in cache.layers) == 4
 
 
+@pytest.mark.slow
 def test_demo_kvsharer_saves_23_percent_of_kv_bytes(demo_source, tmp_path):
     """7 of 30 SmolLM2 layers sharing: the cache's own tensors shrink by 7/30 = 23.3%."""
     from surgery.evaluate import kv_bytes_per_token

@@ -125,6 +125,7 @@ def remote_code_source(tiny_with_tokenizer, tmp_path) -> tuple[Path, Path]:
     return folder, marker
 
 
+@pytest.mark.slow
 def test_source_auto_map_is_never_carried_nor_run(remote_code_source, tmp_path):
     folder, marker = remote_code_source
     out = tmp_path / "out"
@@ -208,6 +209,7 @@ def surgery_process(*args, cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_nothing_behind(tiny_models, tmp_path):
     out = tmp_path / "out"
     process = surgery_process("convert", tiny_models["llama"], "--recipe", "none", "--out", out, cwd=tmp_path)
@@ -222,6 +224,7 @@ def test_sigterm_leaves_nothing_behind(tiny_models, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     process = surgery_process("recipes", cwd=tmp_path)
     time.sleep(0.3)  # still importing torch and transformers
@@ -281,3 +284,13 @@ def test_an_out_that_appears_meanwhile_is_not_replaced(tiny_models, tmp_path, mo
 def test_loading_the_checkpoint_api_still_works_offline(kvsharer_checkpoint):
     model = AutoModelForCausalLM.from_pretrained(kvsharer_checkpoint, trust_remote_code=True)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_checkpoints_written_before_the_format_field_still_load(kvsharer_checkpoint, tmp_path):
+    folder = tmp_path / "old"
+    shutil.copytree(kvsharer_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["surgery_format"]
+    (folder / "config.json").write_text(json.dumps(config))
+    result = cli("generate", folder, "--prompt", "hello", "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.stderr

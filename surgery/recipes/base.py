@@ -28,6 +28,7 @@ class Recipe:
     saves: ClassVar[str]
     calibration: ClassVar[CalibrationRequest | None] = None
     distill_alpha: ClassVar[float | None] = None  # weight of KL in `surgery adapt`, from the paper when it trains
+    uses_layer_runner: ClassVar[bool] = False  # plan() gets a LayerRunner (one layer in memory), not a model
 
     def __post_init__(self) -> None:
         check_ranges(self)

@@ -1,6 +1,6 @@
 """What the four KV-budget recipes share: a token budget, baked into config.json as the default.
 
-The eviction itself runs inside the shipped model (`arch/kvbudget_surgery.py`) after each prefill, so a budget
+The eviction itself runs inside the shipped model (`arch/budget_surgery.py` and one file per policy) after each prefill, so a budget
 can be overridden per call: `model.generate(ids, kv_budget=0.1)`.
 """
 

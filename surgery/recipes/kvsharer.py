@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch.configuration_surgery import SurgeryConfig
-from ..arch.sharing_surgery import set_kv_sources
+from ..layer_runner import LayerRunner, RunState
 from ..errors import SurgeryError
 from .base import CalibrationRequest, Recipe
 
@@ -24,20 +24,12 @@ ORDERS = ("dissimilar", "similar", "random")
 
 
 @torch.no_grad()
-def mean_post_rope_kv(model, ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def mean_post_rope_kv(state: RunState, count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer, the post-RoPE keys and the values averaged over samples: (kv_heads, seq, head_dim), float64."""
-    key_sums, value_sums = None, None
-    for batch in ids.split(batch_size):
-        cache = model(batch, use_cache=True).past_key_values
-        keys = [layer.keys.double().sum(0) for layer in cache.layers]
-        values = [layer.values.double().sum(0) for layer in cache.layers]
-        if key_sums is None:
-            key_sums, value_sums = keys, values
-        else:
-            key_sums = [a + b for a, b in zip(key_sums, keys)]
-            value_sums = [a + b for a, b in zip(value_sums, values)]
-    count = ids.shape[0]
-    return [k / count for k in key_sums], [v / count for v in value_sums]
+    layers = sorted(state.kv)
+    keys = [sum(k.double().sum(0) for k, _ in state.kv[layer]) / count for layer in layers]
+    values = [sum(v.double().sum(0) for _, v in state.kv[layer]) / count for layer in layers]
+    return keys, values
 
 
 def pair_distances(keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict[tuple[int, int], float]:
@@ -50,11 +42,6 @@ def pair_distances(keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict
         for i in range(len(keys))
         for j in range(i)
     }
-
-
-@torch.no_grad()
-def final_hidden_states(model, ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [model.model(batch, use_cache=False).last_hidden_state.float() for batch in ids.split(batch_size)]
 
 
 def mean_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -74,6 +61,7 @@ class KVSharer(Recipe):
     paper = "KVSharer: Efficient Inference via Layer-Wise Dissimilar KV Cache Sharing (Yang et al., arXiv 2410.18517)"
     saves = "the KV cache and the k_proj/v_proj weights of every sharing layer"
     calibration = CalibrationRequest(num_samples=30, seq_len=64)
+    uses_layer_runner = True  # calibrates one decoder layer at a time
     distill_alpha = 1.0  # the paper does not train; pure distillation targets the gap to the base model
 
     share_layers: int | None = field(default=None, metadata={"help": "number of layers that share (default: 25% of layers)", "min": 1})
@@ -112,14 +100,15 @@ class KVSharer(Recipe):
         return pairs
 
     @torch.no_grad()
-    def plan(self, model, calibration_ids: torch.Tensor, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-        num_layers = model.config.num_hidden_layers
+    def plan(self, runner: LayerRunner, calibration_ids: torch.Tensor, seed: int = 0,
+             progress: bool = True) -> dict[str, Any]:
+        """The paper's search, layer by layer: a trial that shares layer i re-runs only layers i.. (`runner`)."""
+        num_layers = runner.config.num_hidden_layers
         target = self.target(num_layers)
         identity = list(range(num_layers))
-        set_kv_sources(model, identity)
-        keys, values = mean_post_rope_kv(model, calibration_ids, self.batch_size)
+        reference = runner.run(identity)
+        keys, values = mean_post_rope_kv(reference, calibration_ids.shape[0])
         distances = pair_distances(keys, values)
-        reference = final_hidden_states(model, calibration_ids, self.batch_size)
 
         kv_source, accepted, tried = identity, [], 0
         pairs = self.ordered_pairs(distances, seed)
@@ -131,10 +120,11 @@ class KVSharer(Recipe):
                 if kv_source[layer] != layer:
                     continue
                 candidate = share(kv_source, layer, onto)
-                set_kv_sources(model, candidate)
-                similarity = mean_cosine(final_hidden_states(model, calibration_ids, self.batch_size), reference)
+                trial = runner.run(candidate, start=layer, commit=False)  # layers before `layer` are unchanged
+                similarity = mean_cosine(trial.final, reference.final)
                 tried += 1
                 if similarity > self.threshold:
+                    runner.commit(trial, candidate)
                     kv_source = candidate
                     accepted.append({"layer": layer, "onto": onto, "distance": round(distances[layer, onto], 6),
                                      "similarity": round(similarity, 6)})
@@ -142,7 +132,6 @@ class KVSharer(Recipe):
                 bar.set_postfix(tried=tried, similarity=f"{similarity:.3f}")
         finally:
             bar.close()
-            set_kv_sources(model, identity)
         if len(accepted) < target:
             raise SurgeryError(
                 f"kvsharer found only {len(accepted)} of {target} sharing layers above threshold {self.threshold}",
