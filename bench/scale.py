@@ -1,0 +1,148 @@
+"""Peak memory of a conversion, by model size and layer count: does it scale with one layer?
+
+    python bench/scale.py                 # demo model, and random llamas of 16 and 32 layers (hidden 1024)
+    python bench/scale.py --llama-7b      # also a random Llama-2-7B-shaped checkpoint (13 GB of bf16 on disk)
+
+Each conversion runs in its own process; its peak anonymous memory (RssAnon, sampled from /proc 20 times a
+second) and its peak RSS (ru_maxrss, which also counts memory-mapped shard pages) are reported with the wall time.
+Random checkpoints are written in bfloat16, sharded as Hub checkpoints are, and deleted afterwards. Calibration
+text comes from a file (Python's reference manual), so no recipe needs the whole model in memory.
+Writes bench/results/scale.md.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path(os.environ.get("SURGERY_SCALE_DIR", "/tmp/surgery-scale"))
+
+
+def random_llama(folder: Path, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int) -> Path:
+    """A random llama checkpoint in bf16, sharded (1 GiB shards), with the demo model's tokenizer."""
+    from transformers import LlamaConfig
+
+    from surgery.sources import resolve
+    from surgery.tensor_io import ShardWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    demo = resolve("demo").folder
+    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, dtype="bfloat16")
+    config.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo / name, folder / name)
+    generator = torch.Generator().manual_seed(layers)
+    writer = ShardWriter(folder, 1024**3)
+    head_dim = hidden // heads
+
+    def add(name, *shape, scale=0.02):
+        writer.add(name, (torch.randn(*shape, generator=generator) * scale).to(torch.bfloat16))
+
+    add("model.embed_tokens.weight", 49152, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        add(p + "self_attn.q_proj.weight", heads * head_dim, hidden)
+        add(p + "self_attn.k_proj.weight", kv_heads * head_dim, hidden)
+        add(p + "self_attn.v_proj.weight", kv_heads * head_dim, hidden)
+        add(p + "self_attn.o_proj.weight", hidden, heads * head_dim)
+        add(p + "mlp.gate_proj.weight", intermediate, hidden)
+        add(p + "mlp.up_proj.weight", intermediate, hidden)
+        add(p + "mlp.down_proj.weight", hidden, intermediate)
+        writer.add(p + "input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+        writer.add(p + "post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+    writer.add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+    add("lm_head.weight", 49152, hidden)
+    writer.finish()
+    return folder
+
+
+def measure(args: list[str]) -> dict:
+    """Run `surgery ARGS` in a child process; its peak RssAnon, peak RSS and wall time."""
+    command = [sys.executable, "-m", "surgery", "-q", *args]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak_anon = [0]
+
+    def sample():
+        status = Path(f"/proc/{process.pid}/status")
+        while process.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("RssAnon:"):
+                        peak_anon[0] = max(peak_anon[0], int(line.split()[1]))
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    watcher.join()
+    stderr = process.stderr.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {stderr.strip().splitlines()[-1:]}")
+    return {"anon_mib": peak_anon[0] / 1024, "rss_mib": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - start}
+
+
+def layer_mib(hidden: int, intermediate: int, heads: int, kv_heads: int) -> float:
+    head_dim = hidden // heads
+    params = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate
+    return params * 4 / 2**20  # float32 while it runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--llama-7b", action="store_true")
+    args = parser.parse_args()
+    from surgery.calibration import heldout_text
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    calib = WORK / "calib.txt"
+    calib.write_text(heldout_text())
+    kvsharer = ["--recipe", "kvsharer", "--share-layers", "8", "--threshold", "-1", "--num-samples", "8",
+                "--seq-len", "64", "--no-verify", "--overwrite"]
+    rows = []
+    demo_runs = [("demo, self-generated calibration (whole model)", ["demo", *kvsharer[:4], "--share-layers", "7",
+                  "--num-samples", "8", "--seq-len", "64", "--no-verify", "--overwrite"]),
+                 ("demo, --calib file (layer by layer)", ["demo", *kvsharer[:4], "--share-layers", "7",
+                  "--num-samples", "8", "--seq-len", "64", "--no-verify", "--overwrite", "--calib", str(calib)])]
+    for label, run in demo_runs:
+        result = measure(["convert", *run, "--out", str(WORK / "out")])
+        rows.append((label, "135M, 30 layers", layer_mib(576, 1536, 9, 3), result))
+        print(label, result, flush=True)
+    shapes = [(16, 1024, 2816, 16, 16), (32, 1024, 2816, 16, 16)]
+    if args.llama_7b:
+        shapes.append((32, 4096, 11008, 32, 32))
+    for layers, hidden, intermediate, heads, kv_heads in shapes:
+        folder = random_llama(WORK / f"llama-{layers}x{hidden}", layers, hidden, intermediate, heads, kv_heads)
+        try:
+            result = measure(["convert", str(folder), *kvsharer, "--calib", str(calib), "--out", str(WORK / "out")])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        size = f"random llama, {layers} layers × hidden {hidden}"
+        rows.append((size, "bf16 on disk", layer_mib(hidden, intermediate, heads, kv_heads), result))
+        print(size, result, flush=True)
+    shutil.rmtree(WORK / "out", ignore_errors=True)
+    lines = ["# Peak memory of `surgery convert --recipe kvsharer` (CPU)", "",
+             "`python bench/scale.py`. Each conversion runs in its own process: peak anonymous memory (RssAnon, "
+             "sampled every 50 ms) and peak RSS (ru_maxrss, which also counts memory-mapped shard pages), wall time. "
+             "Calibration: 8 samples × 64 tokens; `--threshold -1` so the search takes exactly the asked layers.", "",
+             "| model | checkpoint | one layer in fp32 (MiB) | peak RssAnon (MiB) | peak RSS (MiB) | wall (s) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {kind} | {layer:.0f} | {r['anon_mib']:.0f} | {r['rss_mib']:.0f} | {r['seconds']:.0f} |"
+              for label, kind, layer, r in rows]
+    (ROOT / "bench" / "results" / "scale.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
