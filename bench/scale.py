@@ -65,6 +65,13 @@ def random_llama(folder: Path, layers: int, hidden: int, intermediate: int, head
     return folder
 
 
+def interpreter_mib() -> float:
+    """RssAnon of a process that has imported what every conversion imports."""
+    code = ("import surgery.convert, surgery.cli\n"
+            "print([l for l in open('/proc/self/status') if l.startswith('RssAnon')][0].split()[1])")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout) / 1024
+
+
 def measure(args: list[str]) -> dict:
     """Run `surgery ARGS` in a child process; its peak RssAnon, peak RSS and wall time."""
     command = [sys.executable, "-m", "surgery", "-q", *args]
@@ -94,10 +101,17 @@ def measure(args: list[str]) -> dict:
     return {"anon_mib": peak_anon[0] / 1024, "rss_mib": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - start}
 
 
-def layer_mib(hidden: int, intermediate: int, heads: int, kv_heads: int) -> float:
+SAMPLES, TOKENS, VOCAB = 8, 64, 49152
+
+
+def formula_mib(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int = VOCAB,
+                samples: int = SAMPLES, tokens: int = TOKENS) -> tuple[float, float]:
+    """(one layer in fp32, expected peak above the interpreter): one layer + the embeddings (both fp32) + the kept
+    activations (the hidden states entering every layer and every layer's K/V, for the calibration tokens)."""
     head_dim = hidden // heads
-    params = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate
-    return params * 4 / 2**20  # float32 while it runs
+    layer = (hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate) * 4
+    activations = layers * samples * tokens * (hidden + 2 * kv_heads * head_dim) * 4
+    return layer / 2**20, (layer + vocab * hidden * 4 + activations) / 2**20
 
 
 def main() -> None:
@@ -107,6 +121,7 @@ def main() -> None:
     from surgery.calibration import heldout_text
 
     WORK.mkdir(parents=True, exist_ok=True)
+    baseline = interpreter_mib()
     calib = WORK / "calib.txt"
     calib.write_text(heldout_text())
     kvsharer = ["--recipe", "kvsharer", "--share-layers", "8", "--threshold", "-1", "--num-samples", "8",
@@ -118,7 +133,7 @@ def main() -> None:
                   "--num-samples", "8", "--seq-len", "64", "--no-verify", "--overwrite", "--calib", str(calib)])]
     for label, run in demo_runs:
         result = measure(["convert", *run, "--out", str(WORK / "out")])
-        rows.append((label, "135M, 30 layers", layer_mib(576, 1536, 9, 3), result))
+        rows.append((label, "135M, 30 layers, fp32", *formula_mib(30, 576, 1536, 9, 3), result))
         print(label, result, flush=True)
     shapes = [(16, 1024, 2816, 16, 16), (32, 1024, 2816, 16, 16)]
     if args.llama_7b:
@@ -130,17 +145,20 @@ def main() -> None:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         size = f"random llama, {layers} layers × hidden {hidden}"
-        rows.append((size, "bf16 on disk", layer_mib(hidden, intermediate, heads, kv_heads), result))
+        rows.append((size, "bf16, 1 GiB shards", *formula_mib(layers, hidden, intermediate, heads, kv_heads), result))
         print(size, result, flush=True)
     shutil.rmtree(WORK / "out", ignore_errors=True)
     lines = ["# Peak memory of `surgery convert --recipe kvsharer` (CPU)", "",
              "`python bench/scale.py`. Each conversion runs in its own process: peak anonymous memory (RssAnon, "
              "sampled every 50 ms) and peak RSS (ru_maxrss, which also counts memory-mapped shard pages), wall time. "
              "Calibration: 8 samples × 64 tokens; `--threshold -1` so the search takes exactly the asked layers.", "",
-             "| model | checkpoint | one layer in fp32 (MiB) | peak RssAnon (MiB) | peak RSS (MiB) | wall (s) |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {label} | {kind} | {layer:.0f} | {r['anon_mib']:.0f} | {r['rss_mib']:.0f} | {r['seconds']:.0f} |"
-              for label, kind, layer, r in rows]
+             "Expected: one layer + the embeddings (fp32) + the kept activations (hidden states entering each layer "
+             f"and its K/V, {SAMPLES} × {TOKENS} tokens), on top of the interpreter with torch and transformers "
+             f"imported ({baseline:.0f} MiB RssAnon here).", "",
+             "| model | checkpoint | one layer fp32 (MiB) | expected above the interpreter (MiB) | peak RssAnon (MiB) "
+             "| peak RSS (MiB) | wall (s) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {kind} | {layer:.0f} | {expected:.0f} | {r['anon_mib']:.0f} | {r['rss_mib']:.0f} | "
+              f"{r['seconds']:.0f} |" for label, kind, layer, expected, r in rows]
     (ROOT / "bench" / "results" / "scale.md").write_text("\n".join(lines) + "\n")
 
 

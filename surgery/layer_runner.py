@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .arch.cache_surgery import SurgeryCache
 from .arch.configuration_surgery import SurgeryConfig
 from .arch.modeling_surgery import LayerContext, SurgeryDecoderLayer, SurgeryRMSNorm, SurgeryRotaryEmbedding
-from .tensor_io import LazyCheckpoint
+from .tensor_io import LazyCheckpoint, release_freed_memory
 
 
 @dataclass
@@ -90,6 +90,7 @@ class LayerRunner:
                 state.kv[index] = kv
             hidden = outputs
             del layer
+            release_freed_memory()
         norm = SurgeryRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
         norm.weight.data = self.reader.get("model.norm.weight").to(self.dtype)
         state.final = [norm(states) for states in hidden]

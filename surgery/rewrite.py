@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import SurgeryError
-from .tensor_io import LazyCheckpoint, check_finite
+from .tensor_io import LazyCheckpoint, check_finite, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ def rewrite(source_folder: Path, expected: dict[str, tuple[int, ...]], plan: Ten
                     held -= sum(_nbytes(t) for t in inputs.values())
                     emit(new, derivation.build(*(inputs[source] for source in derivation.inputs)))
             report.peak_held_bytes = max(report.peak_held_bytes, held + _pending(writer))
+        release_freed_memory()
     for new, tensor in plan.added.items():
         emit(new, tensor)
     missing = sorted(set(expected) - set(report.written))

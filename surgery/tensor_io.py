@@ -1,5 +1,6 @@
 """Lazy safetensors reading and streaming sharded writing, so a conversion never holds the model twice."""
 
+import ctypes
 import json
 import shutil
 from collections.abc import Iterator
@@ -12,6 +13,15 @@ from .errors import SurgeryError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps them otherwise, and a walk over many layers, each freed
+    after use, would then look (and count, for the OOM killer) like a model held in full."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:

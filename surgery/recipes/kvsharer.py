@@ -109,6 +109,8 @@ class KVSharer(Recipe):
         reference = runner.run(identity)
         keys, values = mean_post_rope_kv(reference, calibration_ids.shape[0])
         distances = pair_distances(keys, values)
+        reference_final = reference.final  # the rest of the reference run stays only as the runner's state
+        del reference, keys, values
 
         kv_source, accepted, tried = identity, [], 0
         pairs = self.ordered_pairs(distances, seed)
@@ -121,7 +123,7 @@ class KVSharer(Recipe):
                     continue
                 candidate = share(kv_source, layer, onto)
                 trial = runner.run(candidate, start=layer, commit=False)  # layers before `layer` are unchanged
-                similarity = mean_cosine(trial.final, reference.final)
+                similarity = mean_cosine(trial.final, reference_final)
                 tried += 1
                 if similarity > self.threshold:
                     runner.commit(trial, candidate)
