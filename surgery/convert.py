@@ -1,6 +1,7 @@
 """One conversion, in one direction: source -> calibrate -> plan -> rewrite -> export -> verify (-> eval)."""
 
 import copy
+import math
 import json
 import logging
 from dataclasses import dataclass, field
@@ -74,6 +75,28 @@ def calibration_settings(request: ConvertRequest) -> CalibrationSettings | None:
     )
 
 
+def available_memory() -> int:
+    """Bytes the kernel says a new allocation can still get (MemAvailable), or 0 when it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def check_fits_in_memory(source: Source, settings: CalibrationSettings) -> None:
+    """The whole-model path holds the source in float32: refuse it, in one line, when that cannot fit."""
+    needed = 4 * sum(math.prod(shape) for shape in LazyCheckpoint(source.folder).shapes().values())
+    available = available_memory()
+    if available and needed > 0.8 * available:
+        why = "self-generated calibration text" if settings.source is None else "a recipe that calibrates the whole model"
+        raise SurgeryError(f"{why} needs the whole source in float32 ({needed / 2**30:.1f} GiB), more than this "
+                           f"machine can spare ({available / 2**30:.1f} GiB available)",
+                           hint="pass --calib FILE with real text and a recipe that calibrates layer by layer (kvsharer)")
+
+
 def load_calibration_model(source: Source, config: SurgeryConfig) -> SurgeryForCausalLM:
     """The source weights in the surgery architecture with the identity plan, in float32 for calibration."""
     model = SurgeryForCausalLM.from_pretrained(source.folder, config=copy.deepcopy(config), dtype=torch.float32).eval()
@@ -98,6 +121,8 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
     tokenizer = load_tokenizer(source.folder, request.trust_remote_code)
     needs_model = settings.source is None or any(
         recipe.calibration is not None and not recipe.uses_layer_runner for recipe in request.recipes)
+    if needs_model:
+        check_fits_in_memory(source, settings)
     model = load_calibration_model(source, config) if needs_model else None
     ids = calibration_ids(settings, tokenizer, model)
     plans = []

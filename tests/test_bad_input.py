@@ -311,3 +311,16 @@ def test_allow_pickle_is_accepted_by_every_command_that_loads_a_model(pickled, c
                  "--no-verify")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "both" / "model.safetensors").is_file()
+
+
+def test_whole_model_calibration_that_cannot_fit_is_refused(tiny_with_tokenizer, tmp_path, monkeypatch):
+    import surgery.convert
+
+    monkeypatch.setattr(surgery.convert, "available_memory", lambda: 10 * 2**20)  # 10 MiB left
+    result = convert(tiny_with_tokenizer, tmp_path, "--share-layers", "1", recipe="kvsharer")
+    assert_clean_failure(result, "self-generated calibration text", "GiB", "--calib")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Rivers of Europe include the Danube, the Rhine and the Elbe. " * 200)
+    result = convert(tiny_with_tokenizer, tmp_path, "--share-layers", "1", "--threshold", "-1", "--calib", calib,
+                     recipe="kvsharer")
+    assert result.exit_code == 0, result.stderr  # layer by layer, with real text: no whole model needed
