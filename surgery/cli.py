@@ -207,6 +207,8 @@ def inspect(model: str, allow_pickle: bool):
 @click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Tokens per calibration sample (default: the recipe's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Weight dtype (default: the source's).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where layer-by-layer calibration runs (auto: CUDA when visible).")
+@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Dtype of layer-by-layer calibration (its statistics accumulate in float32/float64).")
 @click.option("--max-shard-size", default="5G", show_default=True, help="Largest shard, in bytes (K/M/G suffixes allowed).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new checkpoint is complete).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the result in a fresh interpreter.")
@@ -220,7 +222,8 @@ def inspect(model: str, allow_pickle: bool):
 @recipe_options
 @click.pass_context
 @friendly_errors
-def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dtype, max_shard_size, overwrite,
+def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dtype, device, compute_dtype,
+            max_shard_size, overwrite,
             no_verify, run_eval, allow_pickle, trust_remote_code, revision, adapt_steps, push_to_hub, private,
             **recipe_kwargs):
     """Convert MODEL (Hub id, folder, .gguf, or `demo`) with a recipe into --out."""
@@ -234,7 +237,8 @@ def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dt
         check_repo_id(push_to_hub)
     request = ConvertRequest(
         model=model, recipes=build_recipes(recipe_names, recipe_kwargs), out=out, calib=calib,
-        num_samples=num_samples, seq_len=seq_len, seed=seed, dtype=dtype, max_shard_size=parse_size(max_shard_size),
+        num_samples=num_samples, seq_len=seq_len, seed=seed, dtype=dtype, device=device, compute_dtype=compute_dtype,
+        max_shard_size=parse_size(max_shard_size),
         overwrite=overwrite, verify=not no_verify, evaluate=run_eval, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, revision=revision, progress=ctx.obj["progress"],
         command=shlex.join(["surgery", *sys.argv[1:]]),

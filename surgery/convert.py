@@ -48,6 +48,8 @@ class ConvertRequest:
     evaluate: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    device: str = "auto"
+    compute_dtype: str = "float32"
     revision: str | None = None
     progress: bool = True
     command: str = ""
@@ -73,6 +75,15 @@ def calibration_settings(request: ConvertRequest) -> CalibrationSettings | None:
         seq_len=request.seq_len or max(w.seq_len for w in wanted),
         seed=request.seed,
     )
+
+
+def calibration_device(name: str) -> str:
+    """`--device`: auto takes CUDA when it is visible."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SurgeryError("--device cuda, but no CUDA device is visible", hint="pass --device cpu or auto")
+    return name
 
 
 def available_memory() -> int:
@@ -128,7 +139,8 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
     plans = []
     for done, recipe in enumerate(request.recipes, start=1):
         if recipe.uses_layer_runner:
-            subject = LayerRunner(source.folder, config, ids, getattr(recipe, "batch_size", 8), progress=request.progress)
+            subject = LayerRunner(source.folder, config, ids, getattr(recipe, "batch_size", 8), DTYPES[request.compute_dtype],
+                                  request.progress, calibration_device(request.device))
         else:
             subject = model
         plan = recipe.plan(subject, ids, request.seed, request.progress)
@@ -180,7 +192,8 @@ def recipe_record(request: ConvertRequest, source: Source, settings: Calibration
         ],
         "calibration": None if settings is None else {
             "data": settings.description, "num_samples": settings.num_samples,
-            "seq_len": settings.seq_len, "seed": settings.seed,
+            "seq_len": settings.seq_len, "seed": settings.seed, "device": request.device,
+            "compute_dtype": request.compute_dtype,
         },
         "export": {"dtype": str(dtype).removeprefix("torch."), "max_shard_size": request.max_shard_size},
     }
@@ -192,6 +205,7 @@ def convert(request: ConvertRequest) -> Path:
         raise SurgeryError(f"unknown --dtype {request.dtype!r}", hint=f"choose from {', '.join(DTYPES)}")
     out = Path(request.out)
     check_composition(request.recipes)
+    calibration_device(request.device)
     check_output(out, [Path(request.model)] if Path(request.model).exists() else [])
     if out.exists() and not request.overwrite:
         raise SurgeryError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")

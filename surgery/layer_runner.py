@@ -37,14 +37,15 @@ class LayerRunner:
     """Runs calibration token batches through the source checkpoint's decoder, one layer at a time."""
 
     def __init__(self, folder: Path, config: SurgeryConfig, ids: torch.Tensor, batch_size: int,
-                 dtype: torch.dtype = torch.float32, progress: bool = False):
+                 dtype: torch.dtype = torch.float32, progress: bool = False, device: str = "cpu"):
         self.reader = LazyCheckpoint(folder)
         self.config = copy.deepcopy(config)
         self.config._attn_implementation = "sdpa"  # the calibration path is PyTorch's, on any device
-        self.batches = ids.split(batch_size)
+        self.device = torch.device(device)
+        self.batches = [batch.to(self.device) for batch in ids.split(batch_size)]
         self.dtype = dtype
         self.progress = progress
-        self.rotary = SurgeryRotaryEmbedding(self.config)
+        self.rotary = SurgeryRotaryEmbedding(self.config).to(self.device)
         self.state = RunState()
         self.kv_source = list(range(config.num_hidden_layers))
 
@@ -55,13 +56,13 @@ class LayerRunner:
         with torch.device("meta"):
             layer = SurgeryDecoderLayer(config, index)
         prefix = f"model.layers.{index}."
-        weights = {name: self.reader.get(prefix + name).to(self.dtype) for name in layer.state_dict()}
+        weights = {name: self.reader.get(prefix + name).to(self.device, self.dtype) for name in layer.state_dict()}
         layer.load_state_dict(weights, strict=True, assign=True)
         return layer.eval()
 
     @torch.no_grad()
     def embed(self) -> list[torch.Tensor]:
-        weight = self.reader.get("model.embed_tokens.weight").to(self.dtype)
+        weight = self.reader.get("model.embed_tokens.weight").to(self.device, self.dtype)
         return [F.embedding(batch, weight) for batch in self.batches]
 
     @torch.no_grad()
@@ -80,7 +81,7 @@ class LayerRunner:
                 if source != index:  # a sharing layer reads what its source layer cached for this batch
                     keys, values = state.kv[source][batch]
                     cache.layers[source].update(keys, values, source)
-                positions = torch.arange(states.shape[1])[None]
+                positions = torch.arange(states.shape[1], device=self.device)[None]
                 context = LayerContext(cache=cache, positions=positions, padding=None,
                                        projections=[None] * self.config.num_hidden_layers)
                 outputs.append(layer(states, self.rotary(states, positions), context))
@@ -92,7 +93,7 @@ class LayerRunner:
             del layer
             release_freed_memory()
         norm = SurgeryRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
-        norm.weight.data = self.reader.get("model.norm.weight").to(self.dtype)
+        norm.weight.data = self.reader.get("model.norm.weight").to(self.device, self.dtype)
         state.final = [norm(states) for states in hidden]
         if commit:
             self.commit(state, kv_source)

@@ -324,3 +324,10 @@ def test_whole_model_calibration_that_cannot_fit_is_refused(tiny_with_tokenizer,
     result = convert(tiny_with_tokenizer, tmp_path, "--share-layers", "1", "--threshold", "-1", "--calib", calib,
                      recipe="kvsharer")
     assert result.exit_code == 0, result.stderr  # layer by layer, with real text: no whole model needed
+
+
+def test_cuda_device_without_a_gpu_is_one_line(source, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = cli("convert", source, "--recipe", "kvsharer", "--device", "cuda", "--out", tmp_path / "out")
+    assert_clean_failure(result, "--device cuda", "no CUDA device", "--device cpu")
+    assert not (tmp_path / "out").exists()

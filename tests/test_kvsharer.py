@@ -206,3 +206,16 @@ def test_demo_kvsharer_saves_23_percent_of_kv_bytes(demo_source, tmp_path):
     base_bytes = 2 * 30 * 3 * 64 * 4  # float32 K and V for 30 layers x 3 KV heads x 64 dims
     saved = 1 - kv_bytes_per_token(model, ids) / base_bytes
     assert saved == pytest.approx(7 / 30, abs=0.01)
+
+
+def test_layer_by_layer_in_bfloat16_stays_close_to_float32(tiny_llama):
+    ids = torch.randint(3, 128, (4, 9), generator=torch.Generator().manual_seed(2))
+    config = surgery_config_from_source(resolve(str(tiny_llama)).config)
+    full = torch.cat(LayerRunner(tiny_llama, config, ids, 2).run(list(range(6))).final)
+    half = LayerRunner(tiny_llama, config, ids, 2, dtype=torch.bfloat16).run(list(range(6))).final
+    half = torch.cat(half).float()
+    assert half.dtype == torch.float32 and not torch.equal(half, full)  # it really ran in bfloat16
+    assert ((half - full).norm() / full.norm()).item() < 0.05
+    plan = KVSharer(share_layers=2, threshold=-1.0).plan(LayerRunner(tiny_llama, config, ids, 2, dtype=torch.bfloat16),
+                                                         ids, progress=False)
+    assert len(plan["shared"]) == 2

@@ -45,7 +45,7 @@ def pair_distances(keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict
 
 
 def mean_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    sims = [torch.nn.functional.cosine_similarity(x, y, dim=-1).flatten() for x, y in zip(a, b)]
+    sims = [torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).flatten() for x, y in zip(a, b)]
     return torch.cat(sims).mean().item()
 
 
