@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _read_hub_dataset(name: str, split: str) -> str:
     try:
         dataset = load_dataset(name, split=split)
     except Exception as error:  # datasets raises many types for an unreachable or unknown dataset
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise SurgeryError(f"cannot load dataset {name!r}: {reason}", hint="check the name and connection, or pass a local file") from None
     column = next((c for c in TEXT_FIELDS if c in dataset.column_names), None)
     if column is None:

@@ -9,7 +9,7 @@ import transformers
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 from .recipes import recipes_from_record
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
@@ -29,7 +29,7 @@ def read_recipe(folder: Path) -> dict[str, Any]:
     try:
         record = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise SurgeryError(f"{path} is not valid YAML: {str(error).splitlines()[0]}", hint="re-export the checkpoint") from None
+        raise SurgeryError(f"{path} is not valid YAML: {first_line(error)}", hint="re-export the checkpoint") from None
     if not isinstance(record, dict):
         raise SurgeryError(f"{path} is not a YAML mapping", hint="re-export the checkpoint")
     return record

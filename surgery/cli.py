@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 from .ranges import click_range, has_range
 from .recipes import RECIPES, recipe_class
 
@@ -67,8 +67,7 @@ def friendly_errors(command):
             fail(os_error_line(error))
         except Exception as error:  # the last resort: one line, never a traceback unless asked for
             _show_traceback_if_verbose()
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            fail(f"unexpected {type(error).__name__}: {reason} (run with -v for the traceback)")
+            fail(f"unexpected {type(error).__name__}: {first_line(error)} (run with -v for the traceback)")
 
     return wrapper
 

@@ -1,9 +1,9 @@
 """One conversion, in one direction: source -> calibrate -> plan -> rewrite -> export -> verify (-> eval)."""
 
 import copy
-import math
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -1,6 +1,12 @@
 """The one error type users see: a message naming the problem and a hint naming the fix, printed on one line."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type's name), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class SurgeryError(Exception):
     """Bad input or an impossible request. The CLI prints it as one line and exits non-zero, without a traceback."""
 

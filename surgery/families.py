@@ -9,7 +9,7 @@ from typing import Any
 from transformers import AutoConfig
 
 from .arch.configuration_surgery import SurgeryConfig
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -121,8 +121,7 @@ def source_config(config_dict: dict[str, Any]):
     try:
         return AutoConfig.for_model(model_type, **fields)
     except Exception as error:  # strict dataclass validation raises its own types
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SurgeryError(f"config.json is not a valid {model_type} config: {reason}",
+        raise SurgeryError(f"config.json is not a valid {model_type} config: {first_line(error)}",
                            hint="fix config.json of the source model") from None
 
 
@@ -137,5 +136,4 @@ def surgery_config_from_source(config_dict: dict[str, Any]) -> SurgeryConfig:
     try:
         return SurgeryConfig(**kwargs)
     except Exception as error:  # strict dataclass validation raises its own types
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SurgeryError(f"config.json cannot be converted: {reason}", hint="fix config.json of the source model") from None
+        raise SurgeryError(f"config.json cannot be converted: {first_line(error)}", hint="fix config.json of the source model") from None

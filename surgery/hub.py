@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .card import RECIPE_FILE, render_card
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 from .verify import verify_checkpoint
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise SurgeryError(f"{repo_id!r} is not a valid Hub repo id: {str(error).splitlines()[0]}",
+        raise SurgeryError(f"{repo_id!r} is not a valid Hub repo id: {first_line(error)}",
                            hint="use namespace/name, e.g. my-org/SmolLM2-135M-KVSharer") from None
 
 
@@ -111,7 +111,7 @@ def explain(error: Exception, repo_id: str) -> SurgeryError:
         return SurgeryError(f"no write access to {repo_id}: it exists and belongs to someone else, or the token "
                             "cannot write there (403 Forbidden)", hint="push to a repo id under your own namespace")
     if status is not None:
-        return SurgeryError(f"the Hub answered {status} while pushing {repo_id}: {str(error).splitlines()[0]}")
+        return SurgeryError(f"the Hub answered {status} while pushing {repo_id}: {first_line(error)}")
     name = type(error).__name__
     if name == "OfflineModeIsEnabled":
         return SurgeryError(f"cannot push {repo_id}: HF_HUB_OFFLINE is set", hint="unset HF_HUB_OFFLINE to upload")
@@ -121,4 +121,4 @@ def explain(error: Exception, repo_id: str) -> SurgeryError:
     if any(word in name for word in ("Connect", "Protocol", "Timeout", "Network", "ReadError", "Connection")):
         return SurgeryError(f"the connection to the Hub was lost while pushing {repo_id} ({name}); nothing was "
                             "committed", hint="run the same command again to finish the upload")
-    return SurgeryError(f"pushing {repo_id} failed: {name}: {str(error).splitlines()[0] if str(error) else ''}")
+    return SurgeryError(f"pushing {repo_id} failed: {name}: {first_line(error)}")

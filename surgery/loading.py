@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .arch.configuration_surgery import SURGERY_FORMAT, SurgeryConfig
 from .arch.modeling_surgery import SurgeryForCausalLM
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 from .families import source_config
 from .sources import Source, resolve
 from .tensor_io import LazyCheckpoint
@@ -40,11 +40,6 @@ TOKENIZER_FILES = (
 )
 TOKENIZER_CONFIG = "tokenizer_config.json"
 STANDARD_FAST_TOKENIZER = "PreTrainedTokenizerFast"
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _read_json(path: Path) -> Any:

@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 from .families import read_model_type
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _download(repo_id: str, allow_pickle: bool, revision: str | None) -> Path:
     except RepositoryNotFoundError:
         raise SurgeryError(f"no such model on the Hub: {repo_id}", hint="check the repo id, or log in for a private repo") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
-        reason = str(error).splitlines()[0]
+        reason = first_line(error)
         raise SurgeryError(
             f"could not fetch {repo_id} from the Hub: {reason}", hint="check the connection, or pass a local folder"
         ) from None
@@ -131,7 +131,7 @@ def _gguf_to_folder(gguf: Path) -> Path:
     except SurgeryError:
         raise
     except Exception as error:  # gguf and transformers raise many types for a damaged file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise SurgeryError(f"cannot read the GGUF file {gguf}: {reason}",
                            hint="re-download it; it must be a GGUF that transformers can dequantize") from None
 
@@ -146,7 +146,7 @@ def _pickle_to_folder(folder: Path) -> Path:
     except SurgeryError:
         raise
     except Exception as error:  # torch.load raises many types for a damaged pickle
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise SurgeryError(f"cannot load the pickled weights of {folder}: {reason}", hint="re-download them") from None
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -34,7 +34,7 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-        raise SurgeryError(f"{index} is not a valid index: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
+        raise SurgeryError(f"{index} is not a valid index: {first_line(error)}",
                            hint="re-download the model or delete the index of a single-shard model") from None
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) and isinstance(k, str) for k, v in weight_map.items()):
         raise SurgeryError(f"{index} has no weight_map of tensor names to shard files",
