@@ -24,7 +24,10 @@ from surgery.convert import ConvertRequest, convert, load_calibration_model
 from surgery.evaluate import kv_bytes_per_token, perplexity
 from surgery.loading import load_model
 from surgery.families import surgery_config_from_source
-from surgery.recipes.matryoshka import MatryoshkaKV, log_probs
+from surgery.arch.projection_surgery import set_kv_ranks
+from surgery.layer_runner import LayerRunner
+from surgery.recipes import matryoshka
+from surgery.recipes.matryoshka import KLCurves, MatryoshkaKV
 from surgery.sources import resolve
 
 RESULTS = Path(__file__).parent / "results" / "matryoshka.md"
@@ -36,8 +39,23 @@ class SearchedOnce(MatryoshkaKV):
 
     snapshots: dict = {}
 
-    def search(self, model, ids, reference, owners, budgets, progress):
-        return {budget: self.snapshots[budget] for budget in budgets}
+    def plan(self, runner, calibration_ids, seed=0, progress=True):
+        original = matryoshka.search_ranks
+        matryoshka.search_ranks = lambda score, curves, budgets, *rest: {b: self.snapshots[b] for b in budgets}
+        try:
+            return super().plan(runner, calibration_ids, seed, progress)
+        finally:
+            matryoshka.search_ranks = original
+
+
+def install(model, projections: dict, ranks: dict) -> None:
+    """The runner's PCA projections at `ranks`, in the whole model."""
+    config = model.config
+    full = [[config.head_dim] * config.num_key_value_heads] * config.num_hidden_layers
+    set_kv_ranks(model, full, full)
+    for layer, projection in projections.items():
+        model.model.layers[layer].self_attn.kv_projection.load_state_dict(projection.state_dict())
+    set_kv_ranks(model, *matryoshka.rank_lists(config, list(projections), ranks))
 
 
 def measure(model, ids) -> tuple[float, float]:
@@ -53,6 +71,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--search-samples", type=int, default=4)
     parser.add_argument("--search-len", type=int, default=32)
+    parser.add_argument("--search", default="fast", choices=("fast", "exhaustive"))
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
 
@@ -60,7 +79,8 @@ def main() -> None:
     config = surgery_config_from_source(source.config)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     model = load_calibration_model(source, config)
-    recipe = MatryoshkaKV(budget=min(budgets), search_samples=args.search_samples, search_len=args.search_len)
+    recipe = MatryoshkaKV(budget=min(budgets), search_samples=args.search_samples, search_len=args.search_len,
+                          search=args.search)
     settings = CalibrationSettings(source=None, num_samples=recipe.calibration.num_samples,
                                    seq_len=recipe.calibration.seq_len, seed=args.seed)
     calib = calibration_ids(settings, tokenizer, model)
@@ -68,20 +88,21 @@ def main() -> None:
     base_ppl, base_bytes = measure(model, eval_ids)
     rows = [("-", 1.0, "base model", base_ppl, base_bytes, "")]
 
-    owners = list(range(config.num_hidden_layers))
-    search_ids = calib[: recipe.search_samples, : recipe.search_len]
-    reference = log_probs(model, search_ids)
-    recipe.install_pca(model, calib, owners)
+    runner = LayerRunner(source.folder, config, calib, recipe.batch_size)
+    projections, spectra = recipe.install_pca(runner, config.owner_layers, progress=True)
+    searcher = runner.on(calib[: recipe.search_samples, : recipe.search_len])
+    reference = searcher.log_probs(searcher.run(runner.kv_source).final)
     start = time.perf_counter()
-    snapshots = recipe.search(model, search_ids, reference, owners, budgets, progress=True)
+    snapshots = matryoshka.search_ranks(recipe.trial_scorer(searcher, projections, reference),
+                                        KLCurves(config.head_dim, spectra), budgets, recipe.search, progress=True)
     search_s = time.perf_counter() - start
     full_ranks = {key: config.head_dim for key in snapshots[budgets[0]]}
-    recipe.set_ranks(model, full_ranks, owners)
+    install(model, projections, full_ranks)
     rows.append(("PCA only", 1.0, "full rank", *measure(model, eval_ids), ""))
     for budget in budgets:
         uniform = {key: round(budget * config.head_dim) for key in full_ranks}
         for method, ranks in (("uniform", uniform), ("searched", snapshots[budget])):
-            recipe.set_ranks(model, ranks, owners)
+            install(model, projections, ranks)
             rows.append(("PCA only", budget, method, *measure(model, eval_ids), ""))
             print(rows[-1], flush=True)
     del model
@@ -119,7 +140,7 @@ def main() -> None:
         "",
         f"- Calibration (PCA and rank search): {settings.num_samples} × {settings.seq_len} tokens the model generated "
         f"itself (seed {args.seed}); the search scores KL on {recipe.search_samples} × {recipe.search_len} of them "
-        f"({search_s:.0f} s for one greedy pass down to {min(budgets):.1%}, snapshotted at each budget).",
+        f"({args.search} search, {search_s:.0f} s for one greedy pass down to {min(budgets):.1%}, snapshotted at each budget).",
         f"- Training: `surgery adapt`, α = {MatryoshkaKV.distill_alpha} (the paper's), ranks sampled per step, on "
         f"{args.adapt_samples} other self-generated sequences of 128 tokens; lr 1e-3, batch 8, cosine schedule.",
         f"- Perplexity: {eval_ids.shape[1]} tokens of Python's reference manual prose (`pydoc_data.topics`), "

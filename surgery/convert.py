@@ -21,7 +21,7 @@ from .layer_runner import LayerRunner
 from .loading import load_tokenizer
 from .outputs import check_output, exclusive, staging
 from .recipes import Recipe, check_composition
-from .rewrite import DictWriter, TensorPlan, rewrite
+from .rewrite import TensorPlan
 from .sources import Source, resolve
 from .tensor_io import LazyCheckpoint, check_finite
 
@@ -97,15 +97,14 @@ def available_memory() -> int:
     return 0
 
 
-def check_fits_in_memory(source: Source, settings: CalibrationSettings) -> None:
-    """The whole-model path holds the source in float32: refuse it, in one line, when that cannot fit."""
+def check_fits_in_memory(source: Source) -> None:
+    """Sampling calibration text holds the whole source in float32: refuse it, in one line, when that cannot fit."""
     needed = 4 * sum(math.prod(shape) for shape in LazyCheckpoint(source.folder).shapes().values())
     available = available_memory()
     if available and needed > 0.8 * available:
-        why = "self-generated calibration text" if settings.source is None else "a recipe that calibrates the whole model"
-        raise SurgeryError(f"{why} needs the whole source in float32 ({needed / 2**30:.1f} GiB), more than this "
+        raise SurgeryError(f"self-generated calibration text needs the whole source in float32 ({needed / 2**30:.1f} GiB), more than this "
                            f"machine can spare ({available / 2**30:.1f} GiB available)",
-                           hint="pass --calib FILE with real text and a recipe that calibrates layer by layer (kvsharer)")
+                           hint="pass --calib FILE with real text: calibration then runs one layer at a time")
 
 
 def load_calibration_model(source: Source, config: SurgeryConfig) -> SurgeryForCausalLM:
@@ -120,8 +119,8 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
                  settings: CalibrationSettings | None) -> list[dict]:
     """Run calibration once and let each recipe plan, in order, on what the recipes before it left.
 
-    A recipe that calibrates layer by layer gets a LayerRunner (one decoder layer in memory); the others get the
-    whole model in float32, which is loaded only when one of them, or self-generated calibration text, needs it.
+    Every recipe calibrates on a LayerRunner (one decoder layer in memory) that builds the layers as the
+    recipes before it planned them. The whole model is loaded only to sample self-generated calibration text.
     """
     if settings is None:
         plans = [recipe.plan(None, None, request.seed, request.progress) for recipe in request.recipes]
@@ -130,40 +129,21 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
         return plans
     torch.manual_seed(request.seed)
     tokenizer = load_tokenizer(source.folder, request.trust_remote_code)
-    needs_model = settings.source is None or any(
-        recipe.calibration is not None and not recipe.uses_layer_runner for recipe in request.recipes)
-    if needs_model:
-        check_fits_in_memory(source, settings)
-    model = load_calibration_model(source, config) if needs_model else None
+    model = None
+    if settings.source is None:
+        check_fits_in_memory(source)
+        model = load_calibration_model(source, config)
     ids = calibration_ids(settings, tokenizer, model)
+    del model
     plans = []
-    for done, recipe in enumerate(request.recipes, start=1):
-        if recipe.uses_layer_runner:
-            subject = LayerRunner(source.folder, config, ids, getattr(recipe, "batch_size", 8), DTYPES[request.compute_dtype],
-                                  request.progress, calibration_device(request.device))
-        else:
-            subject = model
-        plan = recipe.plan(subject, ids, request.seed, request.progress)
+    for done, recipe in enumerate(request.recipes):
+        runner = LayerRunner(source.folder, config, ids, getattr(recipe, "batch_size", 8),
+                             DTYPES[request.compute_dtype], request.progress, calibration_device(request.device),
+                             plan=tensor_plan(request.recipes[:done]))
+        plan = recipe.plan(runner, ids, request.seed, request.progress)
         recipe.apply(config, plan)
         plans.append(plan)
-        later = request.recipes[done:]
-        if any(r.calibration is not None and not r.uses_layer_runner for r in later):
-            model = planning_model(source, config, request.recipes[:done])  # the next recipe plans on this one
-    del model
     return plans
-
-
-def planning_model(source: Source, config: SurgeryConfig, recipes: list[Recipe]) -> SurgeryForCausalLM:
-    """The model as the recipes so far left it, whatever they changed (sharing, projections, new tensors):
-    the rewrite stage run into memory, in float32, loaded into the planned architecture."""
-    writer = DictWriter()
-    rewrite(source.folder, expected_tensors(config), tensor_plan(recipes), writer, torch.float32)
-    model = SurgeryForCausalLM(copy.deepcopy(config)).to(torch.float32)
-    missing, unexpected = model.load_state_dict(writer.tensors, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise SurgeryError(f"the planned model does not match the rewritten tensors: {(missing + unexpected)[0]}")
-    model.tie_weights()
-    return model.eval()
 
 
 def source_license(folder: Path) -> str | None:

@@ -62,6 +62,15 @@ class TensorPlan:
         for rules in (self.renamed, self.derived, self.added):
             rules.pop(new, None)
 
+    def tensor(self, new: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """One new tensor, made from the source tensors `read` returns: for planning on what recipes left."""
+        if new in self.added:
+            return self.added[new]
+        if new in self.derived:
+            derivation = self.derived[new]
+            return derivation.build(*(read(source) for source in derivation.inputs))
+        return read(self.renamed.get(new, new))
+
     def sources_of(self, new: str) -> tuple[str, ...]:
         """The source tensors a new tensor is made from (none for an added tensor)."""
         if new in self.added:

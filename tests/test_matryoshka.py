@@ -11,7 +11,9 @@ from surgery.convert import load_calibration_model
 from surgery.errors import SurgeryError
 from surgery.evaluate import kv_bytes_per_token
 from surgery.families import surgery_config_from_source
-from surgery.recipes.matryoshka import MatryoshkaKV, kv_covariances, principal_bases
+from surgery.arch.projection_surgery import set_kv_ranks
+from surgery.layer_runner import LayerRunner
+from surgery.recipes.matryoshka import KLCurves, KVStatistics, MatryoshkaKV, principal_bases, search_ranks
 from surgery.sources import resolve
 
 
@@ -19,25 +21,110 @@ def test_pca_basis_matches_numpy_style_reference():
     """Eigenvectors of the centred covariance, by descending eigenvalue, computed independently with SVD."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(500, 6, generator=generator, dtype=torch.float64) @ torch.randn(6, 6, generator=generator, dtype=torch.float64)
-    mean, bases = principal_bases(x.sum(0)[None], (x.T @ x)[None], x.shape[0])
+    mean, bases, eigenvalues = principal_bases(x.sum(0)[None], (x.T @ x)[None], x.shape[0])
     centred = x - x.mean(0)
     _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
     assert torch.allclose(mean[0], x.mean(0))
+    assert torch.allclose(eigenvalues[0], singular**2 / x.shape[0])
     for i in range(6):  # same directions up to sign
         assert abs(abs(bases[0][:, i] @ vh[i]) - 1) < 1e-8
     assert torch.allclose(bases[0].T @ bases[0], torch.eye(6, dtype=torch.float64), atol=1e-10)
 
 
+def runner_for(folder, ids, batch_size=2) -> LayerRunner:
+    return LayerRunner(folder, surgery_config_from_source(resolve(str(folder)).config), ids, batch_size)
+
+
 def test_covariances_come_from_post_rope_keys(tiny_llama):
+    """Statistics gathered layer by layer equal those of the whole model's cached (post-RoPE) keys."""
     source = resolve(str(tiny_llama))
     model = load_calibration_model(source, surgery_config_from_source(source.config))
     ids = torch.randint(3, 128, (3, 10))
-    stats = kv_covariances(model, ids, [2], batch_size=2)
+    statistics = KVStatistics()
+    runner_for(tiny_llama, ids).run(list(range(6)), record=False, visit=statistics.add)
     with torch.no_grad():
         keys = model(ids, use_cache=True).past_key_values.layers[2].keys.double()  # (3, kv, 10, d)
     per_head = keys.transpose(0, 1).flatten(1, 2)
-    total, outer, count = stats[2, "key"]
-    assert count == 30 and torch.allclose(total, per_head.sum(1)) and torch.allclose(outer, per_head.transpose(1, 2) @ per_head)
+    total, outer, count = statistics[2, "key"]
+    assert count == 30
+    assert torch.allclose(total, per_head.sum(1), atol=1e-9)
+    assert torch.allclose(outer, per_head.transpose(1, 2) @ per_head, atol=1e-8)
+
+
+def test_a_trial_equals_the_whole_model_with_that_rank(tiny_llama):
+    """A search trial (one layer's head lowered, re-run from that layer) gives the KL of the whole model with
+    the same projection, computed here from full forward passes."""
+    source = resolve(str(tiny_llama))
+    config = surgery_config_from_source(source.config)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    runner = runner_for(tiny_llama, ids)
+    recipe = MatryoshkaKV()
+    projections, _ = recipe.install_pca(runner, list(range(6)), progress=False)
+    reference = runner.log_probs(runner.run(list(range(6))).final)
+    score = recipe.trial_scorer(runner, projections, reference)
+
+    model = load_calibration_model(source, config)
+    with torch.no_grad():
+        expected_reference = model(ids).logits.double().log_softmax(-1)
+        full = [[16, 16]] * 6
+        set_kv_ranks(model, full, full)
+        model.model.layers[3].self_attn.kv_projection.load_state_dict(projections[3].state_dict())
+        model.model.layers[3].self_attn.kv_projection.value_bases[1].rank = 6
+        candidate = model(ids).logits.double().log_softmax(-1)
+    expected = (expected_reference.exp() * (expected_reference - candidate)).sum(-1).mean().item()
+    assert score((3, 1, "value"), 6) == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    assert expected > 1e-5  # the trial did change something
+
+
+def synthetic_curves(seed: int, candidates: int = 12, head_dim: int = 16) -> tuple[KLCurves, dict]:
+    """Random spectra and, per candidate, a KL that is some scale times the spectrum's tail (the fast search's
+    model of a curve), so the fast search must find exactly what scoring every rank finds."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = [(layer, head, kind) for layer in range(candidates // 4) for head in range(2) for kind in ("key", "value")]
+    spectra = {key: torch.rand(head_dim, generator=generator, dtype=torch.float64).sort(descending=True).values
+               for key in keys}
+    scales = {key: float(torch.rand(1, generator=generator)) * 3 for key in keys}
+    return KLCurves(head_dim, spectra), scales
+
+
+def brute_force_greedy(table: dict, head_dim: int, steps_down: int) -> dict:
+    """The greedy walk written plainly: take, `steps_down` times, the candidate whose next step adds least KL."""
+    step = head_dim // 8
+    ranks = {key: head_dim for key in {key for key, _ in table}}
+    for _ in range(steps_down):
+        def cost(key):
+            now = 0.0 if ranks[key] == head_dim else table[key, ranks[key]]
+            return table[key, ranks[key] - step] - now if ranks[key] > step else float("inf")
+        chosen = min(sorted(ranks), key=cost)
+        ranks[chosen] -= step
+    return ranks
+
+
+@pytest.mark.parametrize("budget", [0.75, 0.5, 0.25])
+def test_exhaustive_search_is_the_greedy_walk(budget):
+    curves, scales = synthetic_curves(seed=2)
+    generator = torch.Generator().manual_seed(3)
+    table = {(key, rank): float(torch.rand(1, generator=generator)) + (16 - rank) for key in curves.spectra
+             for rank in range(2, 16, 2)}
+    trials = []
+    ranks = search_ranks(lambda key, rank: trials.append(1) or table[key, rank], curves, [budget], "exhaustive")[budget]
+    assert len(trials) == 12 * 7
+    assert ranks == brute_force_greedy(table, 16, round((1 - budget) * 12 * 8))
+
+
+@pytest.mark.parametrize("budget", [0.75, 0.5, 0.375])
+def test_fast_search_finds_the_exhaustive_ranks_on_spectral_curves_with_fewer_trials(budget):
+    curves, scales = synthetic_curves(seed=4)
+
+    def score(key, rank):
+        spectrum = curves.spectra[key]
+        return scales[key] * (spectrum[rank:].sum() / spectrum.sum()).item()
+
+    exhaustive_curves = KLCurves(16, curves.spectra)
+    expected = search_ranks(score, exhaustive_curves, [budget], "exhaustive")[budget]
+    fast = search_ranks(score, curves, [budget], "fast")[budget]
+    assert fast == expected
+    assert sum(map(len, curves.measured.values())) < 0.5 * 12 * 7
 
 
 @pytest.mark.parametrize("budget", [0.75, 0.375])
@@ -53,28 +140,6 @@ def test_searched_ranks_meet_the_budget_in_the_cache(tiny_llama, tmp_path, budge
     assert measured / full == pytest.approx(budget, abs=0.02 * budget)
     plan = yaml.safe_load((out / "recipe.yaml").read_text())["recipes"][0]["plan"]
     assert plan["kv_fraction"] == pytest.approx(budget, abs=1e-9)
-
-
-def test_search_lowers_the_cheapest_head_first(tiny_llama):
-    """One greedy step takes the candidate with the smallest KL, checked against scoring every candidate."""
-    source = resolve(str(tiny_llama))
-    model = load_calibration_model(source, surgery_config_from_source(source.config))
-    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    recipe = MatryoshkaKV(budget=1 - 1 / (8 * 24))  # one step below full: 24 (layer, head, K/V) of 8 steps each
-    from surgery.recipes.matryoshka import kl_from, log_probs
-
-    reference = log_probs(model, ids)
-    owners = list(range(6))
-    recipe.install_pca(model, ids, owners)
-    full = {(l, h, k): 16 for l in owners for h in range(2) for k in ("key", "value")}
-    scores = {}
-    for candidate in full:
-        ranks = {**full, candidate: 14}
-        recipe.set_ranks(model, ranks, owners)
-        scores[candidate] = kl_from(reference, log_probs(model, ids))
-    snapshot = recipe.search(model, ids, reference, owners, [recipe.budget], progress=False)[recipe.budget]
-    lowered = [c for c, r in snapshot.items() if r != 16]
-    assert lowered == [min(scores, key=scores.get)]
 
 
 def test_uniform_needs_an_eighth_step(tiny_llama, tmp_path):

@@ -28,7 +28,6 @@ class Recipe:
     saves: ClassVar[str]
     calibration: ClassVar[CalibrationRequest | None] = None
     distill_alpha: ClassVar[float | None] = None  # weight of KL in `surgery adapt`, from the paper when it trains
-    uses_layer_runner: ClassVar[bool] = False  # plan() gets a LayerRunner (one layer in memory), not a model
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -36,8 +35,9 @@ class Recipe:
     def validate(self, config: SurgeryConfig) -> None:
         """Raise SurgeryError when the options cannot apply to this model."""
 
-    def plan(self, model, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-        """Decide, from the source model and calibration tokens, what to change. Small and serialisable."""
+    def plan(self, runner, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+        """Decide what to change, from calibration tokens run through the source one layer at a time (`runner`, a
+        LayerRunner; None when the recipe asks for no calibration). Small and serialisable."""
         return {}
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:

@@ -61,7 +61,6 @@ class KVSharer(Recipe):
     paper = "KVSharer: Efficient Inference via Layer-Wise Dissimilar KV Cache Sharing (Yang et al., arXiv 2410.18517)"
     saves = "the KV cache and the k_proj/v_proj weights of every sharing layer"
     calibration = CalibrationRequest(num_samples=30, seq_len=64)
-    uses_layer_runner = True  # calibrates one decoder layer at a time
     distill_alpha = 1.0  # the paper does not train; pure distillation targets the gap to the base model
 
     share_layers: int | None = field(default=None, metadata={"help": "number of layers that share (default: 25% of layers)", "min": 1})

@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from ..layer_runner import LayerRunner
 from .budget import TokenBudgetRecipe
 
 
@@ -24,27 +25,29 @@ class ZigZagKV(TokenBudgetRecipe):
         return CalibrationRequest(num_samples=16, seq_len=256) if self.calibrated else None
 
     @torch.no_grad()
-    def plan(self, model, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-        plan = super().plan(model, calibration_ids, seed, progress)
+    def plan(self, runner, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+        plan = super().plan(runner, calibration_ids, seed, progress)
         if self.calibrated:
-            plan["layer_weights"] = self.layer_shares(model, calibration_ids)
+            plan["layer_weights"] = self.layer_shares(runner)
         return plan
 
     @staticmethod
-    def layer_shares(model, ids: torch.Tensor) -> list[float]:
-        """u_l = LMBA_l / Σ LMBA averaged over calibration samples, measured by the shipped scoring code: each
-        sample's prefill runs with a ZigZag policy object, whose scores are read back from that same call."""
+    def layer_shares(runner: LayerRunner) -> list[float]:
+        """u_l = LMBA_l / Σ LMBA averaged over calibration samples, measured by the shipped scoring code: every
+        batch's prefill, layer by layer, runs with a ZigZag policy object whose scores are read back."""
         from ..arch.policies_surgery import build_policy
 
-        owners = model.config.owner_layers
+        config = runner.config
+        owners = config.owner_layers
+        policies = [build_policy("zigzag", 0.5, None, owners, torch.full((len(batch),), batch.shape[1]), config.kv_window)
+                    for batch in runner.batches]
+        runner.run(runner.kv_source, commit=False, record=False, policies=policies)
         totals = torch.zeros(len(owners), dtype=torch.float64)
-        for sample in ids.split(1):
-            policy = build_policy("zigzag", 0.5, None, owners, torch.tensor([sample.shape[1]]), model.config.kv_window)
-            model(sample, use_cache=True, kv_policy=policy)
-            lmba = torch.stack([policy.lmba(layer)[0] for layer in owners]).double()
-            totals += lmba / lmba.sum()
-        shares = totals / ids.shape[0]
-        weights = [0.0] * model.config.num_hidden_layers
+        for policy in policies:
+            lmba = torch.stack([policy.lmba(layer) for layer in owners]).double()  # (layers, batch)
+            totals += (lmba / lmba.sum(0)).sum(1)
+        shares = totals / runner.ids.shape[0]
+        weights = [0.0] * config.num_hidden_layers
         for layer, share in zip(owners, shares.tolist()):
             weights[layer] = round(share, 6)
         return weights
