@@ -23,7 +23,9 @@ from .card import read_recipe, render_card
 from .errors import SurgeryError
 from .export import finish_checkpoint, write_state_dict
 from .outputs import check_output, exclusive, staging
+from .lora import add_lora, is_lora_parameter, linear_targets, merge_lora
 from .ranges import check_ranges
+from .teacher import shared_teacher
 from .recipes import recipes_from_record
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,10 @@ class AdaptSettings:
     mixed_precision: str = field(default="auto", metadata={"help": "bf16 autocast: auto (bf16 on CUDA), bf16 or no",
                                                            "choices": ("auto", "bf16", "no")})
     save_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints (0: never)", "min": 0})
+    lora_rank: int = field(default=0, metadata={"help": "train whole projections as LoRA updates of this rank (0: in full)", "min": 0})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scale numerator (default: 2 × --lora-rank)", "above": 0})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory", "flag": True})
+    copy_teacher: bool = field(default=False, metadata={"help": "load the teacher as its own full copy instead of sharing the student's frozen tensors", "flag": True})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,6 +70,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     kl = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
     ce = F.nll_loss(student.flatten(0, 1), labels[:, 1:].flatten())
     return alpha * kl + (1 - alpha) * ce
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing under its transformers 5.x name, or the older one."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -121,6 +133,7 @@ def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = F
 def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, overwrite: bool, verify: bool,
            progress: bool, stop_after: int | None, allow_pickle: bool, record: dict) -> Path:
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
     from transformers import get_cosine_schedule_with_warmup
 
     from .loading import check_same_vocabulary, load_source_model, load_tokenizer
@@ -140,19 +153,36 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
     check_same_vocabulary(student_source, teacher_source, "teacher")
     model = load_source_model(student_source)
     config = model.config
-    for recipe in recipes:
-        recipe.prepare_training(model)
-    trainable = []
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(any(recipe.is_trainable(name, config) for recipe in recipes))
-        if parameter.requires_grad:
-            trainable.append(parameter)
-    if not trainable:
+    trainable_names = {name for name, _ in model.named_parameters()
+                       if any(recipe.is_trainable(name, config) for recipe in recipes)}
+    if not trainable_names:
         raise SurgeryError(f"the recipes of {checkpoint} ({', '.join(r.name for r in recipes)}) train nothing",
                            hint="adapt a checkpoint whose recipe has trainable parts")
+    lora_targets = linear_targets(model, trainable_names) if settings.lora_rank else []
+    in_place = trainable_names - {f"{target}.weight" for target in lora_targets}
 
-    teacher, tokenizer = load_source_model(teacher_source), load_tokenizer(teacher_source.folder)
-    teacher.requires_grad_(False)
+    # FSDP flattens and shards parameters, so a teacher cannot read the student's: it loads its own copy there.
+    shares = not settings.copy_teacher and accelerator.distributed_type != DistributedType.FSDP
+    if shares and teacher_source.model_type != config.model_type:
+        teacher, teacher_bytes = shared_teacher(teacher_source, model, in_place)
+    else:
+        teacher = load_source_model(teacher_source).requires_grad_(False)
+        teacher_bytes = sum(t.numel() * t.element_size() for t in teacher.parameters())
+    tokenizer = load_tokenizer(teacher_source.folder)
+
+    for recipe in recipes:
+        recipe.prepare_training(model)
+    if lora_targets:
+        add_lora(model, lora_targets, settings.lora_rank, settings.lora_alpha or 2.0 * settings.lora_rank)
+    trainable = []
+    for name, parameter in model.named_parameters():
+        train = is_lora_parameter(name) or any(recipe.is_trainable(name, config) for recipe in recipes)
+        parameter.requires_grad_(train and ".base_layer." not in name)
+        if parameter.requires_grad:
+            trainable.append(parameter)
+    if settings.gradient_checkpointing:
+        enable_checkpointing(model)
+
     torch.manual_seed(settings.seed)
     data = calibration_ids(CalibrationSettings(settings.data, settings.num_samples, settings.seq_len, settings.seed),
                            tokenizer, teacher)
@@ -217,13 +247,17 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
     student = accelerator.unwrap_model(model)
     for recipe in recipes:
         recipe.finish_training(student)
+    if lora_targets:
+        merge_lora(student)
     weights = accelerator.get_state_dict(student)  # gathers the full weights under FSDP
     if accelerator.is_main_process:
         wall = time.perf_counter() - began
         record["adapt"] = {**asdict(settings), "alpha": alpha, "mixed_precision": precision,
                            "tokens": tokens_per_step * (settings.steps - start), "wall_s": round(wall, 1),
                            "final_loss": round(last_loss, 5), "processes": accelerator.num_processes,
-                           "resumed_from_step": start or None, "checkpoint": str(checkpoint)}
+                           "resumed_from_step": start or None, "checkpoint": str(checkpoint),
+                           "teacher_own_bytes": teacher_bytes,
+                           "trainable_parameters": sum(p.numel() for p in trainable)}
         from .tensor_io import LazyCheckpoint
 
         dtype = LazyCheckpoint(checkpoint).dtype()  # the checkpoint's storage dtype, whatever we trained in

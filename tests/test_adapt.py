@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from helpers import run_convert
 from surgery.card import read_recipe
-from surgery.adapt import AdaptSettings, adapt, distillation_loss
+from surgery.adapt import AdaptSettings, adapt, distillation_loss, enable_checkpointing
 from surgery.recipes.matryoshka import MatryoshkaKV
 
 
@@ -81,3 +81,92 @@ KVSHARER_ALPHA = 1.0
 
 def test_matryoshka_default_alpha_is_the_papers():
     assert MatryoshkaKV.distill_alpha == 0.25
+
+
+@pytest.fixture(scope="module")
+def kvsharer_checkpoint(tiny_llama, tmp_path_factory):
+    return run_convert(tiny_llama, tmp_path_factory.mktemp("kvs") / "ckpt", recipe="kvsharer", share_layers=2,
+                       threshold=-1.0, num_samples=4, seq_len=16)
+
+
+def test_teacher_reads_the_students_frozen_tensors(kvsharer_checkpoint, tiny_llama):
+    """One copy of the weights: every tensor the student holds frozen and unchanged is the same storage in the
+    teacher; the teacher still computes what the family's transformers class computes."""
+    from surgery.loading import load_source_model
+    from surgery.sources import resolve
+    from surgery.teacher import shared_teacher
+
+    student = load_source_model(resolve(str(kvsharer_checkpoint)))
+    trained = {"model.layers.4.self_attn.q_proj.weight"}
+    teacher, own_bytes = shared_teacher(resolve(str(tiny_llama)), student, trained)
+    students = dict(student.named_parameters())
+    shared = [n for n, t in teacher.named_parameters() if n in students and t.data_ptr() == students[n].data_ptr()]
+    own = {n for n, t in teacher.named_parameters()} - set(shared)
+    sharing = [i for i, s in enumerate(student.config.kv_source) if s != i]
+    expected_own = {n for n, _ in teacher.named_parameters()
+                    if any(f"layers.{i}.self_attn.{p}_proj." in n for i in sharing for p in "kv")} | trained
+    assert len(expected_own) == 2 * 2 * 2 + 1  # k and v, weight and bias, of the two sharing layers
+    assert own == expected_own
+    assert own_bytes == sum(dict(teacher.named_parameters())[n].numel() * 4 for n in expected_own)
+    reference = load_source_model(resolve(str(tiny_llama)))
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        assert (teacher(ids).logits - reference(ids).logits).abs().max() < 1e-5
+
+
+def test_lora_merge_is_base_plus_scaled_low_rank_delta():
+    from surgery.lora import add_lora, merge_lora
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    base = model[0].weight.detach().clone()
+    add_lora(model, ["0"], rank=2, alpha=3.0)
+    a, b = torch.randn(2, 6), torch.randn(5, 2)
+    model[0].lora_A["default"].weight.data.copy_(a)
+    model[0].lora_B["default"].weight.data.copy_(b)
+    merge_lora(model)
+    assert type(model[0]) is torch.nn.Linear
+    assert torch.allclose(model[0].weight, base + (3.0 / 2) * b @ a, atol=1e-6)
+
+
+def test_lora_adapt_trains_only_adapters_and_exports_low_rank_updates(kvsharer_checkpoint, tiny_llama, tmp_path):
+    settings = AdaptSettings(teacher=str(tiny_llama), lora_rank=2, **SETTINGS)
+    out = adapt(kvsharer_checkpoint, tmp_path / "lora", settings, verify=True, progress=False)
+    before, after = load_file(kvsharer_checkpoint / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()  # plain weights, no adapter tensors
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    sharing = [i for i in range(6) if f"model.layers.{i}.self_attn.k_proj.weight" not in before]
+    targets = {f"model.layers.{i}.self_attn.{p}.weight" for i in sharing for p in ("q_proj", "o_proj")}
+    assert changed and changed <= targets
+    for name in changed:
+        assert torch.linalg.matrix_rank((after[name] - before[name]).double(), atol=1e-6) <= 2, name
+    record = read_recipe(out)["adapt"]
+    assert record["trainable_parameters"] == sum(2 * sum(before[name].shape) for name in targets)  # r·(in + out)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, tmp_path):
+    """Sharing layers read K/V from another layer's cache, and MatryoshkaKV projects it: the rerun in backward
+    must see the same cache, so every gradient, the owners' k_proj/v_proj included, matches a plain backward."""
+    from surgery.loading import load_source_model
+    from surgery.sources import resolve
+
+    ckpt = run_convert(tiny_llama, tmp_path / "both", recipe="kvsharer,matryoshka", num_samples=4, seq_len=16,
+                       share_layers=2, threshold=-1.0, recipe_options={"budget": 0.5, "uniform": True})
+    model = load_source_model(resolve(str(ckpt))).train()
+    ids = torch.randint(3, 128, (2, 14), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad()
+        logits = model(ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = loss_and_grads()
+    enable_checkpointing(model)
+    assert model.model.gradient_checkpointing
+    checkpointed_loss, checkpointed = loss_and_grads()
+    assert checkpointed_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain.keys() == checkpointed.keys() and any("layers.1.self_attn.k_proj" in n for n in plain)
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6, rtol=1e-5), name

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -221,6 +222,17 @@ class SurgeryDecoderLayer(nn.Module):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+def recomputable_layer(layer: SurgeryDecoderLayer, hidden_states: torch.Tensor, position_embeddings, context: LayerContext,
+                       cached: int) -> torch.Tensor:
+    """A decoder layer under gradient checkpointing. Backward runs the layer again: first drop what its first run
+    appended to the cache, so the rerun sees the same keys. Non-reentrant checkpointing (not transformers' default
+    function) keeps the K/V that sharing layers read from this layer's cache in the autograd graph."""
+    slot = context.cache.layers[layer.self_attn.layer_idx]
+    if layer.self_attn.owns_kv and slot.get_seq_length() > cached:
+        slot.drop_last(slot.get_seq_length() - cached)
+    return layer(hidden_states, position_embeddings, context)
+
+
 class SurgeryPreTrainedModel(PreTrainedModel):
     """On CUDA with triton installed the Triton kernels are the default; "sdpa" and "eager" stay selectable."""
 
@@ -231,6 +243,7 @@ class SurgeryPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = False
+    supports_gradient_checkpointing = True
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -259,6 +272,7 @@ class SurgeryModel(SurgeryPreTrainedModel):
         self.layers = nn.ModuleList(SurgeryDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = SurgeryRotaryEmbedding(config)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def forward(
@@ -308,7 +322,12 @@ class SurgeryModel(SurgeryPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            hidden_states = layer(hidden_states, position_embeddings, context)
+            if self.gradient_checkpointing and self.training:
+                cached = context.cache.layers[layer.self_attn.layer_idx].get_seq_length()
+                hidden_states = checkpoint(recomputable_layer, layer, hidden_states, position_embeddings, context,
+                                           cached, use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, position_embeddings, context)
         if policy is not None:
             policy.finish(cache)
         hidden_states = self.norm(hidden_states)
