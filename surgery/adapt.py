@@ -146,7 +146,10 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
     precision = settings.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision)
+    # cpu=True without CUDA: a CPU launch of several processes (torchrun) then runs as DDP over gloo. The schedule
+    # counts optimizer steps, so it steps once per optimizer step (accelerate's default steps it once per process).
+    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision,
+                              cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
 
     student_source = resolve(str(checkpoint))
     teacher_source = resolve(settings.teacher, allow_pickle=allow_pickle)
@@ -224,7 +227,8 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
                 if accelerator.sync_gradients and settings.max_grad_norm:
                     accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
             last_loss = loss.item()
         done = step + 1

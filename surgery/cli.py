@@ -3,6 +3,7 @@
 import errno
 import functools
 import logging
+import os
 import re
 import shlex
 import signal
@@ -306,13 +307,14 @@ def push(folder, repo_id, private, revision, commit_message, token, dry_run, no_
 @click.pass_context
 @friendly_errors
 def adapt_command(ctx, checkpoint, teacher, out, seed, resume, overwrite, no_verify, allow_pickle, **options):
-    """Distil TEACHER into the trainable parts of CHECKPOINT (runs under `accelerate launch` too)."""
+    """Distil TEACHER into the trainable parts of CHECKPOINT (runs under `accelerate launch` and torchrun too)."""
     from .adapt import AdaptSettings, adapt
 
     settings = AdaptSettings(teacher=teacher, seed=seed, **{k: v for k, v in options.items() if v is not None})
     adapt(checkpoint, out, settings, resume=resume, overwrite=overwrite, verify=not no_verify,
           progress=ctx.obj["progress"], allow_pickle=allow_pickle)
-    click.echo(f"wrote {out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per launch, not per process
+        click.echo(f"wrote {out}")
 
 
 def parse_lengths(text: str) -> list[int]:

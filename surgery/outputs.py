@@ -83,9 +83,13 @@ def remove_strays(parent: Path, prefix: str) -> list[Path]:
 
 @contextlib.contextmanager
 def exclusive(out: Path) -> Iterator[None]:
-    """Hold a lock beside `out` so two commands never write the same folder at once."""
+    """Hold a lock beside `out` so two commands never write the same folder at once. Under a distributed launch
+    (torchrun, accelerate launch) the processes of one command are one writer: only rank 0 takes the lock."""
     import fcntl
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.parent / f".{out.name}.lock"

@@ -170,3 +170,30 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, tm
     assert plain.keys() == checkpointed.keys() and any("layers.1.self_attn.k_proj" in n for n in plain)
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_equals_one_process_with_the_global_batch(kvsharer_checkpoint, tiny_llama, tmp_path):
+    """torchrun, 2 processes over gloo, 1 sequence each, gives the weights of 1 process with 2 sequences a step:
+    DDP averages the two halves' gradients, which is the mean over the global batch."""
+    import os
+    import subprocess
+    import sys
+
+    options = dict(steps=3, seq_len=16, num_samples=6, lr=5e-2, warmup_steps=1, save_every=0, mixed_precision="no")
+    single = adapt(kvsharer_checkpoint, tmp_path / "one", AdaptSettings(teacher=str(tiny_llama), batch_size=2, **options),
+                   verify=False, progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "surgery", "--quiet",
+               "adapt", str(kvsharer_checkpoint), "--teacher", str(tiny_llama), "--out", str(tmp_path / "two"),
+               "--batch-size", "1", "--no-verify"]
+    for name, value in options.items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("wrote") == 1
+    assert read_recipe(tmp_path / "two")["adapt"]["processes"] == 2
+    a, b = load_file(single / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    changed = [name for name in a if not torch.equal(a[name], load_file(kvsharer_checkpoint / "model.safetensors")[name])]
+    assert changed
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
