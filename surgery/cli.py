@@ -349,15 +349,17 @@ def check_json_target(path: Path | None) -> None:
 @click.option("--probe", is_flag=True, help="passkey, context-only: score the context with a generic question.")
 @click.option("--per-depth", type=click.IntRange(min=1), default=5, show_default=True, help="passkey: prompts per depth (depths 10%, 50%, 90%).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled .bin weights (CHECKPOINT or --baseline).")
+@click.option("--max-memory", default=None, help="Keep at most this much of the weights in memory (e.g. 4G); the rest is offloaded to disk and read layer by layer.")
 @click.pass_context
 @friendly_errors
 def eval_command(ctx, checkpoint, baseline, data, max_tokens, speed_context, json_path, task, lengths, budget,
-                 protocol, probe, per_depth, allow_pickle):
+                 protocol, probe, per_depth, allow_pickle, max_memory):
     """Measure CHECKPOINT: perplexity, KV bytes per token, greedy agreement, speed, memory; or pass-key retrieval."""
     from .card import EVAL_FILE, render_card
     from .evaluate import evaluate, print_report, write_results
 
     check_json_target(json_path)
+    max_memory = None if max_memory is None else parse_size(max_memory)
     if task == "passkey":
         import json
 
@@ -366,7 +368,7 @@ def eval_command(ctx, checkpoint, baseline, data, max_tokens, speed_context, jso
         from .passkey import passkey_report
 
         sizes = parse_lengths(lengths)
-        model, tokenizer = load_model(checkpoint, allow_pickle=allow_pickle)
+        model, tokenizer = load_model(checkpoint, allow_pickle=allow_pickle, max_memory=max_memory)
         if tokenizer is None:
             raise SurgeryError(f"{checkpoint} has no tokenizer", hint="add its tokenizer files")
         protocols = ["query-aware", "context-only"] if protocol == "both" else [protocol]
@@ -382,7 +384,7 @@ def eval_command(ctx, checkpoint, baseline, data, max_tokens, speed_context, jso
             json_path.write_text(json.dumps(report, indent=2) + "\n")
         return
 
-    results = evaluate(checkpoint, baseline, progress=ctx.obj["progress"], allow_pickle=allow_pickle, data=data,
+    results = evaluate(checkpoint, baseline, progress=ctx.obj["progress"], allow_pickle=allow_pickle, max_memory=max_memory, data=data,
                        max_tokens=max_tokens, speed_context=speed_context)
     print_report(results)
     folder = Path(checkpoint)

@@ -19,6 +19,7 @@ from .export import DTYPES, check_source_tensors, expected_tensors, finish_check
 from .families import surgery_config_from_source
 from .layer_runner import LayerRunner
 from .loading import load_tokenizer
+from .memory import available_memory
 from .outputs import check_output, exclusive, staging
 from .recipes import Recipe, check_composition
 from .rewrite import TensorPlan
@@ -84,17 +85,6 @@ def calibration_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise SurgeryError("--device cuda, but no CUDA device is visible", hint="pass --device cpu or auto")
     return name
-
-
-def available_memory() -> int:
-    """Bytes the kernel says a new allocation can still get (MemAvailable), or 0 when it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def check_fits_in_memory(source: Source) -> None:

@@ -122,15 +122,16 @@ def measure(model, text_ids: torch.Tensor, settings: EvalSettings, progress: boo
 
 
 def evaluate(checkpoint: str | Path, baseline: str | None = None, progress: bool = True, allow_pickle: bool = False,
-             **options: Any) -> dict[str, Any]:
+             max_memory: int | None = None, **options: Any) -> dict[str, Any]:
     """Measure `checkpoint`, and `baseline` on the same tokens when given. Both are resolved and their
-    vocabularies compared before anything runs, so a bad baseline fails at once."""
+    vocabularies compared before anything runs, so a bad baseline fails at once. `max_memory` (bytes) bounds the
+    resident weights of each model: the rest is offloaded to disk and read layer by layer."""
     settings = EvalSettings(**options)
     source = resolve(str(checkpoint), allow_pickle=allow_pickle)
     base_source = None if baseline is None else resolve(baseline, allow_pickle=allow_pickle)
     if base_source is not None:
         check_same_vocabulary(source, base_source, "baseline")
-    model, tokenizer = load_source_model(source), load_tokenizer(source.folder)
+    model, tokenizer = load_source_model(source, max_memory), load_tokenizer(source.folder)
     if tokenizer is None:
         raise SurgeryError(f"{checkpoint} has no tokenizer to read the eval text", hint="add its tokenizer files")
     text = heldout_text() if settings.data is None else read_text(settings.data, split="test")
@@ -143,7 +144,7 @@ def evaluate(checkpoint: str | Path, baseline: str | None = None, progress: bool
     results = {"settings": asdict(settings), "note": note}
     results["model"] = measure(model, ids, settings, progress)  # first, so its peak memory excludes the baseline
     if baseline is not None:
-        base_model = load_source_model(base_source)
+        base_model = load_source_model(base_source, max_memory)
         step = ids.shape[1] // settings.agreement_prompts
         prompts = torch.cat([ids[:, i * step : i * step + settings.agreement_prompt_len]
                              for i in range(settings.agreement_prompts)])

@@ -8,7 +8,9 @@
   remote code is run only with `--trust-remote-code`, and is then re-saved as a standard fast tokenizer.
 """
 
+import atexit
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -146,10 +148,21 @@ def read_checkpoint_config(folder: Path) -> SurgeryConfig:
                            hint="re-export the checkpoint with `surgery convert`") from None
 
 
-def _from_pretrained(model_class, folder: Path, config) -> torch.nn.Module:
+def offload_options(max_memory: int | None) -> dict:
+    """from_pretrained options that keep at most `max_memory` bytes of weights resident; accelerate offloads the
+    rest to a temporary folder and streams it in, layer by layer, during each forward."""
+    if not max_memory:
+        return {}
+    folder = tempfile.mkdtemp(prefix="surgery-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return {"device_map": "auto", "max_memory": {"cpu": max_memory}, "offload_folder": folder}
+
+
+def _from_pretrained(model_class, folder: Path, config, max_memory: int | None = None) -> torch.nn.Module:
     LazyCheckpoint(folder)  # a missing, truncated or corrupt shard is one clear line
     try:
-        model, info = model_class.from_pretrained(folder, config=config, dtype=torch.float32, output_loading_info=True)
+        model, info = model_class.from_pretrained(folder, config=config, dtype=torch.float32, output_loading_info=True,
+                                                  **offload_options(max_memory))
     except Exception as error:  # missing weights, bad shapes, I/O: each becomes one line
         raise SurgeryError(f"cannot load the weights of {folder}: {first_line(error)}",
                            hint="re-export or re-download the model") from None
@@ -166,18 +179,19 @@ def family_model_class(model_type: str):
     return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
 
 
-def load_source_model(source: Source) -> torch.nn.Module:
-    """A resolved model in float32: surgery checkpoints with our classes, sources with their family's class."""
+def load_source_model(source: Source, max_memory: int | None = None) -> torch.nn.Module:
+    """A resolved model in float32: surgery checkpoints with our classes, sources with their family's class.
+    `max_memory` (bytes) bounds the resident weights; the rest is offloaded to disk."""
     if source.model_type == SurgeryConfig.model_type:
-        return _from_pretrained(SurgeryForCausalLM, source.folder, read_checkpoint_config(source.folder))
+        return _from_pretrained(SurgeryForCausalLM, source.folder, read_checkpoint_config(source.folder), max_memory)
     config = source_config(source.config)
-    return _from_pretrained(family_model_class(config.model_type), source.folder, config)
+    return _from_pretrained(family_model_class(config.model_type), source.folder, config, max_memory)
 
 
-def load_model(spec: str, allow_pickle: bool = False, trust_remote_code: bool = False):
+def load_model(spec: str, allow_pickle: bool = False, trust_remote_code: bool = False, max_memory: int | None = None):
     """A checkpoint folder or any MODEL that `surgery convert` accepts, in float32, and its tokenizer (or None)."""
     source = resolve(spec, allow_pickle=allow_pickle)
-    return load_source_model(source), load_tokenizer(source.folder, trust_remote_code)
+    return load_source_model(source, max_memory), load_tokenizer(source.folder, trust_remote_code)
 
 
 def check_same_vocabulary(model: Source, other: Source, role: str) -> None:

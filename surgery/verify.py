@@ -1,6 +1,7 @@
 """Load an exported checkpoint the way a user will: a fresh interpreter that cannot import `surgery`, offline."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -8,6 +9,9 @@ import tempfile
 from pathlib import Path
 
 from .errors import SurgeryError
+from .memory import available_memory
+
+log = logging.getLogger(__name__)
 
 # Runs in the child. `sys.modules["surgery"] = None` makes any import of surgery fail, so only the files
 # inside the checkpoint can be used.
@@ -16,8 +20,11 @@ import json, sys
 sys.modules["surgery"] = None
 import torch
 from transformers import AutoModelForCausalLM
-path = sys.argv[1]
-model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+path, max_memory = sys.argv[1], int(sys.argv[2])
+kwargs = {}
+if max_memory:  # larger than memory: accelerate keeps what fits and reads the rest from disk, layer by layer
+    kwargs = dict(device_map="auto", max_memory={"cpu": max_memory}, offload_folder=sys.argv[3])
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs).eval()
 ids = torch.tensor([[model.config.bos_token_id or 1, 11, 12, 13, 14, 15]])
 with torch.no_grad():
     logits = model(ids).logits
@@ -26,6 +33,7 @@ print(json.dumps({
     "class": type(model).__module__ + "." + type(model).__name__,
     "finite": bool(torch.isfinite(logits).all()),
     "generated": generated.shape[1] - ids.shape[1],
+    "offloaded": "disk" in (getattr(model, "hf_device_map", None) or {}).values(),
     "kernels": getattr(getattr(sys.modules[type(model).__module__], "decode_attention", None), "__module__", "").split(".")[-1],
 }))
 """
@@ -37,12 +45,25 @@ def isolated_env(modules_cache: str) -> dict[str, str]:
     return env
 
 
-def verify_checkpoint(folder: Path, timeout: int = 600) -> dict:
-    """Forward and a short generate in a subprocess without surgery; raise SurgeryError if either fails."""
+def offload_budget(folder: Path) -> int:
+    """0 when the checkpoint fits comfortably in memory; else the bytes it may keep resident (the rest offloaded)."""
+    size = sum(shard.stat().st_size for shard in Path(folder).glob("*.safetensors"))
+    available = available_memory()
+    if not available or size <= available // 2:
+        return 0
+    log.info("the checkpoint (%.1f GiB) is over half the free memory: verifying with layers offloaded to disk",
+             size / 2**30)
+    return available // 4
+
+
+def verify_checkpoint(folder: Path, timeout: int = 1800, max_memory: int | None = None) -> dict:
+    """Forward and a short generate in a subprocess without surgery; raise SurgeryError if either fails.
+    `max_memory` (bytes; default: from the free memory) bounds what the child keeps resident."""
     folder = Path(folder).resolve()
-    with tempfile.TemporaryDirectory() as modules_cache:
+    budget = offload_budget(folder) if max_memory is None else max_memory
+    with tempfile.TemporaryDirectory() as modules_cache, tempfile.TemporaryDirectory() as offload:
         result = subprocess.run(
-            [sys.executable, "-c", VERIFY_SCRIPT, str(folder)],
+            [sys.executable, "-c", VERIFY_SCRIPT, str(folder), str(budget), offload],
             capture_output=True, text=True, timeout=timeout, cwd=folder, env=isolated_env(modules_cache),
         )
     if result.returncode != 0:

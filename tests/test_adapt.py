@@ -197,3 +197,16 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_the_global_batch(kvsha
     assert changed
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_fsdp_example_is_a_valid_accelerate_config():
+    """The FSDP example ships untested on GPUs; at least accelerate must read it, and wrap our decoder layers."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from surgery.arch.modeling_surgery import SurgeryDecoderLayer
+
+    config = ClusterConfig.from_yaml_file(str(Path(__file__).parents[1] / "examples" / "fsdp.yaml"))
+    assert config.distributed_type == "FSDP"
+    assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == SurgeryDecoderLayer.__name__

@@ -80,3 +80,18 @@ def test_eval_command_writes_json_and_card(tiny_with_tokenizer, tmp_path):
     assert abs(results["kv_bytes_saved"] - 1 / 4) < 1e-9  # 1 of 4 layers shares
     card = (out / "README.md").read_text()
     assert "| perplexity (held-out) |" in card and "KV-cache bytes per token (measured)" in card
+
+
+@pytest.mark.slow
+def test_eval_with_offloaded_weights_measures_the_same_perplexity(tiny_with_tokenizer, tmp_path):
+    """--max-memory below the model's size: accelerate offloads the weights to disk, and the numbers hold."""
+    from helpers import run_convert
+    from surgery.evaluate import evaluate
+
+    out = run_convert(tiny_with_tokenizer, tmp_path / "shared", recipe="kvsharer", share_layers=1, threshold=-1.0,
+                      num_samples=4, seq_len=16)
+    options = dict(progress=False, max_tokens=600, speed_context=512)
+    whole = evaluate(out, **options)["model"]
+    offloaded = evaluate(out, max_memory=100_000, **options)["model"]
+    assert offloaded["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+    assert offloaded["kv_bytes_per_token"] == whole["kv_bytes_per_token"]

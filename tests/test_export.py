@@ -145,3 +145,14 @@ def test_remote_code_is_flat_and_relative():
             if line.strip().startswith("from surgery"):  # only as the in-package fallback of a flat import
                 module = line.split()[1].split(".")[-1]
                 assert f"from .{module} import" in text and line.startswith("        ")
+
+
+def test_verify_offloads_a_checkpoint_larger_than_its_memory_budget(tiny_llama, tmp_path):
+    """A model larger than memory is verified with accelerate's disk offload, still without surgery installed."""
+    from surgery.verify import verify_checkpoint
+
+    out = run_convert(tiny_llama, tmp_path / "ckpt", recipe="kvsharer", share_layers=2, threshold=-1.0,
+                      num_samples=4, seq_len=16)
+    report = verify_checkpoint(out, max_memory=60_000)  # far below the checkpoint's size
+    assert report["offloaded"] and report["finite"] and report["generated"] == 4
+    assert not verify_checkpoint(out)["offloaded"]  # it fits: loaded whole
