@@ -3,6 +3,10 @@
     python bench/scale.py                 # demo model, and random llamas of 16 and 32 layers (hidden 1024)
     python bench/scale.py --llama-7b      # also a random Llama-2-7B-shaped checkpoint (13 GB of bf16 on disk)
 
+Conversions: KVSharer (8 sharing layers) and MatryoshkaKV (--budget 0.5 --uniform), 8 samples × 64 tokens of
+calibration. On the demo model it also measures `surgery adapt` with the teacher sharing the student's weights
+against `--copy-teacher`.
+
 Each conversion runs in its own process; its peak anonymous memory (RssAnon, sampled from /proc 20 times a
 second) and its peak RSS (ru_maxrss, which also counts memory-mapped shard pages) are reported with the wall time.
 Random checkpoints are written in bfloat16, sharded as Hub checkpoints are, and deleted afterwards. Calibration
@@ -12,6 +16,7 @@ Writes bench/results/scale.md.
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,10 +78,11 @@ def interpreter_mib() -> float:
 
 
 def measure(args: list[str]) -> dict:
-    """Run `surgery ARGS` in a child process; its peak RssAnon, peak RSS and wall time."""
-    command = [sys.executable, "-m", "surgery", "-q", *args]
+    """Run `surgery ARGS` in a child process; its peak RssAnon, peak RSS, wall time and logged stage times."""
+    command = [sys.executable, "-m", "surgery", *args]
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TQDM_DISABLE": "1"})
     peak_anon = [0]
 
     def sample():
@@ -98,20 +104,41 @@ def measure(args: list[str]) -> dict:
     stderr = process.stderr.read()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed: {stderr.strip().splitlines()[-1:]}")
-    return {"anon_mib": peak_anon[0] / 1024, "rss_mib": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - start}
+    stages = re.findall(r"stage (.+?): ([\d.]+) s", stderr)
+    return {"anon_mib": peak_anon[0] / 1024, "rss_mib": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - start,
+            "stages": "; ".join(f"{name} {float(seconds):.0f} s" for name, seconds in stages)}
 
 
 SAMPLES, TOKENS, VOCAB = 8, 64, 49152
 
 
-def formula_mib(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int = VOCAB,
-                samples: int = SAMPLES, tokens: int = TOKENS) -> tuple[float, float]:
-    """(one layer in fp32, expected peak above the interpreter): one layer + the embeddings (both fp32) + the kept
-    activations (the hidden states entering every layer and every layer's K/V, for the calibration tokens)."""
+def formula_mib(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, head: bool = False,
+                vocab: int = VOCAB, samples: int = SAMPLES, tokens: int = TOKENS) -> tuple[float, float]:
+    """(one layer in fp32, expected peak above the interpreter): one layer + the embeddings (+ the output head for
+    a KL search), all fp32, + the kept activations (the hidden states entering every layer and every layer's K/V,
+    for the calibration tokens) + the largest tensor in flight while writing (the embeddings, in the shard dtype)."""
     head_dim = hidden // heads
     layer = (hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate) * 4
     activations = layers * samples * tokens * (hidden + 2 * kv_heads * head_dim) * 4
-    return layer / 2**20, (layer + vocab * hidden * 4 + activations) / 2**20
+    embeddings = vocab * hidden * 4 * (2 if head else 1)
+    return layer / 2**20, (layer + embeddings + activations) / 2**20
+
+
+def adapt_memory(calib: Path) -> list[tuple[str, dict]]:
+    """`surgery adapt` on a demo KVSharer checkpoint, the teacher sharing the student's tensors or a full copy."""
+    checkpoint = WORK / "demo-kvsharer"
+    subprocess.run([sys.executable, "-m", "surgery", "-q", "convert", "demo", "--recipe", "kvsharer", "--share-layers",
+                    "7", "--calib", str(calib), "--no-verify", "--overwrite", "--out", str(checkpoint)], check=True)
+    train = ["adapt", str(checkpoint), "--teacher", "demo", "--steps", "3", "--batch-size", "2", "--seq-len", "64",
+             "--num-samples", "8", "--data", str(calib), "--save-every", "0", "--no-verify", "--overwrite",
+             "--out", str(WORK / "adapted")]
+    rows = []
+    for label, extra in (("shares the student's tensors (default)", []), ("own copy (--copy-teacher)", ["--copy-teacher"])):
+        rows.append((label, measure([*train, *extra])))
+        print("adapt", label, rows[-1][1], flush=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.rmtree(WORK / "adapted", ignore_errors=True)
+    return rows
 
 
 def main() -> None:
@@ -124,41 +151,50 @@ def main() -> None:
     baseline = interpreter_mib()
     calib = WORK / "calib.txt"
     calib.write_text(heldout_text())
-    kvsharer = ["--recipe", "kvsharer", "--share-layers", "8", "--threshold", "-1", "--num-samples", "8",
-                "--seq-len", "64", "--no-verify", "--overwrite"]
+    common = ["--num-samples", str(SAMPLES), "--seq-len", str(TOKENS), "--no-verify", "--overwrite", "--calib", str(calib)]
+    recipes = [("kvsharer", ["--recipe", "kvsharer", "--share-layers", "8", "--threshold", "-1"], False),
+               ("matryoshka --uniform", ["--recipe", "matryoshka", "--budget", "0.5", "--uniform"], True)]
     rows = []
-    demo_runs = [("demo, self-generated calibration (whole model)", ["demo", *kvsharer[:4], "--share-layers", "7",
-                  "--num-samples", "8", "--seq-len", "64", "--no-verify", "--overwrite"]),
-                 ("demo, --calib file (layer by layer)", ["demo", *kvsharer[:4], "--share-layers", "7",
-                  "--num-samples", "8", "--seq-len", "64", "--no-verify", "--overwrite", "--calib", str(calib)])]
-    for label, run in demo_runs:
+    demo_runs = [("demo, self-generated calibration", "kvsharer",
+                  ["demo", "--recipe", "kvsharer", "--share-layers", "7", *common[:-2]], False)]
+    demo_runs += [("demo", label, ["demo", *recipe, *common], head) for label, recipe, head in recipes]
+    for label, recipe, run, head in demo_runs:
         result = measure(["convert", *run, "--out", str(WORK / "out")])
-        rows.append((label, "135M, 30 layers, fp32", *formula_mib(30, 576, 1536, 9, 3), result))
-        print(label, result, flush=True)
+        rows.append((label, recipe, "135M, 30 layers, fp32", *formula_mib(30, 576, 1536, 9, 3, head), result))
+        print(label, recipe, result, flush=True)
+    adapt_rows = adapt_memory(calib)
     shapes = [(16, 1024, 2816, 16, 16), (32, 1024, 2816, 16, 16)]
     if args.llama_7b:
         shapes.append((32, 4096, 11008, 32, 32))
     for layers, hidden, intermediate, heads, kv_heads in shapes:
         folder = random_llama(WORK / f"llama-{layers}x{hidden}", layers, hidden, intermediate, heads, kv_heads)
+        size = f"random llama, {layers} layers × hidden {hidden}"
         try:
-            result = measure(["convert", str(folder), *kvsharer, "--calib", str(calib), "--out", str(WORK / "out")])
+            for label, recipe, head in recipes:
+                result = measure(["convert", str(folder), *recipe, *common, "--out", str(WORK / "out")])
+                rows.append((size, label, "bf16, 1 GiB shards",
+                             *formula_mib(layers, hidden, intermediate, heads, kv_heads, head), result))
+                print(size, label, result, flush=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        size = f"random llama, {layers} layers × hidden {hidden}"
-        rows.append((size, "bf16, 1 GiB shards", *formula_mib(layers, hidden, intermediate, heads, kv_heads), result))
-        print(size, result, flush=True)
     shutil.rmtree(WORK / "out", ignore_errors=True)
-    lines = ["# Peak memory of `surgery convert --recipe kvsharer` (CPU)", "",
-             "`python bench/scale.py`. Each conversion runs in its own process: peak anonymous memory (RssAnon, "
-             "sampled every 50 ms) and peak RSS (ru_maxrss, which also counts memory-mapped shard pages), wall time. "
-             "Calibration: 8 samples × 64 tokens; `--threshold -1` so the search takes exactly the asked layers.", "",
-             "Expected: one layer + the embeddings (fp32) + the kept activations (hidden states entering each layer "
-             f"and its K/V, {SAMPLES} × {TOKENS} tokens), on top of the interpreter with torch and transformers "
-             f"imported ({baseline:.0f} MiB RssAnon here).", "",
-             "| model | checkpoint | one layer fp32 (MiB) | expected above the interpreter (MiB) | peak RssAnon (MiB) "
-             "| peak RSS (MiB) | wall (s) |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {label} | {kind} | {layer:.0f} | {expected:.0f} | {r['anon_mib']:.0f} | {r['rss_mib']:.0f} | "
-              f"{r['seconds']:.0f} |" for label, kind, layer, expected, r in rows]
+    lines = ["# Peak memory of `surgery convert` and `surgery adapt` (CPU)", "",
+             "`python bench/scale.py`. Each command runs in its own process: peak anonymous memory (RssAnon, "
+             "sampled every 50 ms) and peak RSS (ru_maxrss, which also counts memory-mapped shard pages), wall time, "
+             f"and the stage times the command logs. Calibration: {SAMPLES} samples × {TOKENS} tokens from a file "
+             "(except the first row); KVSharer with `--threshold -1`, so the search takes exactly the asked layers.", "",
+             "Expected above the interpreter: one layer + the embeddings (and the output head for MatryoshkaKV's KL) "
+             "in fp32 + the kept activations (hidden states entering each layer and its K/V) on top of the "
+             f"interpreter with torch and transformers imported ({baseline:.0f} MiB RssAnon here).", "",
+             "| model | recipe | checkpoint | one layer fp32 (MiB) | expected above the interpreter (MiB) | "
+             "peak RssAnon (MiB) | peak RSS (MiB) | wall (s) | stages |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {recipe} | {kind} | {layer:.0f} | {expected:.0f} | {r['anon_mib']:.0f} | "
+              f"{r['rss_mib']:.0f} | {r['seconds']:.0f} | {r['stages']} |"
+              for label, recipe, kind, layer, expected, r in rows]
+    lines += ["", "## `surgery adapt` on the demo model (KVSharer checkpoint, 3 steps of 2 × 64 tokens)", "",
+              "| teacher | peak RssAnon (MiB) | peak RSS (MiB) | wall (s) |", "|---|---|---|---|"]
+    lines += [f"| {label} | {r['anon_mib']:.0f} | {r['rss_mib']:.0f} | {r['seconds']:.0f} |" for label, r in adapt_rows]
+    lines += ["", "The demo model is 513 MiB in float32: one copy of it is what sharing the teacher should save.", ""]
     (ROOT / "bench" / "results" / "scale.md").write_text("\n".join(lines) + "\n")
 
 

@@ -4,6 +4,9 @@ import copy
 import json
 import logging
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,6 +188,14 @@ def convert(request: ConvertRequest) -> Path:
         return _convert(request, source, out)
 
 
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Log how long a stage of the conversion took (one INFO line; `bench/scale.py` reads them)."""
+    began = time.perf_counter()
+    yield
+    log.info("stage %s: %.1f s", name, time.perf_counter() - began)
+
+
 def _convert(request: ConvertRequest, source: Source, out: Path) -> Path:
     config = surgery_config_from_source(source.config)
     for recipe in request.recipes:
@@ -193,14 +204,18 @@ def _convert(request: ConvertRequest, source: Source, out: Path) -> Path:
     dtype = DTYPES[request.dtype] if request.dtype else LazyCheckpoint(source.folder).dtype()
 
     settings = calibration_settings(request)
-    plans = plan_recipes(request, source, config, settings)
+    with stage("calibration and planning"):
+        plans = plan_recipes(request, source, config, settings)
     config.surgery_recipes = [recipe.name for recipe in request.recipes]
 
     with staging(out, request.overwrite) as folder:
-        write_weights(source.folder, config, folder, dtype, request.max_shard_size, request.progress,
-                      tensor_plan(request.recipes))
-        finish_checkpoint(folder, config, dtype, source.folder, recipe_record(request, source, settings, plans, dtype),
-                          request.verify, request.trust_remote_code)
+        with stage("writing the weights"):
+            write_weights(source.folder, config, folder, dtype, request.max_shard_size, request.progress,
+                          tensor_plan(request.recipes))
+        with stage("config, code, tokenizer" + (" and verify" if request.verify else "")):
+            finish_checkpoint(folder, config, dtype, source.folder,
+                              recipe_record(request, source, settings, plans, dtype), request.verify,
+                              request.trust_remote_code)
         if request.evaluate:
             from .evaluate import evaluate, print_report
 
