@@ -208,7 +208,7 @@ def inspect(model: str, allow_pickle: bool):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Weight dtype (default: the source's).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where layer-by-layer calibration runs (auto: CUDA when visible).")
-@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Dtype of layer-by-layer calibration (its statistics accumulate in float32/float64).")
+@click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="Dtype of layer-by-layer calibration: auto is bfloat16 on CUDA, float32 on CPU (statistics accumulate in float32/float64).")
 @click.option("--max-shard-size", default="5G", show_default=True, help="Largest shard, in bytes (K/M/G suffixes allowed).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new checkpoint is complete).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the result in a fresh interpreter.")

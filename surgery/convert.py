@@ -53,7 +53,7 @@ class ConvertRequest:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     device: str = "auto"
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"
     revision: str | None = None
     progress: bool = True
     command: str = ""
@@ -88,6 +88,16 @@ def calibration_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise SurgeryError("--device cuda, but no CUDA device is visible", hint="pass --device cpu or auto")
     return name
+
+
+def compute_dtype(name: str, device: str) -> torch.dtype:
+    """`--compute-dtype`: auto is bfloat16 on CUDA and float32 on CPU (where bfloat16 matmuls are slow). Every
+    recipe's statistics allow bfloat16: K/V moments accumulate in float64, KL and cosines in float32."""
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise SurgeryError(f"unknown --compute-dtype {name!r}", hint=f"choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def check_fits_in_memory(source: Source) -> None:
@@ -130,8 +140,9 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
     del model
     plans = []
     for done, recipe in enumerate(request.recipes):
+        device = calibration_device(request.device)
         runner = LayerRunner(source.folder, config, ids, getattr(recipe, "batch_size", 8),
-                             DTYPES[request.compute_dtype], request.progress, calibration_device(request.device),
+                             compute_dtype(request.compute_dtype, device), request.progress, device,
                              plan=tensor_plan(request.recipes[:done]))
         plan = recipe.plan(runner, ids, request.seed, request.progress)
         recipe.apply(config, plan)
@@ -166,7 +177,7 @@ def recipe_record(request: ConvertRequest, source: Source, settings: Calibration
         "calibration": None if settings is None else {
             "data": settings.description, "num_samples": settings.num_samples,
             "seq_len": settings.seq_len, "seed": settings.seed, "device": request.device,
-            "compute_dtype": request.compute_dtype,
+            "compute_dtype": str(compute_dtype(request.compute_dtype, calibration_device(request.device))).removeprefix("torch."),
         },
         "export": {"dtype": str(dtype).removeprefix("torch."), "max_shard_size": request.max_shard_size},
     }
@@ -178,7 +189,7 @@ def convert(request: ConvertRequest) -> Path:
         raise SurgeryError(f"unknown --dtype {request.dtype!r}", hint=f"choose from {', '.join(DTYPES)}")
     out = Path(request.out)
     check_composition(request.recipes)
-    calibration_device(request.device)
+    compute_dtype(request.compute_dtype, calibration_device(request.device))
     check_output(out, [Path(request.model)] if Path(request.model).exists() else [])
     if out.exists() and not request.overwrite:
         raise SurgeryError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")

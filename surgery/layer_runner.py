@@ -59,9 +59,11 @@ class LayerRunner:
         self.kv_source = list(self.config.kv_source)
         self._head: torch.Tensor | None = None
 
-    def on(self, ids: torch.Tensor, batch_size: int | None = None) -> "LayerRunner":
-        """The same checkpoint and plan over other token ids, with nothing run yet (e.g. a search subset)."""
+    def on(self, ids: torch.Tensor, batch_size: int | None = None, progress: bool = False) -> "LayerRunner":
+        """The same checkpoint and plan over other token ids, with nothing run yet (e.g. a search subset, whose
+        many short runs show the search's progress bar rather than one bar each)."""
         other = copy.copy(self)
+        other.progress = progress
         other.ids = ids
         other.batches = [batch.to(self.device) for batch in ids.split(batch_size or self.batch_size)]
         other.state = RunState()

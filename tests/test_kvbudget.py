@@ -407,3 +407,31 @@ def test_dynamickv_allocation_equals_a_plain_recomputation():
     assert history[0] == {0: 60} and min(history[3].values()) < 60  # the cap, then the cut after 4 layers
     counts = [int(layer.valid[0, 0].sum()) for layer in cache.layers]
     assert counts == final and sum(counts) == 6 * 8
+
+
+def test_calibrated_zigzag_shares_layer_by_layer_equal_the_whole_model(tmp_path):
+    """u_l from the layer runner (one batch of prompts per policy) equals u_l from whole-model prefills, one
+    prompt at a time, averaged over prompts as the paper's calibration does."""
+    from surgery.convert import load_calibration_model
+    from surgery.families import surgery_config_from_source
+    from surgery.layer_runner import LayerRunner
+    from surgery.recipes.zigzag import ZigZagKV
+    from surgery.sources import resolve
+
+    from conftest import save_tiny
+
+    peaky = save_tiny(tmp_path / "peaky", "llama", seed=3, num_hidden_layers=6, initializer_range=0.3)  # sharp attention
+    source = resolve(str(peaky))
+    config = surgery_config_from_source(source.config)
+    ids = torch.randint(3, 128, (3, 40), generator=torch.Generator().manual_seed(2))
+    shares = ZigZagKV.layer_shares(LayerRunner(source.folder, config, ids, batch_size=2))
+    model = load_calibration_model(source, config)
+    expected = torch.zeros(6, dtype=torch.float64)
+    with torch.no_grad():
+        for sample in ids.split(1):
+            policy = build_policy("zigzag", 0.5, None, list(range(6)), torch.tensor([40]), None)
+            model(sample, use_cache=True, kv_policy=policy)
+            lmba = torch.stack([policy.lmba(layer)[0] for layer in range(6)]).double()
+            expected += lmba / lmba.sum() / 3
+    assert shares == pytest.approx(expected.tolist(), abs=2e-6)
+    assert len(set(shares)) > 1  # layers differ, so the test can tell them apart
