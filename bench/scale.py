@@ -194,7 +194,9 @@ def main() -> None:
     lines += ["", "## `surgery adapt` on the demo model (KVSharer checkpoint, 3 steps of 2 × 64 tokens)", "",
               "| teacher | peak RssAnon (MiB) | peak RSS (MiB) | wall (s) |", "|---|---|---|---|"]
     lines += [f"| {label} | {r['anon_mib']:.0f} | {r['rss_mib']:.0f} | {r['seconds']:.0f} |" for label, r in adapt_rows]
-    lines += ["", "The demo model is 513 MiB in float32: one copy of it is what sharing the teacher should save.", ""]
+    lines += ["", "The demo model is 513 MiB in float32: one copy of it is what sharing the teacher should save. Read "
+              "peak RSS here: transformers maps a float32 safetensors file instead of copying it, so a copied "
+              "teacher's weights are file pages (RSS), not anonymous memory (RssAnon).", ""]
     (ROOT / "bench" / "results" / "scale.md").write_text("\n".join(lines) + "\n")
 
 
