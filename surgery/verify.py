@@ -20,7 +20,8 @@ import json, sys
 sys.modules["surgery"] = None
 import torch
 from transformers import AutoModelForCausalLM
-path, max_memory = sys.argv[1], int(sys.argv[2])
+path = sys.argv[1]
+max_memory = int(sys.argv[2]) if len(sys.argv) > 2 else 0  # bytes to keep resident; 0: load whole
 kwargs = {}
 if max_memory:  # larger than memory: accelerate keeps what fits and reads the rest from disk, layer by layer
     kwargs = dict(device_map="auto", max_memory={"cpu": max_memory}, offload_folder=sys.argv[3])
