@@ -331,3 +331,16 @@ def test_cuda_device_without_a_gpu_is_one_line(source, tmp_path, monkeypatch):
     result = cli("convert", source, "--recipe", "kvsharer", "--device", "cuda", "--out", tmp_path / "out")
     assert_clean_failure(result, "--device cuda", "no CUDA device", "--device cpu")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "{ckpt}", "--max-memory", "lots"], "cannot read size 'lots'"),
+    (["adapt", "{ckpt}", "--teacher", "{ckpt}", "--out", "{out}", "--lora-rank", "-1"], "--lora-rank"),
+    (["convert", "{ckpt}", "--recipe", "matryoshka", "--search", "greedy", "--out", "{out}"], "--search"),
+    (["convert", "{ckpt}", "--compute-dtype", "int8", "--out", "{out}"], "--compute-dtype"),
+])
+def test_memory_and_search_options_reject_bad_values(tiny_checkpoint, tmp_path, args, needle):
+    """The options this issue added: one line naming the option, nothing written."""
+    args = [a.format(ckpt=tiny_checkpoint, out=tmp_path / "out") for a in args]
+    assert_clean_failure(cli(*args), needle)
+    assert not (tmp_path / "out").exists()
