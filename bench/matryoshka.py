@@ -39,13 +39,8 @@ class SearchedOnce(MatryoshkaKV):
 
     snapshots: dict = {}
 
-    def plan(self, runner, calibration_ids, seed=0, progress=True):
-        original = matryoshka.search_ranks
-        matryoshka.search_ranks = lambda score, curves, budgets, *rest: {b: self.snapshots[b] for b in budgets}
-        try:
-            return super().plan(runner, calibration_ids, seed, progress)
-        finally:
-            matryoshka.search_ranks = original
+    def search_ranks(self, score, curves, progress):
+        return self.snapshots[self.budget]
 
 
 def install(model, projections: dict, ranks: dict) -> None:

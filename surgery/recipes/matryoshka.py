@@ -272,7 +272,7 @@ class MatryoshkaKV(Recipe):
         else:
             curves = KLCurves(config.head_dim, spectra)
             score = self.trial_scorer(searcher, projections, reference)
-            ranks = search_ranks(score, curves, [self.budget], self.search, progress)[self.budget]
+            ranks = self.search_ranks(score, curves, progress)
             search = {"method": f"greedy KL, {self.search}", "samples": int(searcher.ids.shape[0]),
                       "tokens": int(searcher.ids.shape[1]), "trials": sum(map(len, curves.measured.values()))}
         set_ranks(projections, ranks)
@@ -283,6 +283,11 @@ class MatryoshkaKV(Recipe):
         kept = sum(ranks.values()) / (len(ranks) * config.head_dim)
         return {"key_ranks": key_ranks, "value_ranks": value_ranks, "kv_fraction": round(kept, 6),
                 "kl_on_calibration": round(kl, 6), "search": search}
+
+    def search_ranks(self, score: Callable[[Candidate, int], float], curves: KLCurves,
+                     progress: bool) -> dict[Candidate, int]:
+        """The searched ranks at this recipe's budget (a method, so a benchmark can replay a search it ran)."""
+        return search_ranks(score, curves, [self.budget], self.search, progress)[self.budget]
 
     @torch.no_grad()
     def install_pca(self, runner: LayerRunner, owners: list[int], progress: bool
