@@ -19,15 +19,15 @@ WORK = Path("/tmp/surgery-arch-regression")
 RECIPES = {
     "none": ["--recipe", "none"],
     "kvsharer": ["--recipe", "kvsharer", "--share-layers", "4", "--order", "similar"],
-    "matryoshka": ["--recipe", "matryoshka", "--budget", "0.5", "--uniform"],
-    "snapkv": ["--recipe", "snapkv", "--budget", "0.2"],
-    "pyramid": ["--recipe", "pyramid", "--budget", "0.2"],
-    "zigzag": ["--recipe", "zigzag", "--budget", "0.2"],
-    "dynamickv": ["--recipe", "dynamickv", "--budget", "0.2"],
+    "matryoshka": ["--recipe", "matryoshka", "--kv-fraction", "0.5", "--uniform"],
+    "snapkv": ["--recipe", "snapkv", "--keep", "0.2"],
+    "pyramid": ["--recipe", "pyramid", "--keep", "0.2"],
+    "zigzag": ["--recipe", "zigzag", "--keep", "0.2"],
+    "dynamickv": ["--recipe", "dynamickv", "--keep", "0.2"],
     "kvsharer,matryoshka": ["--recipe", "kvsharer,matryoshka", "--share-layers", "4", "--order", "similar",
-                            "--budget", "0.5", "--uniform"],
-    "kvsharer,zigzag": ["--recipe", "kvsharer,zigzag", "--share-layers", "4", "--order", "similar", "--budget", "0.2"],
-    "matryoshka,snapkv": ["--recipe", "matryoshka,snapkv", "--budget", "0.5", "--uniform"],
+                            "--kv-fraction", "0.5", "--uniform"],
+    "kvsharer,zigzag": ["--recipe", "kvsharer,zigzag", "--share-layers", "4", "--order", "similar", "--keep", "0.2"],
+    "matryoshka,snapkv": ["--recipe", "matryoshka,snapkv", "--kv-fraction", "0.5", "--uniform"],
 }
 PROMPT, PAD, DECODE = 256, 24, 8
 

@@ -40,7 +40,7 @@ class SearchedOnce(MatryoshkaKV):
     snapshots: dict = {}
 
     def search_ranks(self, score, curves, progress):
-        return self.snapshots[self.budget]
+        return self.snapshots[self.kv_fraction]
 
 
 def install(model, projections: dict, ranks: dict) -> None:
@@ -74,7 +74,7 @@ def main() -> None:
     config = surgery_config_from_source(source.config)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     model = load_calibration_model(source, config)
-    recipe = MatryoshkaKV(budget=min(budgets), search_samples=args.search_samples, search_len=args.search_len,
+    recipe = MatryoshkaKV(kv_fraction=min(budgets), search_samples=args.search_samples, search_len=args.search_len,
                           search=args.search)
     settings = CalibrationSettings(source=None, num_samples=recipe.calibration.num_samples,
                                    seq_len=recipe.calibration.seq_len, seed=args.seed)
@@ -83,7 +83,7 @@ def main() -> None:
     base_ppl, base_bytes = measure(model, eval_ids)
     rows = [("-", 1.0, "base model", base_ppl, base_bytes, "")]
 
-    runner = LayerRunner(source.folder, config, calib, recipe.batch_size)
+    runner = LayerRunner(source.folder, config, calib, 8)
     projections, spectra = recipe.install_pca(runner, config.owner_layers, progress=True)
     searcher = runner.on(calib[: recipe.search_samples, : recipe.search_len])
     reference = searcher.log_probs(searcher.run(runner.kv_source).final)

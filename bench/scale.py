@@ -3,7 +3,7 @@
     python bench/scale.py                 # demo model, and random llamas of 16 and 32 layers (hidden 1024)
     python bench/scale.py --llama-7b      # also a random Llama-2-7B-shaped checkpoint (13 GB of bf16 on disk)
 
-Conversions: KVSharer (8 sharing layers) and MatryoshkaKV (--budget 0.5 --uniform), 8 samples × 64 tokens of
+Conversions: KVSharer (8 sharing layers) and MatryoshkaKV (--kv-fraction 0.5 --uniform), 8 samples × 64 tokens of
 calibration. On the demo model it also measures `surgery adapt` with the teacher sharing the student's weights
 against `--copy-teacher`.
 
@@ -153,7 +153,7 @@ def main() -> None:
     calib.write_text(heldout_text())
     common = ["--num-samples", str(SAMPLES), "--seq-len", str(TOKENS), "--no-verify", "--overwrite", "--calib", str(calib)]
     recipes = [("kvsharer", ["--recipe", "kvsharer", "--share-layers", "8", "--threshold", "-1"], False),
-               ("matryoshka --uniform", ["--recipe", "matryoshka", "--budget", "0.5", "--uniform"], True)]
+               ("matryoshka --uniform", ["--recipe", "matryoshka", "--kv-fraction", "0.5", "--uniform"], True)]
     rows = []
     demo_runs = [("demo, self-generated calibration", "kvsharer",
                   ["demo", "--recipe", "kvsharer", "--share-layers", "7", *common[:-2]], False)]

@@ -23,7 +23,7 @@ CHECKPOINTS = {
     "identity": ["--recipe", "none"],
     "kvsharer (7 layers)": ["--recipe", "kvsharer", "--share-layers", "7", "--order", "similar",
                             "--num-samples", "8", "--seq-len", "64"],
-    "dynamickv 20%": ["--recipe", "dynamickv", "--budget", "0.2"],
+    "dynamickv 20%": ["--recipe", "dynamickv", "--keep", "0.2"],
 }
 
 

@@ -11,55 +11,27 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .adapt_settings import AdaptSettings
 from .calibration import CalibrationSettings, calibration_ids
+from .corpora import DEFAULT_CALIBRATION
 from .card import read_recipe, render_card
 from .errors import SurgeryError
 from .export import finish_checkpoint, write_state_dict
 from .outputs import check_output, exclusive, staging
 from .lora import add_lora, is_lora_parameter, linear_targets, merge_lora
-from .ranges import check_ranges
 from .teacher import shared_teacher
 from .recipes import recipes_from_record
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "adapt_progress.json"
-
-
-@dataclass
-class AdaptSettings:
-    """Training settings; recorded in recipe.yaml under `adapt`."""
-
-    teacher: str
-    data: str | None = field(default=None, metadata={"help": "training text, as --calib (default: text the teacher generates)"})
-    steps: int = field(default=200, metadata={"help": "optimizer steps", "min": 1})
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch (per process)", "min": 1})
-    seq_len: int = field(default=128, metadata={"help": "tokens per sequence", "min": 2})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
-    num_samples: int = field(default=256, metadata={"help": "training sequences drawn from the data", "min": 1})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate", "above": 0})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup before the cosine decay", "min": 0})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "min": 0})
-    alpha: float | None = field(default=None, metadata={"help": "weight of KL vs CE (default: the recipe paper's)", "min": 0, "max": 1})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)", "min": 0})
-    mixed_precision: str = field(default="auto", metadata={"help": "bf16 autocast: auto (bf16 on CUDA), bf16 or no",
-                                                           "choices": ("auto", "bf16", "no")})
-    save_every: int = field(default=50, metadata={"help": "steps between resumable checkpoints (0: never)", "min": 0})
-    lora_rank: int = field(default=0, metadata={"help": "train whole projections as LoRA updates of this rank (0: in full)", "min": 0})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scale numerator (default: 2 × --lora-rank)", "above": 0})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory", "flag": True})
-    copy_teacher: bool = field(default=False, metadata={"help": "load the teacher as its own full copy instead of sharing the student's frozen tensors", "flag": True})
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_ranges(self)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -187,7 +159,7 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
         enable_checkpointing(model)
 
     torch.manual_seed(settings.seed)
-    data = calibration_ids(CalibrationSettings(settings.data, settings.num_samples, settings.seq_len, settings.seed),
+    data = calibration_ids(CalibrationSettings(settings.data or DEFAULT_CALIBRATION, settings.num_samples, settings.seq_len, settings.seed),
                            tokenizer, teacher)
 
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)

@@ -1,9 +1,10 @@
 """Calibration and evaluation text: files, dataset folders, Hub datasets, or offline defaults that download nothing.
 
-Offline defaults:
-- calibration: text the source model samples itself from its BOS token (seeded), so no corpus is needed;
-- held-out evaluation: the Python reference manual prose that ships with CPython (`pydoc_data.topics`), which
-  calibration never sees.
+Offline defaults (`corpora.py`: three disjoint corpora that ship with CPython):
+- calibration and adapt's training text: `stdlib-docstrings`, real prose;
+- held-out evaluation: `python-reference`, which calibration never sees;
+- `self-generated`, on request: text the source model samples itself from its BOS token (seeded). It reads like
+  chat filler on an instruction-tuned model, and costs the recipes that fit statistics (README, Calibration).
 """
 
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .corpora import DEFAULT_CALIBRATION, HELDOUT, NAMES, SELF_GENERATED, corpus_text
 from .errors import SurgeryError, first_line
 
 log = logging.getLogger(__name__)
@@ -25,25 +27,30 @@ TEXT_FIELDS = ("text", "content", "document")
 class CalibrationSettings:
     """What calibration ran on; recorded in recipe.yaml so the conversion can be reproduced."""
 
-    source: str | None
+    source: str
     num_samples: int
     seq_len: int
     seed: int
 
     @property
     def description(self) -> str:
-        return self.source or "self-generated (the source model samples from BOS)"
+        if self.source == SELF_GENERATED:
+            return "self-generated (the source model samples from BOS)"
+        if self.source in NAMES:
+            return f"{self.source} (offline, ships with Python)"
+        return self.source
 
 
 def heldout_text() -> str:
     """Real English prose available offline on every Python install, disjoint from the calibration default."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[name] for name in sorted(topics))
+    return corpus_text(HELDOUT)
 
 
 def read_text(source: str, split: str = "train") -> str:
-    """All the text of a .txt/.jsonl/.parquet file, a local dataset folder, or a Hub dataset name."""
+    """All the text of a named offline corpus, a .txt/.jsonl/.parquet file, a local dataset folder, or a Hub
+    dataset name."""
+    if source in NAMES:
+        return corpus_text(source)
     path = Path(source).expanduser()
     if path.is_file():
         return _read_file(path)
@@ -180,7 +187,9 @@ def calibration_ids(settings: CalibrationSettings, tokenizer, model) -> torch.Te
     """Token windows for calibration, per the settings. Deterministic for a given seed."""
     if settings.num_samples <= 0 or settings.seq_len <= 1:
         raise SurgeryError("--num-samples must be positive and --seq-len at least 2")
-    if settings.source is None:
+    if settings.source == SELF_GENERATED:
+        if model is None:
+            raise SurgeryError("self-generated calibration text needs the source model loaded", hint=f"pass --calib {DEFAULT_CALIBRATION}")
         return self_generated(model, tokenizer, settings.num_samples, settings.seq_len, settings.seed)
     if tokenizer is None:
         raise SurgeryError("the source folder has no tokenizer to read calibration text", hint="add its tokenizer files")

@@ -24,8 +24,11 @@ def write_recipe(folder: Path, record: dict[str, Any]) -> None:
 def read_recipe(folder: Path) -> dict[str, Any]:
     """The checkpoint's recipe.yaml as a dict; {} when there is none."""
     path = Path(folder) / RECIPE_FILE
-    if not path.is_file():
-        return {}
+    return load_recipe_file(path) if path.is_file() else {}
+
+
+def load_recipe_file(path: Path) -> dict[str, Any]:
+    """A recipe.yaml as a dict; one line when it is not a readable YAML mapping."""
     try:
         record = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
@@ -70,7 +73,9 @@ def render_card(folder: Path, model_id: str | None = None) -> str:
     """Render README.md from templates/ with the recipe record and, when present, the eval results."""
     folder = Path(folder)
     record = read_recipe(folder)
-    results = json.loads((folder / EVAL_FILE).read_text()) if (folder / EVAL_FILE).is_file() else {}
+    from .evaluate import read_results
+
+    results = read_results(folder / EVAL_FILE).get("quality", {})
     recipes = []
     for entry, recipe in zip(record.get("recipes") or [], recipes_from_record(record)):
         recipes.append({

@@ -9,7 +9,6 @@ import shlex
 import signal
 import sys
 import traceback
-import types
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 import click
 
 from .errors import SurgeryError, first_line
-from .ranges import click_range, has_range
+from .ranges import click_range, has_range, value_type
+from .corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from .recipes import RECIPES, recipe_class
 
 log = logging.getLogger("surgery")
@@ -108,43 +108,97 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " ")
 
 
-def _click_type(annotation):
-    """The click type for a recipe field annotation such as `int | None`."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] if isinstance(annotation, types.UnionType) else [annotation]
-    return {int: int, float: float, str: str, bool: bool}.get(args[0], str)
+class SectionedOption(click.Option):
+    """An option listed under a heading of `--help` (a recipe's name, or Calibration)."""
+
+    def __init__(self, *args, section: str = "Options", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.section = section
 
 
-def dataclass_options(specs, command):
+class SectionedCommand(click.Command):
+    """`--help` lists options under their sections, in the order they are first declared."""
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            if isinstance(param, click.Argument):
+                continue
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections.setdefault(getattr(param, "section", "Options"), []).append(record)
+        for title, rows in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(rows)
+
+
+def section_option(*names, section: str, **kwargs):
+    return click.option(*names, cls=SectionedOption, section=section, **kwargs)
+
+
+def dataclass_options(owner: type, specs, command, section: str = "Options"):
     """Add dataclass fields as options (help from field metadata). Defaults stay None: the dataclass keeps its own."""
     for spec in reversed(specs):
         flag = f"--{spec.name.replace('_', '-')}"
         help_text = spec.metadata.get("help", "")
         if spec.metadata.get("flag"):
-            command = click.option(flag, spec.name, is_flag=True, default=None, help=help_text)(command)
+            command = section_option(flag, spec.name, is_flag=True, default=None, help=help_text, section=section)(command)
             continue
         default = None if spec.default is MISSING else spec.default
         help_text += f" [{default}]" if default is not None else ""
         choices = spec.metadata.get("choices")
-        kind = click.Choice(choices) if choices else _click_type(spec.type)
+        kind = click.Choice(choices) if choices else value_type(owner, spec)
         if has_range(spec) and kind in (int, float):
             kind = click_range(spec, kind)
-        command = click.option(flag, spec.name, type=kind, default=None, help=help_text)(command)
+        command = section_option(flag, spec.name, type=kind, default=None, help=help_text, section=section)(command)
     return command
 
 
-def recipe_options(command):
-    """Every recipe's options, each once."""
-    specs = {}
-    for recipe in RECIPES.values():
+def recipe_option_groups() -> list[tuple[str, type, list]]:
+    """Each recipe option once, under a heading naming every recipe that takes it (the eviction recipes share
+    theirs, with one meaning), in registry order."""
+    takers: dict[str, list[str]] = {}
+    owners: dict[str, tuple[type, object]] = {}
+    for name, recipe in RECIPES.items():
         for spec in fields(recipe):
-            specs.setdefault(spec.name, spec)
-    return dataclass_options(list(specs.values()), command)
+            takers.setdefault(spec.name, []).append(name)
+            owners.setdefault(spec.name, (recipe, spec))
+    groups: dict[str, tuple[type, list]] = {}
+    for option, names in takers.items():
+        title = f"{', '.join(names)} options"
+        recipe, spec = owners[option]
+        groups.setdefault(title, (recipe, []))[1].append(spec)
+    return [(title, recipe, specs) for title, (recipe, specs) in groups.items()]
+
+
+def recipe_options(command):
+    for title, recipe, specs in reversed(recipe_option_groups()):
+        command = dataclass_options(recipe, specs, command, section=title)
+    return command
 
 
 def adapt_options(command):
-    from .adapt import AdaptSettings
+    from .adapt_settings import AdaptSettings
 
-    return dataclass_options([spec for spec in fields(AdaptSettings) if spec.name not in ("teacher", "seed")], command)
+    specs = [spec for spec in fields(AdaptSettings) if spec.name not in ("teacher", "seed")]
+    return dataclass_options(AdaptSettings, specs, command, section="Training options")
+
+
+class RecipeNames(click.ParamType):
+    """`--recipe kvsharer` or a composition `kvsharer,snapkv`, each name one of the registry's."""
+
+    name = "recipes"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(RECIPES) + "][,...]"
+
+    def convert(self, value, param, ctx):
+        names = [part.strip() for part in str(value).split(",") if part.strip()]
+        unknown = [name for name in names if name not in RECIPES]
+        if not names or unknown:
+            self.fail(f"unknown recipe {', '.join(map(repr, unknown)) or repr(value)}; choose from {', '.join(RECIPES)}",
+                      param, ctx)
+        return ",".join(names)
 
 
 def build_recipes(names: str, options: dict) -> list:
@@ -170,10 +224,8 @@ def main(ctx, quiet: bool, verbose: bool):
     """Convert Hugging Face LLMs into compressed architectures (KV sharing, and more)."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    if quiet:  # read by huggingface_hub and transformers when they are imported, later
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     ctx.obj = {"progress": not quiet}
 
 
@@ -198,17 +250,15 @@ def inspect(model: str, allow_pickle: bool):
         click.echo(f"{key:28s} {value}")
 
 
-@main.command()
-@click.argument("model")
-@click.option("--recipe", "recipe_names", default="kvsharer", show_default=True, help="Recipe(s), comma-separated.")
+CALIBRATION = "Calibration options"
+
+
+@main.command(cls=SectionedCommand)
+@click.argument("model", required=False)
+@click.option("--recipe", "recipe_names", type=RecipeNames(), default=None, help="Recipe, or recipes to compose, comma-separated (see `surgery recipes`). [kvsharer]")
+@click.option("--recipe-file", type=click.Path(path_type=Path), default=None, help="Replay the conversion a recipe.yaml records (same recipes, options, calibration and dtype); MODEL defaults to its source.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--calib", default=None, help="Calibration data: .txt/.jsonl/.parquet, a dataset folder or a Hub dataset name. Default: text the model generates itself (offline).")
-@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Calibration samples (default: the recipe's paper setting).")
-@click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Tokens per calibration sample (default: the recipe's).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Weight dtype (default: the source's).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where layer-by-layer calibration runs (auto: CUDA when visible).")
-@click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="Dtype of layer-by-layer calibration: auto is bfloat16 on CUDA, float32 on CPU (statistics accumulate in float32/float64).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Weight dtype of the checkpoint (default: the source's; a GGUF source is dequantized to float32).")
 @click.option("--max-shard-size", default="5G", show_default=True, help="Largest shard, in bytes (K/M/G suffixes allowed).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new checkpoint is complete).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the result in a fresh interpreter.")
@@ -219,13 +269,19 @@ def inspect(model: str, allow_pickle: bool):
 @click.option("--adapt-steps", type=click.IntRange(min=1), default=None, help="Then train with `surgery adapt` for this many steps, MODEL as teacher.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID", help="Then verify and upload the result to this Hub repo.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@section_option("--calib", default=None, section=CALIBRATION, help=f"Calibration text: .txt/.jsonl/.parquet, a dataset folder, a Hub dataset name, or `{SELF_GENERATED}` (the source samples its own). [{DEFAULT_CALIBRATION}: stdlib docstrings, offline]")
+@section_option("--num-samples", type=click.IntRange(min=1), default=None, section=CALIBRATION, help="Calibration samples (default: the recipe paper's setting).")
+@section_option("--seq-len", type=click.IntRange(min=2), default=None, section=CALIBRATION, help="Tokens per calibration sample (default: the recipe's).")
+@section_option("--seed", type=int, default=None, section=CALIBRATION, help="Seed of the calibration windows and searches. [0]")
+@section_option("--calib-batch-size", type=click.IntRange(min=1), default=None, section=CALIBRATION, help="Calibration samples per batch through each layer. [8]")
+@section_option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, section=CALIBRATION, help="Where layer-by-layer calibration runs (auto: CUDA when visible). [auto]")
+@section_option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None, section=CALIBRATION, help="Dtype of layer-by-layer calibration: auto is bfloat16 on CUDA, float32 on CPU (statistics accumulate in float32/float64). [auto]")
 @recipe_options
 @click.pass_context
 @friendly_errors
-def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dtype, device, compute_dtype,
-            max_shard_size, overwrite,
-            no_verify, run_eval, allow_pickle, trust_remote_code, revision, adapt_steps, push_to_hub, private,
-            **recipe_kwargs):
+def convert(ctx, model, recipe_names, recipe_file, out, dtype, max_shard_size, overwrite, no_verify, run_eval,
+            allow_pickle, trust_remote_code, revision, adapt_steps, push_to_hub, private, calib, num_samples, seq_len,
+            seed, calib_batch_size, device, compute_dtype, **recipe_kwargs):
     """Convert MODEL (Hub id, folder, .gguf, or `demo`) with a recipe into --out."""
     from .convert import ConvertRequest
     from .convert import convert as run_convert
@@ -235,16 +291,31 @@ def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dt
         from .hub import check_repo_id
 
         check_repo_id(push_to_hub)
-    request = ConvertRequest(
-        model=model, recipes=build_recipes(recipe_names, recipe_kwargs), out=out, calib=calib,
-        num_samples=num_samples, seq_len=seq_len, seed=seed, dtype=dtype, device=device, compute_dtype=compute_dtype,
-        max_shard_size=parse_size(max_shard_size),
-        overwrite=overwrite, verify=not no_verify, evaluate=run_eval, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code, revision=revision, progress=ctx.obj["progress"],
-        command=shlex.join(["surgery", *sys.argv[1:]]),
-    )
+    settings = dict(calib=calib, num_samples=num_samples, seq_len=seq_len, seed=seed, calib_batch_size=calib_batch_size,
+                    device=device, compute_dtype=compute_dtype, dtype=dtype)
+    if recipe_file is not None:
+        from .replay import replayed_request
+
+        given = [name for name, value in {**settings, **recipe_kwargs, "recipe": recipe_names}.items() if value is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise SurgeryError(f"{flag} cannot be combined with --recipe-file, which replays every setting",
+                               hint=f"drop {flag}, or edit the recipe.yaml")
+        request = replayed_request(recipe_file, model)
+        max_shard_size = str(request.max_shard_size) if ctx.get_parameter_source("max_shard_size").name == "DEFAULT" else max_shard_size
+    else:
+        if model is None:
+            raise SurgeryError("no MODEL given", hint="pass a Hub id, a folder, a .gguf file or `demo`, or --recipe-file")
+        request = ConvertRequest(model=model, recipes=build_recipes(recipe_names or "kvsharer", recipe_kwargs), out=out,
+                                 **{k: v for k, v in settings.items() if v is not None})
+    request.out, request.max_shard_size = out, parse_size(max_shard_size)
+    request.overwrite, request.verify, request.evaluate = overwrite, not no_verify, run_eval
+    request.allow_pickle, request.trust_remote_code, request.revision = allow_pickle, trust_remote_code, revision
+    request.progress, request.command = ctx.obj["progress"], shlex.join(["surgery", *sys.argv[1:]])
+    model = request.model
     if adapt_steps:
-        from .adapt import AdaptSettings, adapt
+        from .adapt import adapt
+        from .adapt_settings import AdaptSettings
 
         check_output(out, [Path(model)] if Path(model).exists() else [])
         if out.exists() and not overwrite:
@@ -253,7 +324,7 @@ def convert(ctx, model, recipe_names, out, calib, num_samples, seq_len, seed, dt
         request.overwrite, request.evaluate = True, False
         try:
             converted = run_convert(request)
-            adapt(converted, out, AdaptSettings(teacher=model, steps=adapt_steps, seed=seed), overwrite=overwrite,
+            adapt(converted, out, AdaptSettings(teacher=model, steps=adapt_steps, seed=request.seed), overwrite=overwrite,
                   verify=not no_verify, progress=ctx.obj["progress"], allow_pickle=allow_pickle)
         finally:
             import shutil
@@ -294,7 +365,7 @@ def push(folder, repo_id, private, revision, commit_message, token, dry_run, no_
         click.echo(f"pushed {folder} to {result.url}")
 
 
-@main.command("adapt")
+@main.command("adapt", cls=SectionedCommand)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--teacher", required=True, help="The frozen teacher (usually the source model): any MODEL convert accepts.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
@@ -308,7 +379,8 @@ def push(folder, repo_id, private, revision, commit_message, token, dry_run, no_
 @friendly_errors
 def adapt_command(ctx, checkpoint, teacher, out, seed, resume, overwrite, no_verify, allow_pickle, **options):
     """Distil TEACHER into the trainable parts of CHECKPOINT (runs under `accelerate launch` and torchrun too)."""
-    from .adapt import AdaptSettings, adapt
+    from .adapt import adapt
+    from .adapt_settings import AdaptSettings
 
     settings = AdaptSettings(teacher=teacher, seed=seed, **{k: v for k, v in options.items() if v is not None})
     adapt(checkpoint, out, settings, resume=resume, overwrite=overwrite, verify=not no_verify,
@@ -335,65 +407,56 @@ def check_json_target(path: Path | None) -> None:
         raise SurgeryError(f"--json {path}: the folder {path.parent} does not exist", hint="create it first")
 
 
-@main.command("eval")
+QUALITY, PASSKEY = "quality task options", "passkey task options"
+
+
+@main.command("eval", cls=SectionedCommand)
 @click.argument("checkpoint")
-@click.option("--baseline", default=None, help="Model to compare with (any MODEL that convert accepts).")
-@click.option("--data", default=None, help="Held-out text (file, folder or dataset). Default: Python's reference manual prose, offline.")
-@click.option("--max-tokens", type=click.IntRange(min=2), default=4096, show_default=True, help="Tokens of held-out text to score.")
-@click.option("--context", "speed_context", type=click.IntRange(min=2), default=512, show_default=True, help="Context length for the speed test.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Where to write the JSON (default: CHECKPOINT/eval_results.json).")
-@click.option("--task", type=click.Choice(["quality", "passkey"]), default="quality", show_default=True, help="quality: perplexity, KV bytes, agreement, speed; passkey: retrieval under a KV budget.")
-@click.option("--lengths", default="1024,2048", show_default=True, help="passkey: prompt lengths in tokens.")
-@click.option("--budget", type=click.FloatRange(min=0, max=1, min_open=True), default=None, help="passkey: KV budget (default: the checkpoint's; 1 = full cache).")
-@click.option("--protocol", type=click.Choice(["query-aware", "context-only", "both"]), default="both", show_default=True)
-@click.option("--probe", is_flag=True, help="passkey, context-only: score the context with a generic question.")
-@click.option("--per-depth", type=click.IntRange(min=1), default=5, show_default=True, help="passkey: prompts per depth (depths 10%, 50%, 90%).")
+@click.option("--task", type=click.Choice(["quality", "passkey"]), default="quality", show_default=True, help="quality: perplexity, KV bytes, agreement, speed; passkey: retrieval.")
+@click.option("--baseline", default=None, help="Model to compare with on the same prompts (any MODEL that convert accepts).")
+@click.option("--keep", type=click.FloatRange(min=0, max=1, min_open=True), default=None, help="Fraction of each prompt an eviction policy keeps (default: the checkpoint's; 1 = full cache).")
+@click.option("--data", default=None, help="Text (file, folder, dataset or corpus name). Default: python-reference for quality, stdlib-haystack for passkey, both offline and disjoint from calibration.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Where to write the results (default: CHECKPOINT/eval_results.json, or ./eval_results.json for a Hub id).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled .bin weights (CHECKPOINT or --baseline).")
 @click.option("--max-memory", default=None, help="Keep at most this much of the weights in memory (e.g. 4G); the rest is offloaded to disk and read layer by layer.")
+@section_option("--segments", type=click.IntRange(min=1), default=4, show_default=True, section=QUALITY, help="Prompts scored.")
+@section_option("--prompt-len", type=click.IntRange(min=2), default=1024, show_default=True, section=QUALITY, help="Tokens of each prompt, compressed as generate() does.")
+@section_option("--score-tokens", type=click.IntRange(min=1), default=128, show_default=True, section=QUALITY, help="Tokens scored after each compressed prompt.")
+@section_option("--context", "speed_context", type=click.IntRange(min=2), default=512, show_default=True, section=QUALITY, help="Context length of the speed test.")
+@section_option("--lengths", default="1024,2048", show_default=True, section=PASSKEY, help="Prompt lengths in tokens.")
+@section_option("--protocol", type=click.Choice(["query-aware", "context-only", "both"]), default="both", show_default=True, section=PASSKEY, help="query-aware: the question ends the prompt; context-only: the context is compressed before the question is known.")
+@section_option("--probe", is_flag=True, section=PASSKEY, help="context-only: score the context with a generic question.")
+@section_option("--per-depth", type=click.IntRange(min=1), default=2, show_default=True, section=PASSKEY, help="Prompts per depth (depths 10%, 50%, 90%).")
 @click.pass_context
 @friendly_errors
-def eval_command(ctx, checkpoint, baseline, data, max_tokens, speed_context, json_path, task, lengths, budget,
-                 protocol, probe, per_depth, allow_pickle, max_memory):
-    """Measure CHECKPOINT: perplexity, KV bytes per token, greedy agreement, speed, memory; or pass-key retrieval."""
-    from .card import EVAL_FILE, render_card
-    from .evaluate import evaluate, print_report, write_results
+def eval_command(ctx, checkpoint, task, baseline, keep, data, json_path, allow_pickle, max_memory, segments,
+                 prompt_len, score_tokens, speed_context, lengths, protocol, probe, per_depth):
+    """Measure CHECKPOINT as generate() uses it: perplexity and greedy agreement through compressed prompts, KV
+    bytes from the cache, speed, memory; or pass-key retrieval. Results go to eval_results.json."""
+    from .card import render_card
+    from .evaluate import default_results_path, write_results
 
-    check_json_target(json_path)
     max_memory = None if max_memory is None else parse_size(max_memory)
+    sizes = parse_lengths(lengths)
+    target = json_path or default_results_path(checkpoint)
+    check_json_target(target)
     if task == "passkey":
-        import json
+        from .passkey import evaluate_passkey, print_passkey
 
-        from .calibration import heldout_text, read_text
-        from .loading import load_model
-        from .passkey import passkey_report
+        results = evaluate_passkey(checkpoint, baseline, data, sizes, keep, protocol, probe, per_depth, allow_pickle,
+                                   max_memory, ctx.obj["progress"])
+        print_passkey(results)
+    else:
+        from .evaluate import evaluate, print_report
 
-        sizes = parse_lengths(lengths)
-        model, tokenizer = load_model(checkpoint, allow_pickle=allow_pickle, max_memory=max_memory)
-        if tokenizer is None:
-            raise SurgeryError(f"{checkpoint} has no tokenizer", hint="add its tokenizer files")
-        protocols = ["query-aware", "context-only"] if protocol == "both" else [protocol]
-        haystack = read_text(data) if data else heldout_text()
-        report = passkey_report(model, tokenizer, haystack, sizes, budget, protocols, probe, per_depth,
-                                progress=ctx.obj["progress"])
-        for name, rows in report["results"].items():
-            click.echo(f"pass key, {name}: " + ", ".join(f"{k} tokens {v}" for k, v in rows.items() if "@" not in k))
-        continuation = report["continuation_perplexity"]
-        click.echo(f"perplexity of {continuation['scored_tokens']} tokens after a compressed "
-                   f"{continuation['prompt_tokens']}-token prompt: {continuation['perplexity']:.3f}")
-        if json_path:
-            json_path.write_text(json.dumps(report, indent=2) + "\n")
-        return
-
-    results = evaluate(checkpoint, baseline, progress=ctx.obj["progress"], allow_pickle=allow_pickle, max_memory=max_memory, data=data,
-                       max_tokens=max_tokens, speed_context=speed_context)
-    print_report(results)
+        results = evaluate(checkpoint, baseline, progress=ctx.obj["progress"], allow_pickle=allow_pickle,
+                           max_memory=max_memory, data=data, segments=segments, prompt_len=prompt_len,
+                           score_tokens=score_tokens, speed_context=speed_context, keep=keep)
+        print_report(results)
+    write_results(results, target)
+    click.echo(f"wrote {target}")
     folder = Path(checkpoint)
-    is_surgery_checkpoint = (folder / "recipe.yaml").is_file()
-    target = json_path or (folder / EVAL_FILE if is_surgery_checkpoint else None)
-    if target is not None:
-        write_results(results, target)
-        click.echo(f"wrote {target}")
-    if is_surgery_checkpoint and json_path is None:
+    if (folder / "recipe.yaml").is_file() and target == default_results_path(checkpoint):
         render_card(folder)
 
 

@@ -4,6 +4,7 @@ import copy
 import json
 import logging
 import math
+import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,11 +18,12 @@ from .arch.configuration_surgery import SurgeryConfig
 from .arch.modeling_surgery import SurgeryForCausalLM
 from .calibration import CalibrationSettings, calibration_ids
 from .card import EVAL_FILE, render_card
+from .corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from .errors import SurgeryError
 from .export import DTYPES, check_source_tensors, expected_tensors, finish_checkpoint, write_weights
 from .families import surgery_config_from_source
 from .layer_runner import LayerRunner
-from .loading import load_tokenizer
+from .loading import has_tokenizer, load_tokenizer
 from .memory import available_memory
 from .outputs import check_output, exclusive, staging
 from .recipes import Recipe, check_composition
@@ -45,6 +47,7 @@ class ConvertRequest:
     num_samples: int | None = None
     seq_len: int | None = None
     seed: int = 0
+    calib_batch_size: int = 8
     dtype: str | None = None
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     overwrite: bool = False
@@ -68,13 +71,18 @@ def tensor_plan(recipes: list[Recipe]) -> TensorPlan:
     return plan
 
 
-def calibration_settings(request: ConvertRequest) -> CalibrationSettings | None:
-    """The recipe's paper defaults, overridden by what the user passed; None when no recipe calibrates."""
+def calibration_settings(request: ConvertRequest, source: Source) -> CalibrationSettings | None:
+    """The recipe's paper defaults, overridden by what the user passed; None when no recipe calibrates. A source
+    without a tokenizer cannot read the default text, so it samples its own (from the BOS id in its config)."""
     wanted = [recipe.calibration for recipe in request.recipes if recipe.calibration is not None]
     if not wanted:
         return None
+    text = request.calib or DEFAULT_CALIBRATION
+    if request.calib is None and not has_tokenizer(source.folder):
+        log.warning("%s has no tokenizer: calibrating on text it samples itself", source.name)
+        text = SELF_GENERATED
     return CalibrationSettings(
-        source=request.calib,
+        source=text,
         num_samples=request.num_samples or max(w.num_samples for w in wanted),
         seq_len=request.seq_len or max(w.seq_len for w in wanted),
         seed=request.seed,
@@ -100,14 +108,25 @@ def compute_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def float32_bytes(source: Source) -> int:
+    return 4 * sum(math.prod(shape) for shape in LazyCheckpoint(source.folder).shapes().values())
+
+
 def check_fits_in_memory(source: Source) -> None:
     """Sampling calibration text holds the whole source in float32: refuse it, in one line, when that cannot fit."""
-    needed = 4 * sum(math.prod(shape) for shape in LazyCheckpoint(source.folder).shapes().values())
+    needed = float32_bytes(source)
     available = available_memory()
     if available and needed > 0.8 * available:
         raise SurgeryError(f"self-generated calibration text needs the whole source in float32 ({needed / 2**30:.1f} GiB), more than this "
                            f"machine can spare ({available / 2**30:.1f} GiB available)",
-                           hint="pass --calib FILE with real text: calibration then runs one layer at a time")
+                           hint=f"drop --calib {SELF_GENERATED} (the default, {DEFAULT_CALIBRATION}, or any --calib FILE runs one layer at a time)")
+
+
+def fits_twice(source: Source) -> bool:
+    """Whether the source and its conversion fit in memory together, in float32, for the quality check."""
+    needed = 2 * float32_bytes(source)
+    available = available_memory()
+    return not available or needed < 0.5 * available
 
 
 def load_calibration_model(source: Source, config: SurgeryConfig) -> SurgeryForCausalLM:
@@ -126,14 +145,15 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
     recipes before it planned them. The whole model is loaded only to sample self-generated calibration text.
     """
     if settings is None:
-        plans = [recipe.plan(None, None, request.seed, request.progress) for recipe in request.recipes]
+        with torch.no_grad():
+            plans = [recipe.plan(None, None, request.seed, request.progress) for recipe in request.recipes]
         for recipe, plan in zip(request.recipes, plans):
             recipe.apply(config, plan)
         return plans
     torch.manual_seed(request.seed)
     tokenizer = load_tokenizer(source.folder, request.trust_remote_code)
     model = None
-    if settings.source is None:
+    if settings.source == SELF_GENERATED:
         check_fits_in_memory(source)
         model = load_calibration_model(source, config)
     ids = calibration_ids(settings, tokenizer, model)
@@ -141,10 +161,11 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
     plans = []
     for done, recipe in enumerate(request.recipes):
         device = calibration_device(request.device)
-        runner = LayerRunner(source.folder, config, ids, getattr(recipe, "batch_size", 8),
+        runner = LayerRunner(source.folder, config, ids, request.calib_batch_size,
                              compute_dtype(request.compute_dtype, device), request.progress, device,
                              plan=tensor_plan(request.recipes[:done]))
-        plan = recipe.plan(runner, ids, request.seed, request.progress)
+        with torch.no_grad():  # planning never trains
+            plan = recipe.plan(runner, ids, request.seed, request.progress)
         recipe.apply(config, plan)
         plans.append(plan)
     return plans
@@ -175,8 +196,9 @@ def recipe_record(request: ConvertRequest, source: Source, settings: Calibration
             for recipe, plan in zip(request.recipes, plans)
         ],
         "calibration": None if settings is None else {
-            "data": settings.description, "num_samples": settings.num_samples,
-            "seq_len": settings.seq_len, "seed": settings.seed, "device": request.device,
+            "data": settings.description, "source": settings.source, "num_samples": settings.num_samples,
+            "seq_len": settings.seq_len, "seed": settings.seed, "batch_size": request.calib_batch_size,
+            "python": platform.python_version(), "device": request.device,
             "compute_dtype": str(compute_dtype(request.compute_dtype, calibration_device(request.device))).removeprefix("torch."),
         },
         "export": {"dtype": str(dtype).removeprefix("torch."), "max_shard_size": request.max_shard_size},
@@ -187,6 +209,8 @@ def convert(request: ConvertRequest) -> Path:
     """Convert `request.model` and write the checkpoint to `request.out`; returns the output folder."""
     if request.dtype is not None and request.dtype not in DTYPES:
         raise SurgeryError(f"unknown --dtype {request.dtype!r}", hint=f"choose from {', '.join(DTYPES)}")
+    if request.max_shard_size < 1:
+        raise SurgeryError(f"--max-shard-size {request.max_shard_size} is not a size", hint="e.g. --max-shard-size 5G")
     out = Path(request.out)
     check_composition(request.recipes)
     compute_dtype(request.compute_dtype, calibration_device(request.device))
@@ -214,7 +238,7 @@ def _convert(request: ConvertRequest, source: Source, out: Path) -> Path:
     check_source_tensors(source.folder, config)
     dtype = DTYPES[request.dtype] if request.dtype else LazyCheckpoint(source.folder).dtype()
 
-    settings = calibration_settings(request)
+    settings = calibration_settings(request, source)
     with stage("calibration and planning"):
         plans = plan_recipes(request, source, config, settings)
     config.surgery_recipes = [recipe.name for recipe in request.recipes]
@@ -228,10 +252,20 @@ def _convert(request: ConvertRequest, source: Source, out: Path) -> Path:
                               recipe_record(request, source, settings, plans, dtype), request.verify,
                               request.trust_remote_code)
         if request.evaluate:
-            from .evaluate import evaluate, print_report
+            from .evaluate import evaluate, far_from_source, print_report, write_results
 
             results = evaluate(folder, str(source.folder), progress=request.progress, **request.eval_options)
-            (folder / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
+            write_results(results, folder / EVAL_FILE)
             print_report(results)
+            warning = far_from_source(results, request.recipes)
+        elif request.verify and fits_twice(source) and has_tokenizer(source.folder):
+            from .evaluate import quick_check
+
+            with stage("quality check"):
+                warning = quick_check(folder, source.folder, request.recipes)
+        else:
+            warning = None
+        if warning:
+            log.warning("warning: %s", warning)
         render_card(folder, model_id=str(out))
     return out

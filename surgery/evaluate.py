@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import resource
 import sys
 import time
@@ -16,23 +17,28 @@ from tqdm.auto import tqdm
 from .calibration import heldout_text, read_text
 from .card import METRICS
 from .errors import SurgeryError
-from .loading import check_same_vocabulary, load_source_model, load_tokenizer
+from .loading import check_same_vocabulary, load_source_model, load_tokenizer, read_checkpoint_config
 from .sources import resolve
 
 log = logging.getLogger(__name__)
 
+TASKS = ("quality", "passkey")
+
 
 @dataclass
 class EvalSettings:
+    """What `surgery eval` measures on. Quality runs as `generate` uses the model: each segment's prompt of
+    `prompt_len` tokens goes through the cache (where an eviction policy compresses it), and the next
+    `score_tokens` are scored, or greedily continued, from that cache."""
+
     data: str | None = None
-    max_tokens: int = 4096
-    window: int = 512
-    stride: int = 256
-    agreement_prompts: int = 4
-    agreement_prompt_len: int = 64
+    segments: int = 4
+    prompt_len: int = 1024
+    score_tokens: int = 128
     agreement_new_tokens: int = 32
     speed_context: int = 512
     decode_tokens: int = 32
+    keep: float | None = None  # the checkpoint's eviction budget unless given (1: the full cache)
 
 
 @torch.no_grad()
@@ -87,6 +93,66 @@ def greedy_agreement(model, sequences: torch.Tensor, prompt_len: int) -> float:
 
 
 @torch.no_grad()
+def continuation_logits(model, prompt: torch.Tensor, continuation: torch.Tensor, **prefill: Any):
+    """The logits that predict each `continuation` token, read through the cache of `prompt` (compressed by the
+    model's policy at prefill, as in `generate`), and the cache after the continuation."""
+    out = model(prompt, use_cache=True, **prefill)
+    rest = model(continuation, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat([out.logits[:, -1:], rest.logits[:, :-1]], dim=1).float(), rest.past_key_values
+
+
+def prefill_options(model, keep: float | None) -> dict[str, float]:
+    """`kv_budget` for a surgery model when eval overrides its keep fraction; nothing for other models."""
+    if keep is None or getattr(model.config, "model_type", None) != "surgery":
+        return {}
+    return {"kv_budget": keep}
+
+
+def eval_segments(ids: torch.Tensor, settings: EvalSettings) -> list[torch.Tensor]:
+    """`segments` windows of prompt + scored tokens, evenly spread over the held-out token stream."""
+    length = settings.prompt_len + settings.score_tokens
+    if ids.shape[1] < length:
+        raise SurgeryError(f"the eval text has {ids.shape[1]} tokens, fewer than one segment ({length})",
+                           hint="give more --data, or lower --prompt-len")
+    spread = (ids.shape[1] - length) // max(settings.segments - 1, 1)
+    return [ids[:, i * spread : i * spread + length] for i in range(settings.segments)]
+
+
+def compressed_quality(model, segments: list[torch.Tensor], settings: EvalSettings) -> dict[str, float]:
+    """Perplexity of the scored tokens after each compressed prompt, and the KV bytes per token the cache holds
+    at the end (prompt + scored tokens), averaged over segments."""
+    nll, count, kv_bytes = 0.0, 0, []
+    for segment in segments:
+        prompt, targets = segment[:, : settings.prompt_len], segment[:, settings.prompt_len:]
+        logits, cache = continuation_logits(model, prompt, targets, **prefill_options(model, settings.keep))
+        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        count += targets.numel()
+        kv_bytes.append(cache_kv_bytes_per_token(cache))
+    return {"perplexity": math.exp(nll / count), "kv_bytes_per_token": sum(kv_bytes) / len(kv_bytes)}
+
+
+@torch.no_grad()
+def baseline_continuations(baseline, segments: list[torch.Tensor], settings: EvalSettings) -> list[torch.Tensor]:
+    """The baseline's greedy continuation of each prompt, with its full cache."""
+    prompts = [segment[:, : settings.prompt_len] for segment in segments]
+    return [greedy_continuations(baseline, prompt, settings.agreement_new_tokens)[:, prompt.shape[1]:]
+            for prompt in prompts]
+
+
+def compressed_agreement(model, segments: list[torch.Tensor], continuations: list[torch.Tensor],
+                         settings: EvalSettings) -> float:
+    """Share of the baseline's greedy tokens this model also picks, reading the same history through its
+    compressed prompt."""
+    hits, total = 0, 0
+    for segment, continuation in zip(segments, continuations):
+        logits, _ = continuation_logits(model, segment[:, : settings.prompt_len], continuation,
+                                        **prefill_options(model, settings.keep))
+        hits += (logits.argmax(-1) == continuation).sum().item()
+        total += continuation.numel()
+    return hits / total
+
+
+@torch.no_grad()
 def speed(model, ids: torch.Tensor, decode_tokens: int) -> dict[str, float]:
     """Prefill tokens/s over `ids`, then greedy decode tokens/s with the cache at that context length."""
     start = time.perf_counter()
@@ -108,52 +174,82 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def measure(model, text_ids: torch.Tensor, settings: EvalSettings, progress: bool) -> dict[str, float]:
-    steps = tqdm(total=3, desc="eval", disable=not progress, leave=False)
-    result = {"perplexity": perplexity(model, text_ids, settings.window, settings.stride)}
+def measure(model, ids: torch.Tensor, segments: list[torch.Tensor], settings: EvalSettings,
+            progress: bool) -> dict[str, float]:
+    steps = tqdm(total=2, desc="eval", disable=not progress, leave=False)
+    result = compressed_quality(model, segments, settings)
     steps.update()
-    result["kv_bytes_per_token"] = kv_bytes_per_token(model, text_ids[:, : settings.speed_context])
-    steps.update()
-    result.update(speed(model, text_ids[:, : settings.speed_context], settings.decode_tokens))
+    result.update(speed(model, ids[:, : settings.speed_context], settings.decode_tokens))
     result["peak_memory_mib"] = peak_memory_mib()
     steps.update()
     steps.close()
     return result
 
 
-def evaluate(checkpoint: str | Path, baseline: str | None = None, progress: bool = True, allow_pickle: bool = False,
-             max_memory: int | None = None, **options: Any) -> dict[str, Any]:
-    """Measure `checkpoint`, and `baseline` on the same tokens when given. Both are resolved and their
-    vocabularies compared before anything runs, so a bad baseline fails at once. `max_memory` (bytes) bounds the
-    resident weights of each model: the rest is offloaded to disk and read layer by layer."""
-    settings = EvalSettings(**options)
+def setting_of(config, keep: float | None) -> dict[str, Any]:
+    """The compression a model ran with, which the report states next to the numbers."""
+    if getattr(config, "model_type", None) != "surgery":
+        return {"recipes": [], "kv_policy": None, "keep": None}
+    if config.kv_policy is None:
+        kept = None
+    elif keep is not None or config.kv_budget_tokens is None:
+        kept = f"{keep if keep is not None else config.kv_budget:.0%} of each prompt"
+    else:
+        kept = f"{config.kv_budget_tokens} tokens of each prompt"
+    return {"recipes": list(config.surgery_recipes or []), "kv_policy": config.kv_policy, "keep": kept}
+
+
+def resolve_inputs(checkpoint: str | Path, baseline: str | None, allow_pickle: bool):
+    """(source, baseline source or None, tokenizer): both models resolved, their vocabularies compared and the
+    tokenizer loaded, before any weights are read."""
     source = resolve(str(checkpoint), allow_pickle=allow_pickle)
     base_source = None if baseline is None else resolve(baseline, allow_pickle=allow_pickle)
+    for checked in (source, base_source):
+        if checked is not None and checked.model_type == "surgery":
+            read_checkpoint_config(checked.folder)  # a bad surgery config.json fails here, in one line
     if base_source is not None:
         check_same_vocabulary(source, base_source, "baseline")
-    model, tokenizer = load_source_model(source, max_memory), load_tokenizer(source.folder)
+    tokenizer = load_tokenizer(source.folder)
     if tokenizer is None:
         raise SurgeryError(f"{checkpoint} has no tokenizer to read the eval text", hint="add its tokenizer files")
+    return source, base_source, tokenizer
+
+
+def default_results_path(checkpoint: str | Path) -> Path:
+    """CHECKPOINT/eval_results.json for a local folder, else ./eval_results.json."""
+    folder = Path(checkpoint)
+    return (folder if folder.is_dir() else Path.cwd()) / "eval_results.json"
+
+
+def evaluate(checkpoint: str | Path, baseline: str | None = None, progress: bool = True, allow_pickle: bool = False,
+             max_memory: int | None = None, **options: Any) -> dict[str, Any]:
+    """Measure `checkpoint`, and `baseline` on the same segments when given. Every input (both models, their
+    vocabularies, the text) is resolved and checked before a model loads, so a bad one fails at once.
+    `max_memory` (bytes) bounds the resident weights of each model: the rest is offloaded to disk."""
+    settings = EvalSettings(**options)
+    source, base_source, tokenizer = resolve_inputs(checkpoint, baseline, allow_pickle)
     text = heldout_text() if settings.data is None else read_text(settings.data, split="test")
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][: settings.max_tokens]])
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    segments = eval_segments(ids, settings)
     if ids.shape[1] < settings.speed_context:
         raise SurgeryError(f"eval text has only {ids.shape[1]} tokens", hint=f"give at least {settings.speed_context}")
-    note = f"{ids.shape[1]} held-out tokens, window {settings.window}, stride {settings.stride}, fp32, " + (
-        "CUDA" if torch.cuda.is_available() else "CPU")
+    data = "python-reference (offline)" if settings.data is None else settings.data
+    note = (f"{data}: {len(segments)} prompts of {settings.prompt_len} tokens, each compressed as generate() does, "
+            f"then {settings.score_tokens} tokens scored and {settings.agreement_new_tokens} greedy tokens compared "
+            f"through that cache; fp32, " + ("CUDA" if torch.cuda.is_available() else "CPU"))
 
-    results = {"settings": asdict(settings), "note": note}
-    results["model"] = measure(model, ids, settings, progress)  # first, so its peak memory excludes the baseline
-    if baseline is not None:
+    model = load_source_model(source, max_memory)
+    results = {"task": "quality", "settings": asdict(settings), "note": note,
+               "setting": setting_of(model.config, settings.keep)}
+    results["model"] = measure(model, ids, segments, settings, progress)  # first: its peak excludes the baseline
+    if base_source is not None:
         base_model = load_source_model(base_source, max_memory)
-        step = ids.shape[1] // settings.agreement_prompts
-        prompts = torch.cat([ids[:, i * step : i * step + settings.agreement_prompt_len]
-                             for i in range(settings.agreement_prompts)])
-        sequences = greedy_continuations(base_model, prompts, settings.agreement_new_tokens)
-        results["baseline"] = measure(base_model, ids, settings, progress)
+        continuations = baseline_continuations(base_model, segments, settings)
+        results["baseline"] = measure(base_model, ids, segments, settings, progress)
         results["baseline"]["greedy_agreement"] = 1.0
-        results["model"]["greedy_agreement"] = greedy_agreement(model, sequences, settings.agreement_prompt_len)
+        results["baseline_name"] = base_source.name
         del base_model
-    if baseline is not None:
+        results["model"]["greedy_agreement"] = compressed_agreement(model, segments, continuations, settings)
         base_kv, kv = results["baseline"]["kv_bytes_per_token"], results["model"]["kv_bytes_per_token"]
         results["kv_bytes_saved"] = 1 - kv / base_kv
     return results
@@ -168,8 +264,53 @@ def print_report(results: dict[str, Any]) -> None:
             click.echo(f"{label:40s} {fmt.format(candidate[key]):>14s} {base:>14s}")
     if "kv_bytes_saved" in results:
         click.echo(f"{'KV-cache bytes saved':40s} {results['kv_bytes_saved']:>14.1%}")
+    setting = results.get("setting") or {}
+    if setting.get("recipes"):
+        keep = f" ({setting['kv_policy']} keeps {setting['keep']})" if setting.get("keep") else ""
+        click.echo(f"setting: {', '.join(setting['recipes'])}{keep}")
     click.echo(results["note"])
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """eval_results.json: one entry per task ("quality", "passkey"); {} when absent or unreadable."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
 def write_results(results: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    """Add this task's results to the file, keeping the other tasks' (a passkey run keeps the quality numbers)."""
+    merged = {task: value for task, value in read_results(path).items() if task in TASKS}
+    merged[results.get("task", "quality")] = results
+    Path(path).write_text(json.dumps(merged, indent=2) + "\n")
+
+
+QUICK_CHECK = dict(segments=1, prompt_len=512, score_tokens=64, agreement_new_tokens=32, speed_context=64,
+                   decode_tokens=1)
+FAR_AGREEMENT, FAR_PERPLEXITY = 0.5, 2.0
+
+
+def far_from_source(results: dict[str, Any], recipes: list) -> str | None:
+    """One line when the converted model is far from its source (agreement under 50% or perplexity over 2×),
+    naming the milder settings to try; None when it is close, or when there was no baseline."""
+    model, base = results.get("model", {}), results.get("baseline")
+    if not base:
+        return None
+    problems = []
+    if model.get("greedy_agreement", 1.0) < FAR_AGREEMENT:
+        problems.append(f"greedy agreement {model['greedy_agreement']:.0%}")
+    if model["perplexity"] > FAR_PERPLEXITY * base["perplexity"]:
+        problems.append(f"perplexity {model['perplexity']:.1f} against {base['perplexity']:.1f}")
+    if not problems:
+        return None
+    milder = "; ".join(f"{recipe.name}: {recipe.milder}" for recipe in recipes if recipe.milder)
+    return f"the converted model is far from its source ({', '.join(problems)}); try {milder or 'another recipe'}"
+
+
+def quick_check(folder: Path, source_folder: Path, recipes: list, progress: bool = False) -> str | None:
+    """A short eval against the source (one 512-token prompt, compressed as generate() does) after a conversion
+    that did not ask for --eval; the far_from_source warning, or None."""
+    results = evaluate(folder, str(source_folder), progress=progress, **QUICK_CHECK)
+    return far_from_source(results, recipes)

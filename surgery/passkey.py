@@ -58,50 +58,112 @@ def answer_is_right(tokenizer, generated: torch.Tensor, key: str) -> bool:
     return digits.startswith(key)
 
 
+def default_keep(model, keep: float | None) -> float | None:
+    """The fraction of the prompt the model keeps: `keep` when given, else its checkpoint's budget; None for a
+    model with no eviction policy (or a token-count budget, which `generate` applies itself)."""
+    config = model.config
+    if getattr(config, "kv_policy", None) is None:
+        return None
+    return keep if keep is not None else config.kv_budget
+
+
 @torch.no_grad()
-def ask(model, tokenizer, prompt: PasskeyPrompt, protocol: str, budget: float | None, probe: bool = False,
+def ask(model, tokenizer, prompt: PasskeyPrompt, protocol: str, keep: float | None, probe: bool = False,
         new_tokens: int = 8) -> bool:
-    """One pass-key question under a protocol; budget None or 1 means the full cache."""
+    """One pass-key question under a protocol; `keep` None or 1 means the full cache."""
     full = torch.cat([prompt.context, prompt.question], dim=1)
     generate = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    compress = budget is not None and budget < 1
+    compress = keep is not None and keep < 1
     if protocol == "query-aware" or not compress:
-        kwargs = {"kv_budget": budget} if compress else {}
+        kwargs = {"kv_budget": keep if compress else 1.0} if getattr(model.config, "kv_policy", None) else {}
         out = model.generate(full, attention_mask=torch.ones_like(full), **generate, **kwargs)
     else:
         probe_ids = tokenizer(PROBE, add_special_tokens=False, return_tensors="pt")["input_ids"] if probe else None
-        cache = model.compress_context(prompt.context, kv_budget=budget, probe_ids=probe_ids)
+        cache = model.compress_context(prompt.context, kv_budget=keep, probe_ids=probe_ids)
         out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache, **generate)
     return answer_is_right(tokenizer, out[:, full.shape[1]:], prompt.key)
 
 
-@torch.no_grad()
-def compressed_perplexity(model, ids: torch.Tensor, prompt_length: int, budget: float | None) -> float:
-    """Perplexity of the tokens after `prompt_length`, read through the prompt's compressed cache."""
-    kwargs = {"kv_budget": budget} if budget is not None and budget < 1 else {}
-    out = model(ids[:, :prompt_length], use_cache=True, **kwargs)
-    rest = model(ids[:, prompt_length:], past_key_values=out.past_key_values, use_cache=True).logits
-    logits = torch.cat([out.logits[:, -1:], rest[:, :-1]], dim=1).float()
-    targets = ids[:, prompt_length:]
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    return float(torch.exp(nll))
-
-
-def passkey_report(model, tokenizer, haystack: str, lengths: list[int], budget: float | None, protocols: list[str],
-                   probe: bool = False, per_depth: int = 5, seed: int = 0, progress: bool = True) -> dict:
-    """Accuracy per (protocol, length) and per depth, over `per_depth` prompts at each depth."""
+def accuracy(model, tokenizer, prompts: list[PasskeyPrompt], protocol: str, keep: float | None, probe: bool,
+             progress: bool, label: str) -> dict[str, str]:
+    """Right answers per length and per length@depth, as "hits/prompts"."""
     from tqdm.auto import tqdm
 
+    hits = {}
+    for prompt in tqdm(prompts, desc=f"passkey {label}", disable=not progress, leave=False):
+        right = ask(model, tokenizer, prompt, protocol, keep, probe)
+        hits.setdefault(str(prompt.length), []).append(right)
+        hits.setdefault(f"{prompt.length}@{prompt.depth:.0%}", []).append(right)
+    return {key: f"{sum(v)}/{len(v)}" for key, v in hits.items()}
+
+
+def continuation_perplexity(model, stream: torch.Tensor, prompt_length: int, keep: float | None) -> float:
+    """Perplexity of the tokens after `prompt_length`, read through the prompt's cache (compressed to `keep`)."""
+    from .evaluate import continuation_logits
+
+    prefill = {"kv_budget": keep if keep is not None else 1.0} if getattr(model.config, "kv_policy", None) else {}
+    logits, _ = continuation_logits(model, stream[:, :prompt_length], stream[:, prompt_length:], **prefill)
+    return float(torch.exp(torch.nn.functional.cross_entropy(logits.flatten(0, 1), stream[0, prompt_length:])))
+
+
+def passkey_report(model, tokenizer, haystack: str, lengths: list[int], keep: float | None, protocols: list[str],
+                   probe: bool = False, per_depth: int = 2, seed: int = 0, progress: bool = True,
+                   baseline=None) -> dict:
+    """Accuracy per (protocol, length) and per depth at the model's keep fraction, next to the same prompts with
+    the full cache (when the model evicts) and on the baseline (when given); and the perplexity of 128 tokens
+    after a compressed prompt of the longest length, for each."""
+    from .evaluate import setting_of
+
+    keep = default_keep(model, keep)
     prompts = passkey_prompts(tokenizer, haystack, lengths, per_depth=per_depth, seed=seed)
-    results = {}
-    for protocol in protocols:
-        hits = {}
-        for prompt in tqdm(prompts, desc=f"passkey {protocol}", disable=not progress, leave=False):
-            right = ask(model, tokenizer, prompt, protocol, budget, probe)
-            hits.setdefault(prompt.length, []).append(right)
-            hits.setdefault(f"{prompt.length}@{prompt.depth:.0%}", []).append(right)
-        results[protocol] = {str(k): f"{sum(v)}/{len(v)}" for k, v in hits.items()}
     stream = torch.tensor([tokenizer(haystack, add_special_tokens=False)["input_ids"][: max(lengths) + 128]])
-    ppl = compressed_perplexity(model, stream, max(lengths), budget)
-    return {"task": "passkey", "budget": budget, "probe": probe, "results": results,
-            "continuation_perplexity": {"prompt_tokens": max(lengths), "scored_tokens": 128, "perplexity": ppl}}
+    compresses = keep is not None and keep < 1
+    results, perplexities = {}, {}
+    for protocol in protocols if compresses else ["full cache"]:
+        results[protocol] = accuracy(model, tokenizer, prompts, protocol, keep, probe, progress, protocol)
+    perplexities["model"] = continuation_perplexity(model, stream, max(lengths), keep)
+    if compresses:
+        results["full cache"] = accuracy(model, tokenizer, prompts, "query-aware", 1.0, False, progress, "full cache")
+        perplexities["full cache"] = continuation_perplexity(model, stream, max(lengths), 1.0)
+    if baseline is not None:
+        results["baseline"] = accuracy(baseline, tokenizer, prompts, "query-aware", None, False, progress, "baseline")
+        perplexities["baseline"] = continuation_perplexity(baseline, stream, max(lengths), None)
+    return {"task": "passkey", "setting": {**setting_of(model.config, keep), "probe": probe, "per_depth": per_depth},
+            "results": results,
+            "continuation_perplexity": {"prompt_tokens": max(lengths), "scored_tokens": 128, **perplexities}}
+
+
+def evaluate_passkey(checkpoint: str, baseline: str | None, data: str | None, lengths: list[int],
+                     keep: float | None, protocol: str, probe: bool, per_depth: int, allow_pickle: bool,
+                     max_memory: int | None, progress: bool) -> dict:
+    """`surgery eval --task passkey`: inputs checked first (both models, the haystack), then the report."""
+    from .calibration import read_text
+    from .corpora import HAYSTACK, corpus_text
+    from .evaluate import resolve_inputs
+    from .loading import load_source_model
+
+    source, base_source, tokenizer = resolve_inputs(checkpoint, baseline, allow_pickle)
+    haystack = read_text(data, split="test") if data else corpus_text(HAYSTACK)
+    protocols = ["query-aware", "context-only"] if protocol == "both" else [protocol]
+    model = load_source_model(source, max_memory)
+    base_model = None if base_source is None else load_source_model(base_source, max_memory)
+    report = passkey_report(model, tokenizer, haystack, lengths, keep, protocols, probe, per_depth,
+                            progress=progress, baseline=base_model)
+    report["haystack"] = data or f"{HAYSTACK} (offline)"
+    if base_source is not None:
+        report["baseline_name"] = base_source.name
+    return report
+
+
+def print_passkey(report: dict) -> None:
+    import click
+
+    setting = report["setting"]
+    click.echo(f"setting: {', '.join(setting['recipes']) or 'no recipe'}"
+               + (f" ({setting['kv_policy']} keeps {setting['keep']})" if setting.get("keep") else ""))
+    for name, rows in report["results"].items():
+        click.echo(f"pass key, {name}: " + ", ".join(f"{k} tokens {v}" for k, v in rows.items() if "@" not in k))
+    continuation = report["continuation_perplexity"]
+    scores = ", ".join(f"{name} {value:.3f}" for name, value in continuation.items() if isinstance(value, float))
+    click.echo(f"perplexity of {continuation['scored_tokens']} tokens after a {continuation['prompt_tokens']}-token "
+               f"prompt: {scores}")

@@ -4,6 +4,8 @@ Metadata keys: "min" and "max" (inclusive), "above" and "below" (exclusive). The
 types; `check_ranges` applies the same bounds to a dataclass built from Python.
 """
 
+import types
+import typing
 from dataclasses import Field, fields
 from typing import Any
 
@@ -14,6 +16,14 @@ from .errors import SurgeryError
 
 def flag_name(name: str) -> str:
     return f"--{name.replace('_', '-')}"
+
+
+def value_type(owner: Any, spec: Field) -> type:
+    """int, float, str or bool: the field's annotation without `| None` (annotations may be strings)."""
+    annotation = typing.get_type_hints(owner if isinstance(owner, type) else type(owner))[spec.name]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation if annotation in (int, float, str, bool) else str
 
 
 def has_range(spec: Field) -> bool:
@@ -50,13 +60,26 @@ def click_range(spec: Field, kind: type) -> click.ParamType:
 
 
 def check_ranges(instance: Any) -> None:
-    """Raise SurgeryError for the first field whose value lies outside its declared range."""
+    """Raise SurgeryError for the first field whose value is outside its declared range or choices, or is not a
+    flag's boolean: the same checks the CLI makes, for options built from Python or read from a recipe.yaml."""
     for spec in fields(instance):
         value = getattr(instance, spec.name)
-        if value is None or not has_range(spec):
+        if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        choices = spec.metadata.get("choices")
+        if choices and value not in choices:
+            raise SurgeryError(f"{flag_name(spec.name)} must be one of {', '.join(choices)}, got {value!r}")
+        if spec.metadata.get("flag") and not isinstance(value, bool):
+            raise SurgeryError(f"{flag_name(spec.name)} is a flag (true or false), got {value!r}")
+        kind = value_type(instance, spec)
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise SurgeryError(f"{flag_name(spec.name)} must be a whole number, got {value!r}")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise SurgeryError(f"{flag_name(spec.name)} must be a number, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise SurgeryError(f"{flag_name(spec.name)} must be text, got {value!r}")
+        if not has_range(spec):
+            continue
         if not in_range(spec, value):
             raise SurgeryError(f"{flag_name(spec.name)} must be {describe(spec)}, got {value}",
-                               hint=f"see `surgery --help` for {flag_name(spec.name)}")
+                               hint=f"see `surgery convert --help` for {flag_name(spec.name)}")

@@ -17,8 +17,10 @@ def run_convert(model: str | Path, out: Path, recipe: str = "none", verify: bool
     """Convert in-process; KVSharer's options may be passed directly, any recipe's through `recipe_options`."""
     recipe_options = dict(recipe_options or {})
     recipe_options.update({k: options.pop(k) for k in list(options) if k in ("share_layers", "ratio", "threshold", "order")})
-    recipes = [recipe_class(name)(**{k: v for k, v in recipe_options.items() if k in recipe_class(name).__dataclass_fields__})
-               for name in recipe.split(",")]
+    classes = [recipe_class(name) for name in recipe.split(",")]
+    unused = set(recipe_options) - {key for cls in classes for key in cls.__dataclass_fields__}
+    assert not unused, f"no recipe in {recipe} takes {unused}"
+    recipes = [cls(**{k: v for k, v in recipe_options.items() if k in cls.__dataclass_fields__}) for cls in classes]
     request = ConvertRequest(model=str(model), recipes=recipes, out=out, verify=verify, progress=False, **options)
     return convert(request)
 

@@ -24,7 +24,7 @@ def test_distillation_loss_is_alpha_kl_plus_ce():
 def matryoshka_checkpoint(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("mkv") / "ckpt"
     return run_convert(tiny_llama, out, recipe="matryoshka", num_samples=8, seq_len=16,
-                       recipe_options={"budget": 0.5, "uniform": True})
+                       recipe_options={"kv_fraction": 0.5, "uniform": True})
 
 
 SETTINGS = dict(steps=4, batch_size=2, seq_len=16, num_samples=6, lr=5e-2, warmup_steps=1, save_every=2,
@@ -151,7 +151,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, tm
     from surgery.sources import resolve
 
     ckpt = run_convert(tiny_llama, tmp_path / "both", recipe="kvsharer,matryoshka", num_samples=4, seq_len=16,
-                       share_layers=2, threshold=-1.0, recipe_options={"budget": 0.5, "uniform": True})
+                       share_layers=2, threshold=-1.0, recipe_options={"kv_fraction": 0.5, "uniform": True})
     model = load_source_model(resolve(str(ckpt))).train()
     ids = torch.randint(3, 128, (2, 14), generator=torch.Generator().manual_seed(0))
 

@@ -122,7 +122,7 @@ OPTION_CASES = {
     "seq len 0": (["--recipe", "kvsharer", "--seq-len", "0"], "--seq-len"),
     "window -5": (["--recipe", "snapkv", "--window", "-5"], "--window"),
     "share layers 0": (["--recipe", "kvsharer", "--share-layers", "0"], "--share-layers"),
-    "budget 0": (["--recipe", "snapkv", "--budget", "0"], "--budget"),
+    "keep 0": (["--recipe", "snapkv", "--keep", "0"], "--keep"),
     "ratio 1": (["--recipe", "kvsharer", "--ratio", "1"], "--ratio"),
     "two eviction policies": (["--recipe", "snapkv,zigzag"], "both token-eviction policies"),
     "shard size 0": (["--max-shard-size", "0"], "--max-shard-size"),
@@ -300,7 +300,7 @@ def pickled(tiny_with_tokenizer, tmp_path, cache) -> Path:
 def test_allow_pickle_is_accepted_by_every_command_that_loads_a_model(pickled, checkpoint, tmp_path):
     assert_clean_failure(cli("inspect", pickled), "pickled", "--allow-pickle")
     assert cli("inspect", pickled, "--allow-pickle").exit_code == 0
-    result = cli("eval", checkpoint, "--baseline", pickled, "--allow-pickle", "--max-tokens", "600",
+    result = cli("eval", checkpoint, "--baseline", pickled, "--allow-pickle", "--segments", "1", "--prompt-len", "300", "--score-tokens", "20", "--context", "64",
                  "--json", tmp_path / "eval.json")
     assert result.exit_code == 0, result.stderr
     result = cli("adapt", checkpoint, "--teacher", pickled, "--allow-pickle", "--out", tmp_path / "adapted",
@@ -317,7 +317,7 @@ def test_whole_model_calibration_that_cannot_fit_is_refused(tiny_with_tokenizer,
     import surgery.convert
 
     monkeypatch.setattr(surgery.convert, "available_memory", lambda: 10 * 2**20)  # 10 MiB left
-    result = convert(tiny_with_tokenizer, tmp_path, "--share-layers", "1", recipe="kvsharer")
+    result = convert(tiny_with_tokenizer, tmp_path, "--share-layers", "1", "--calib", "self-generated", recipe="kvsharer")
     assert_clean_failure(result, "self-generated calibration text", "GiB", "--calib")
     calib = tmp_path / "calib.txt"
     calib.write_text("Rivers of Europe include the Danube, the Rhine and the Elbe. " * 200)

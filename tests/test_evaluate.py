@@ -71,9 +71,10 @@ def test_eval_command_writes_json_and_card(tiny_with_tokenizer, tmp_path):
     out = run_convert(tiny_with_tokenizer, tmp_path / "shared", recipe="kvsharer", share_layers=1, threshold=-1.0,
                       num_samples=4, seq_len=16)
     result = CliRunner().invoke(main, ["-q", "eval", str(out), "--baseline", str(tiny_with_tokenizer),
-                                       "--max-tokens", "600", "--context", "512"])
+                                       "--segments", "2", "--prompt-len", "300", "--score-tokens", "40",
+                                       "--context", "64"])
     assert result.exit_code == 0, result.output
-    results = json.loads((out / "eval_results.json").read_text())
+    results = json.loads((out / "eval_results.json").read_text())["quality"]
     for key in ("perplexity", "kv_bytes_per_token", "greedy_agreement", "prefill_tokens_per_s",
                 "decode_tokens_per_s", "peak_memory_mib"):
         assert key in results["model"] and key in results["baseline"]
@@ -90,7 +91,7 @@ def test_eval_with_offloaded_weights_measures_the_same_perplexity(tiny_with_toke
 
     out = run_convert(tiny_with_tokenizer, tmp_path / "shared", recipe="kvsharer", share_layers=1, threshold=-1.0,
                       num_samples=4, seq_len=16)
-    options = dict(progress=False, max_tokens=600, speed_context=512)
+    options = dict(progress=False, segments=1, prompt_len=300, score_tokens=40, speed_context=64)
     whole = evaluate(out, **options)["model"]
     offloaded = evaluate(out, max_memory=100_000, **options)["model"]
     assert offloaded["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)

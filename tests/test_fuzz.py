@@ -56,8 +56,8 @@ numbers = st.one_of(st.integers(min_value=1, max_value=4), st.integers(min_value
                     st.sampled_from(["abc", "", "1e3", "nan", "inf"]))
 RECIPE_OPTIONS = {
     "kvsharer": ("--share-layers", "--ratio", "--threshold", "--batch-size", "--num-samples", "--seq-len"),
-    "snapkv": ("--budget", "--budget-tokens", "--window"),
-    "matryoshka": ("--budget", "--search-samples", "--search-len", "--num-samples", "--seq-len"),
+    "snapkv": ("--keep", "--keep-tokens", "--window"),
+    "matryoshka": ("--kv-fraction", "--search-samples", "--search-len", "--num-samples", "--seq-len"),
 }
 
 

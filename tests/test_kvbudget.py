@@ -314,7 +314,7 @@ def test_convert_kvsharer_plus_calibrated_zigzag(tiny_llama, tmp_path):
     from helpers import load_remote, run_convert
 
     out = run_convert(tiny_llama, tmp_path / "both", recipe="kvsharer,zigzag", share_layers=2, threshold=-1.0,
-                      num_samples=4, seq_len=40, verify=True, recipe_options={"budget": 0.2, "calibrated": True})
+                      num_samples=4, seq_len=40, verify=True, recipe_options={"keep": 0.2, "calibrated": True})
     model = load_remote(out)
     assert model.config.kv_policy == "zigzag" and model.config.kv_budget == 0.2
     owners = [i for i, s in enumerate(model.config.kv_source) if s == i]
@@ -339,14 +339,15 @@ def test_eval_passkey_task_runs_from_the_cli(tiny_with_tokenizer, tmp_path):
     from helpers import run_convert
     from surgery.cli import main
 
-    out = run_convert(tiny_with_tokenizer, tmp_path / "snap", recipe="snapkv", recipe_options={"budget": 0.3})
+    out = run_convert(tiny_with_tokenizer, tmp_path / "snap", recipe="snapkv", recipe_options={"keep": 0.3})
     result = CliRunner().invoke(main, ["-q", "eval", str(out), "--task", "passkey", "--lengths", "160",
                                        "--per-depth", "1", "--json", str(tmp_path / "pk.json")])
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "pk.json").read_text())
-    assert set(report["results"]) == {"query-aware", "context-only"}
+    report = json.loads((tmp_path / "pk.json").read_text())["passkey"]
+    assert set(report["results"]) == {"query-aware", "context-only", "full cache"}
     assert report["results"]["query-aware"]["160"].endswith("/3")
-    assert report["continuation_perplexity"]["perplexity"] > 1
+    assert report["setting"]["keep"] == "30% of each prompt"
+    assert report["continuation_perplexity"]["model"] > 1 and report["continuation_perplexity"]["full cache"] > 1
 
 
 def plain_dynamickv(pooled: dict[int, torch.Tensor], n: int, base: int, window: int):

@@ -130,7 +130,7 @@ def test_fast_search_finds_the_exhaustive_ranks_on_spectral_curves_with_fewer_tr
 @pytest.mark.parametrize("budget", [0.75, 0.375])
 def test_searched_ranks_meet_the_budget_in_the_cache(tiny_llama, tmp_path, budget):
     out = run_convert(tiny_llama, tmp_path / "mkv", recipe="matryoshka", num_samples=6, seq_len=16,
-                      recipe_options={"budget": budget, "search_samples": 1, "search_len": 12})
+                      recipe_options={"kv_fraction": budget, "search_samples": 1, "search_len": 12})
     model = load_remote(out)
     config = json.loads((out / "config.json").read_text())
     ranks = config["kv_key_ranks"] + config["kv_value_ranks"]
@@ -144,12 +144,12 @@ def test_searched_ranks_meet_the_budget_in_the_cache(tiny_llama, tmp_path, budge
 
 def test_uniform_needs_an_eighth_step(tiny_llama, tmp_path):
     with pytest.raises(SurgeryError, match="steps of 1/8"):
-        run_convert(tiny_llama, tmp_path / "bad", recipe="matryoshka", recipe_options={"budget": 0.3, "uniform": True})
+        run_convert(tiny_llama, tmp_path / "bad", recipe="matryoshka", recipe_options={"kv_fraction": 0.3, "uniform": True})
 
 
 def test_kvsharer_plus_matryoshka_loads_and_decodes(tiny_llama, tmp_path):
     out = run_convert(tiny_llama, tmp_path / "both", recipe="kvsharer,matryoshka", num_samples=6, seq_len=16,
-                      verify=True, share_layers=2, threshold=-1.0, recipe_options={"budget": 0.5, "uniform": True})
+                      verify=True, share_layers=2, threshold=-1.0, recipe_options={"kv_fraction": 0.5, "uniform": True})
     model = load_remote(out)
     assert len(model.config.sharing_layers) == 2
     ids = torch.randint(3, 128, (2, 14))

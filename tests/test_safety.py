@@ -158,7 +158,7 @@ def test_checkpoint_python_files_are_never_run(kvsharer_checkpoint, tiny_with_to
         plant(folder, name, marker)
     args = {
         "generate": ["generate", folder, "--max-new-tokens", "2"],
-        "eval": ["eval", folder, "--max-tokens", "600", "--json", tmp_path / "r.json"],
+        "eval": ["eval", folder, "--segments", "1", "--prompt-len", "300", "--score-tokens", "20", "--context", "64", "--json", tmp_path / "r.json"],
         "inspect": ["inspect", folder],
         "teacher": ["adapt", kvsharer_checkpoint, "--teacher", folder, "--out", tmp_path / "a", "--steps", "1",
                     "--batch-size", "1", "--seq-len", "8", "--num-samples", "2", "--no-verify"],
@@ -225,9 +225,9 @@ def test_sigterm_leaves_nothing_behind(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_start_up_is_one_line(tmp_path):
-    process = surgery_process("recipes", cwd=tmp_path)
-    time.sleep(0.3)  # still importing torch and transformers
+def test_ctrl_c_during_start_up_is_one_line(tiny_models, tmp_path):
+    process = surgery_process("inspect", tiny_models["llama"], cwd=tmp_path)
+    time.sleep(0.5)  # the command is still importing torch and transformers
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr

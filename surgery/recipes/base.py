@@ -3,12 +3,16 @@
 Only the planning differs between recipes; calibration, rewriting and export are shared, as in kvpress's presses.
 """
 
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from __future__ import annotations
 
-from ..arch.configuration_surgery import SurgeryConfig
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
 from ..ranges import check_ranges
-from ..rewrite import TensorPlan
+
+if TYPE_CHECKING:  # recipe files import no torch or transformers at module level, so `--help` stays fast
+    from ..arch.configuration_surgery import SurgeryConfig
+    from ..rewrite import TensorPlan
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class Recipe:
     saves: ClassVar[str]
     calibration: ClassVar[CalibrationRequest | None] = None
     distill_alpha: ClassVar[float | None] = None  # weight of KL in `surgery adapt`, from the paper when it trains
+    renamed_options: ClassVar[dict[str, str | None]] = {}  # old recipe.yaml option -> new name (None: retired)
+    milder: ClassVar[str] = ""  # what to try when the result is far from the source
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -69,6 +75,16 @@ class Recipe:
 
     def finish_training(self, model) -> None:
         """After training: undo what prepare_training did, leaving plain weights to export."""
+
+    @classmethod
+    def from_record(cls, options: dict[str, Any]) -> Recipe:
+        """The recipe from a recipe.yaml's options, written by this or an earlier surgery (renamed options map)."""
+        current = {}
+        for key, value in options.items():
+            key = cls.renamed_options.get(key, key)
+            if key is not None:
+                current[key] = value
+        return cls(**current)
 
     def options(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in fields(self)}

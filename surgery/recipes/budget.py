@@ -4,36 +4,41 @@ The eviction itself runs inside the shipped model (`arch/budget_surgery.py` and 
 can be overridden per call: `model.generate(ids, kv_budget=0.1)`.
 """
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from __future__ import annotations
 
-from ..arch.configuration_surgery import SurgeryConfig
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
 from ..errors import SurgeryError
 from .base import Recipe
+
+if TYPE_CHECKING:
+    from ..arch.configuration_surgery import SurgeryConfig
+
+DEFAULT_KEEP = 0.2
 
 
 @dataclass
 class TokenBudgetRecipe(Recipe):
     policy: ClassVar[str]
 
-    budget: float | None = field(default=None, metadata={"help": "fraction of the prompt each layer keeps on average (default 0.2); for matryoshka: of the KV bytes", "above": 0, "max": 1})
-    budget_tokens: int | None = field(default=None, metadata={"help": "tokens each layer keeps on average, instead of --budget", "min": 1})
+    milder = "a larger --keep"
+    renamed_options: ClassVar[dict[str, str | None]] = {"budget": "keep", "budget_tokens": "keep_tokens"}
+
+    keep: float | None = field(default=None, metadata={"help": f"average fraction of the prompt's tokens each layer keeps (default {DEFAULT_KEEP})", "above": 0, "max": 1})
+    keep_tokens: int | None = field(default=None, metadata={"help": "average number of prompt tokens each layer keeps, instead of --keep", "min": 1})
     window: int | None = field(default=None, metadata={"help": "observation window (default: the policy's)", "min": 1})
     pooling: str = field(default="avg", metadata={"help": "1-D pooling of the scores (kernel 7)", "choices": ("avg", "max")})
 
     def validate(self, config: SurgeryConfig) -> None:
-        if self.budget is not None and self.budget_tokens is not None:
-            raise SurgeryError("--budget and --budget-tokens both given", hint="pass only one of them")
-        if self.budget is not None and not 0 < self.budget <= 1:
-            raise SurgeryError(f"--budget must be in (0, 1], got {self.budget}")
-        if self.budget_tokens is not None and self.budget_tokens < 1:
-            raise SurgeryError(f"--budget-tokens must be positive, got {self.budget_tokens}")
+        if self.keep is not None and self.keep_tokens is not None:
+            raise SurgeryError("--keep and --keep-tokens both given", hint="pass only one of them")
         if config.kv_policy is not None:
             raise SurgeryError(f"the model already evicts with {config.kv_policy}", hint="use one budget policy")
 
-    def plan(self, model, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-        budget = 0.2 if self.budget is None and self.budget_tokens is None else self.budget
-        return {"policy": self.policy, "budget": budget, "budget_tokens": self.budget_tokens, "window": self.window,
+    def plan(self, runner, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+        budget = DEFAULT_KEEP if self.keep is None and self.keep_tokens is None else self.keep
+        return {"policy": self.policy, "budget": budget, "budget_tokens": self.keep_tokens, "window": self.window,
                 "pooling": self.pooling}
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:

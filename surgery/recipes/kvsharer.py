@@ -8,22 +8,26 @@ Algorithm, as in the paper:
    model's stays above the threshold. Stop at the target number of sharing layers.
 """
 
+from __future__ import annotations
+
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from tqdm.auto import tqdm
 
-from ..arch.configuration_surgery import SurgeryConfig
-from ..layer_runner import LayerRunner, RunState
 from ..errors import SurgeryError
+from ..lazy import lazy_import
 from .base import CalibrationRequest, Recipe
+
+torch = lazy_import("torch")
+if TYPE_CHECKING:
+    from ..arch.configuration_surgery import SurgeryConfig
+    from ..layer_runner import LayerRunner, RunState
 
 ORDERS = ("dissimilar", "similar", "random")
 
 
-@torch.no_grad()
 def mean_post_rope_kv(state: RunState, count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer, the post-RoPE keys and the values averaged over samples: (kv_heads, seq, head_dim), float64."""
     layers = sorted(state.kv)
@@ -61,13 +65,14 @@ class KVSharer(Recipe):
     paper = "KVSharer: Efficient Inference via Layer-Wise Dissimilar KV Cache Sharing (Yang et al., arXiv 2410.18517)"
     saves = "the KV cache and the k_proj/v_proj weights of every sharing layer"
     calibration = CalibrationRequest(num_samples=30, seq_len=64)
+    milder = "fewer --share-layers, --order similar, or `surgery adapt` afterwards"
+    renamed_options: ClassVar[dict[str, str | None]] = {"batch_size": None}
     distill_alpha = 1.0  # the paper does not train; pure distillation targets the gap to the base model
 
     share_layers: int | None = field(default=None, metadata={"help": "number of layers that share (default: 25% of layers)", "min": 1})
     ratio: float | None = field(default=None, metadata={"help": "fraction of layers that share, instead of --share-layers", "above": 0, "below": 1})
     threshold: float = field(default=0.5, metadata={"help": "min. mean cosine similarity of final hidden states", "min": -1, "max": 1})
     order: str = field(default="dissimilar", metadata={"help": "pair order: dissimilar (paper), similar or random", "choices": ORDERS})
-    batch_size: int = field(default=8, metadata={"help": "calibration batch size", "min": 1})
 
     def target(self, num_layers: int) -> int:
         if self.share_layers is not None:
@@ -98,7 +103,6 @@ class KVSharer(Recipe):
             random.Random(seed).shuffle(pairs)
         return pairs
 
-    @torch.no_grad()
     def plan(self, runner: LayerRunner, calibration_ids: torch.Tensor, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
         """The paper's search, layer by layer: a trial that shares layer i re-runs only layers i.. (`runner`)."""

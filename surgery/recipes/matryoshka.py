@@ -22,22 +22,27 @@ SmolLM2 at a 50% budget, days on a CPU):
 - A trial that changes layer i re-runs only layers i.. from the hidden states kept at its input.
 """
 
+from __future__ import annotations
+
 import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
-from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from ..arch.configuration_surgery import SurgeryConfig
-from ..arch.projection_surgery import KVProjection
 from ..errors import SurgeryError
-from ..layer_runner import KV, LayerRunner
+from ..lazy import lazy_import
 from .base import CalibrationRequest, Recipe
+
+torch = lazy_import("torch")
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..arch.configuration_surgery import SurgeryConfig
+    from ..arch.projection_surgery import KVProjection
+    from ..layer_runner import KV, LayerRunner
 
 STEPS_PER_HEAD = 8  # ranks move in steps of head_dim / 8, as in the paper
 FINE_ROUNDS = 3  # fast search: re-measure around each budget's boundary until it stops moving, at most this often
@@ -206,24 +211,6 @@ def truncated_tensors(projections: dict[int, KVProjection]) -> dict[str, torch.T
     return tensors
 
 
-class CayleyRotation(nn.Module):
-    """Training-time parametrisation W = (I + A)⁻¹(I − A)·W₀, A skew-symmetric: W keeps orthonormal columns.
-
-    W₀ is the stored (head_dim × rank) basis; A starts at zero, so training starts from it exactly. (torch's
-    `orthogonal` parametrisation lost orthogonality on tall matrices in our tests, hence the Cayley map.)
-    """
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.raw = nn.Parameter(torch.zeros(dim, dim))
-
-    def forward(self, base: torch.Tensor) -> torch.Tensor:
-        upper = self.raw.triu(1)
-        skew = upper - upper.T
-        eye = torch.eye(skew.shape[0], dtype=skew.dtype, device=skew.device)
-        return torch.linalg.solve(eye + skew, eye - skew) @ base
-
-
 @dataclass
 class MatryoshkaKV(Recipe):
     name = "matryoshka"
@@ -232,26 +219,26 @@ class MatryoshkaKV(Recipe):
     calibration = CalibrationRequest(num_samples=32, seq_len=128)
     distill_alpha = 0.25  # the paper's weight of the KL term
 
-    budget: float = field(default=0.5, metadata={"help": "fraction of the KV-cache bytes to keep", "above": 0, "max": 1})
+    milder = "a larger --kv-fraction, or `surgery adapt` afterwards"
+    renamed_options: ClassVar[dict[str, str | None]] = {"budget": "kv_fraction", "batch_size": None}
+
+    kv_fraction: float = field(default=0.5, metadata={"help": "fraction of the K/V width (cache bytes) kept, over all heads", "above": 0, "max": 1})
     uniform: bool = field(default=False, metadata={"help": "same rank for every head instead of the searched ranks", "flag": True})
     search: str = field(default="fast", metadata={"help": "rank search: fast (coarse then fine) or exhaustive (every rank)", "choices": SEARCHES})
     search_samples: int = field(default=4, metadata={"help": "calibration samples scored by the rank search", "min": 1})
     search_len: int = field(default=32, metadata={"help": "tokens of each sample scored by the rank search", "min": 2})
-    batch_size: int = field(default=8, metadata={"help": "calibration batch size", "min": 1})
 
     def __post_init__(self):
         super().__post_init__()
         self.tensors: dict[str, torch.Tensor] = {}
 
     def validate(self, config: SurgeryConfig) -> None:
-        if not 0 < self.budget <= 1:
-            raise SurgeryError(f"--budget must be in (0, 1], got {self.budget}")
-        if self.budget * STEPS_PER_HEAD < 1 - 1e-9:
-            raise SurgeryError(f"--budget {self.budget} is below the smallest rank", hint="use at least 0.125")
+        if self.kv_fraction * STEPS_PER_HEAD < 1 - 1e-9:
+            raise SurgeryError(f"--kv-fraction {self.kv_fraction} is below the smallest rank", hint="use at least 0.125")
         if config.head_dim % STEPS_PER_HEAD:
             raise SurgeryError(f"head_dim {config.head_dim} is not a multiple of {STEPS_PER_HEAD}")
-        if self.uniform and abs(self.budget * STEPS_PER_HEAD - round(self.budget * STEPS_PER_HEAD)) > 1e-9:
-            raise SurgeryError(f"--uniform needs a budget in steps of 1/{STEPS_PER_HEAD}, got {self.budget}",
+        if self.uniform and abs(self.kv_fraction * STEPS_PER_HEAD - round(self.kv_fraction * STEPS_PER_HEAD)) > 1e-9:
+            raise SurgeryError(f"--uniform needs a --kv-fraction in steps of 1/{STEPS_PER_HEAD}, got {self.kv_fraction}",
                                hint="e.g. 0.25, 0.375, 0.5 or 0.75")
         if self.search not in SEARCHES:
             raise SurgeryError(f"unknown --search {self.search!r}", hint=f"choose from {', '.join(SEARCHES)}")
@@ -266,7 +253,7 @@ class MatryoshkaKV(Recipe):
         searcher = runner.on(calibration_ids[: self.search_samples, : self.search_len])
         reference = searcher.log_probs(searcher.run(runner.kv_source).final)
         if self.uniform:
-            rank = round(self.budget * config.head_dim)
+            rank = round(self.kv_fraction * config.head_dim)
             ranks = {candidate: rank for candidate in spectra}
             search = {"method": "uniform"}
         else:
@@ -287,19 +274,20 @@ class MatryoshkaKV(Recipe):
     def search_ranks(self, score: Callable[[Candidate, int], float], curves: KLCurves,
                      progress: bool) -> dict[Candidate, int]:
         """The searched ranks at this recipe's budget (a method, so a benchmark can replay a search it ran)."""
-        return search_ranks(score, curves, [self.budget], self.search, progress)[self.budget]
+        return search_ranks(score, curves, [self.kv_fraction], self.search, progress)[self.kv_fraction]
 
-    @torch.no_grad()
     def install_pca(self, runner: LayerRunner, owners: list[int], progress: bool
                     ) -> tuple[dict[int, KVProjection], dict[Candidate, torch.Tensor]]:
         """Full-rank projections of every owner layer from PCA of the calibration K/V, and each basis' spectrum."""
         config = runner.config
         statistics = KVStatistics()
         runner.run(runner.kv_source, commit=False, record=False, visit=statistics.add)
+        from ..arch.projection_surgery import KVProjection as projection_class
+
         projections, spectra = {}, {}
         full = [config.head_dim] * config.num_key_value_heads
         for layer in tqdm(owners, desc="PCA", unit="layer", disable=not progress, leave=False):
-            projection = KVProjection(config.head_dim, full, full).to(runner.device, runner.dtype)
+            projection = projection_class(config.head_dim, full, full).to(runner.device, runner.dtype)
             for kind in KINDS:
                 mean = projection.key_mean if kind == "key" else projection.value_mean
                 total, outer, count = statistics[layer, kind]
@@ -357,6 +345,10 @@ class MatryoshkaKV(Recipe):
                 for basis in (*layer.self_attn.kv_projection.key_bases, *layer.self_attn.kv_projection.value_bases)]
 
     def prepare_training(self, model) -> None:
+        from torch.nn.utils import parametrize
+
+        from ..orthogonal import CayleyRotation
+
         for basis in self._bases(model):
             basis.stored_rank = basis.rank
             parametrize.register_parametrization(basis, "weight", CayleyRotation(basis.weight.shape[0]).to(basis.weight))
@@ -369,6 +361,8 @@ class MatryoshkaKV(Recipe):
             basis.rank = step * (1 + int(torch.randint(choices, (1,), generator=generator)))
 
     def finish_training(self, model) -> None:
+        from torch.nn.utils import parametrize
+
         for basis in self._bases(model):
             parametrize.remove_parametrizations(basis, "weight", leave_parametrized=True)
             basis.rank = basis.stored_rank

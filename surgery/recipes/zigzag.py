@@ -1,12 +1,17 @@
 """ZigZagKV (Zhong et al., arXiv 2412.09036): per-layer budgets from each layer's minimum attention budget (LMBA)."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..layer_runner import LayerRunner
+from ..lazy import lazy_import
+from .base import CalibrationRequest
 from .budget import TokenBudgetRecipe
+
+torch = lazy_import("torch")
+if TYPE_CHECKING:
+    from ..layer_runner import LayerRunner
 
 
 @dataclass
@@ -19,12 +24,9 @@ class ZigZagKV(TokenBudgetRecipe):
     calibrated: bool = field(default=False, metadata={"help": "also store a static layer allocation from calibration data", "flag": True})
 
     @property
-    def calibration(self):
-        from .base import CalibrationRequest
-
+    def calibration(self) -> CalibrationRequest | None:
         return CalibrationRequest(num_samples=16, seq_len=256) if self.calibrated else None
 
-    @torch.no_grad()
     def plan(self, runner, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
         plan = super().plan(runner, calibration_ids, seed, progress)
         if self.calibrated:
