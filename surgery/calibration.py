@@ -206,5 +206,5 @@ def calibration_ids(settings: CalibrationSettings, tokenizer, model) -> torch.Te
             raise SurgeryError(f"cannot load dataset {settings.source!r}: {error}", hint="check the connection or pass a file") from None
         return torch.cat([sample["input_ids"] for sample in samples])
     text = read_text(settings.source)
-    token_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    token_ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     return windows(token_ids, settings.num_samples, settings.seq_len, settings.seed)

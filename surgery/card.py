@@ -48,6 +48,14 @@ def _eval_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _passkey_table(report: dict[str, Any] | None) -> dict[str, Any]:
+    """Lengths and one row of "hits/prompts" per protocol, for the card."""
+    results = (report or {}).get("results") or {}
+    lengths = [key for key in next(iter(results.values()), {}) if "@" not in key]
+    rows = [(name, [row.get(length, "-") for length in lengths]) for name, row in results.items()]
+    return {"passkey_lengths": lengths, "passkey_rows": rows}
+
+
 def _model_index(results: dict[str, Any]) -> list[EvalResult]:
     """`model-index` entries for the Hub from `surgery eval` results."""
     candidate = results.get("model", {})
@@ -75,7 +83,8 @@ def render_card(folder: Path, model_id: str | None = None) -> str:
     record = read_recipe(folder)
     from .evaluate import read_results
 
-    results = read_results(folder / EVAL_FILE).get("quality", {})
+    all_results = read_results(folder / EVAL_FILE)
+    results = all_results.get("quality", {})
     recipes = []
     for entry, recipe in zip(record.get("recipes") or [], recipes_from_record(record)):
         recipes.append({
@@ -85,12 +94,13 @@ def render_card(folder: Path, model_id: str | None = None) -> str:
             "options": entry.get("options", {}),
             "plan_lines": recipe.describe(entry.get("plan", {})),
         })
-    base_model = record.get("source", {}).get("name", "unknown")
+    source = record.get("source") or {}
+    base_model = source.get("name", "unknown")
     model_name = f"{base_model.split('/')[-1]} ({', '.join(r['name'] for r in recipes)})"
     card_data = ModelCardData(
         base_model=base_model,
-        base_model_relation="finetune",
-        license=record.get("source", {}).get("license"),
+        base_model_relation="finetune" if record.get("adapt") else None,  # nothing else fits an untrained conversion
+        license=source.get("license"),
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["surgery", *[entry["name"] for entry in record.get("recipes", [])]],
@@ -103,6 +113,12 @@ def render_card(folder: Path, model_id: str | None = None) -> str:
         model_name=model_name,
         model_id=model_id or str(folder),
         base_model=base_model,
+        source_model=source.get("model") or base_model,
+        gguf=source.get("gguf"),
+        weights_dtype=(record.get("export") or {}).get("dtype", "float32"),
+        setting=results.get("setting") or {},
+        passkey=all_results.get("passkey"),
+        **_passkey_table(all_results.get("passkey")),
         recipes=recipes,
         eval_rows=_eval_rows(results),
         eval_note=results.get("note", ""),

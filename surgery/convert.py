@@ -184,13 +184,21 @@ def source_license(folder: Path) -> str | None:
         return None
 
 
+def gguf_origin(folder: Path) -> dict:
+    """{"gguf": ...} when the source was dequantized from a GGUF file (see gguf_stream.PROVENANCE_FILE)."""
+    from .gguf_stream import read_provenance
+
+    provenance = read_provenance(folder)
+    return {"gguf": provenance} if provenance else {}
+
+
 def recipe_record(request: ConvertRequest, source: Source, settings: CalibrationSettings | None,
                   plans: list[dict], dtype: torch.dtype) -> dict:
     return {
         "surgery_version": __version__,
         "command": request.command,
         "source": {"model": request.model, "name": source.name, "model_type": source.model_type,
-                   "license": source_license(source.folder)},
+                   "license": source_license(source.folder), **gguf_origin(source.folder)},
         "recipes": [
             {"name": recipe.name, "options": recipe.options(), "plan": plan}
             for recipe, plan in zip(request.recipes, plans)

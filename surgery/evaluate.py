@@ -229,7 +229,7 @@ def evaluate(checkpoint: str | Path, baseline: str | None = None, progress: bool
     settings = EvalSettings(**options)
     source, base_source, tokenizer = resolve_inputs(checkpoint, baseline, allow_pickle)
     text = heldout_text() if settings.data is None else read_text(settings.data, split="test")
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]])
     segments = eval_segments(ids, settings)
     if ids.shape[1] < settings.speed_context:
         raise SurgeryError(f"eval text has only {ids.shape[1]} tokens", hint=f"give at least {settings.speed_context}")

@@ -19,6 +19,36 @@ from .families import read_model_type
 from .tensor_io import ShardWriter, check_finite
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
+PROVENANCE_FILE = "gguf_source.json"
+
+
+def gguf_provenance(gguf: Path) -> dict:
+    """What a dequantized folder came from, for the card: the file, its quantization and its tensor types."""
+    from collections import Counter
+
+    from gguf import GGUFReader, LlamaFileType
+
+    reader = GGUFReader(gguf)
+    field = reader.fields.get("general.file_type")
+    try:
+        quantization = LlamaFileType(int(field.parts[-1][0])).name.removeprefix("MOSTLY_") if field else "unknown"
+    except ValueError:
+        quantization = "unknown"
+    types = Counter(tensor.tensor_type.name for tensor in reader.tensors)
+    return {"file": gguf.name, "quantization": quantization, "tensor_types": dict(sorted(types.items())),
+            "dequantized_to": "float32"}
+
+
+def write_provenance(gguf: Path, folder: Path) -> None:
+    (folder / PROVENANCE_FILE).write_text(json.dumps(gguf_provenance(gguf), indent=2) + "\n")
+
+
+def read_provenance(folder: Path) -> dict | None:
+    path = Path(folder) / PROVENANCE_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def stream_gguf(gguf: Path, out: Path, max_shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True) -> list[str]:
@@ -65,6 +95,7 @@ def stream_gguf(gguf: Path, out: Path, max_shard_size: int = DEFAULT_SHARD_SIZE,
     config_dict.update(dtype="float32", architectures=[type(skeleton).__name__])
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    write_provenance(gguf, out)
     try:
         GenerationConfig.from_model_config(config).save_pretrained(out)
     except ValueError:

@@ -84,12 +84,31 @@ def write_tokenizer_files(source: Path, target: Path, trust_remote_code: bool = 
             (target / name).write_bytes((source / name).read_bytes())
             written.append(name)
     if tokenizer_config:
-        clean = {k: v for k, v in tokenizer_config.items() if k != "auto_map"}
+        clean = clean_tokenizer_config(tokenizer_config, source)
         if remote:
             clean["tokenizer_class"] = STANDARD_FAST_TOKENIZER
         (target / TOKENIZER_CONFIG).write_text(json.dumps(clean, indent=2, ensure_ascii=False) + "\n")
         written.append(TOKENIZER_CONFIG)
     return written
+
+
+LOCAL_KEYS = ("auto_map", "is_local", "local_files_only", "name_or_path", "_commit_hash", "cache_dir")
+UNSET_MAX_LENGTH = 1e12  # transformers writes int(1e30) when a tokenizer was saved without a length
+
+
+def clean_tokenizer_config(tokenizer_config: dict, source: Path) -> dict:
+    """The tokenizer config a checkpoint should carry: no auto_map (never foreign code), no keys describing the
+    machine it was saved on, and the model's context length instead of transformers' "unset" 1e30."""
+    clean = {k: v for k, v in tokenizer_config.items() if k not in LOCAL_KEYS}
+    length = clean.get("model_max_length")
+    if isinstance(length, (int, float)) and length > UNSET_MAX_LENGTH:
+        config = _read_json(source / "config.json") if (source / "config.json").is_file() else {}
+        context = config.get("max_position_embeddings") if isinstance(config, dict) else None
+        if isinstance(context, int):
+            clean["model_max_length"] = context
+        else:
+            clean.pop("model_max_length")
+    return clean
 
 
 def _resave_remote_tokenizer(source: Path, target: Path, tokenizer_config: dict, trust_remote_code: bool) -> list[str]:

@@ -35,7 +35,7 @@ def passkey_prompts(tokenizer, haystack: str, lengths: list[int], depths=DEPTHS,
                     seed: int = 0) -> list[PasskeyPrompt]:
     """Prompts of about `length` tokens (context + question), with random 5-digit keys at each depth."""
     rng = random.Random(seed)
-    filler = tokenizer(haystack, add_special_tokens=False)["input_ids"]
+    filler = tokenizer(haystack, add_special_tokens=False, verbose=False)["input_ids"]
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
     prompts = []
     for length in lengths:
@@ -116,7 +116,7 @@ def passkey_report(model, tokenizer, haystack: str, lengths: list[int], keep: fl
 
     keep = default_keep(model, keep)
     prompts = passkey_prompts(tokenizer, haystack, lengths, per_depth=per_depth, seed=seed)
-    stream = torch.tensor([tokenizer(haystack, add_special_tokens=False)["input_ids"][: max(lengths) + 128]])
+    stream = torch.tensor([tokenizer(haystack, add_special_tokens=False, verbose=False)["input_ids"][: max(lengths) + 128]])
     compresses = keep is not None and keep < 1
     results, perplexities = {}, {}
     for protocol in protocols if compresses else ["full cache"]:

@@ -18,9 +18,17 @@ def flag_name(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
+def annotation_of(owner: Any, spec: Field) -> Any:
+    return typing.get_type_hints(owner if isinstance(owner, type) else type(owner))[spec.name]
+
+
+def is_optional(owner: Any, spec: Field) -> bool:
+    return type(None) in typing.get_args(annotation_of(owner, spec))
+
+
 def value_type(owner: Any, spec: Field) -> type:
     """int, float, str or bool: the field's annotation without `| None` (annotations may be strings)."""
-    annotation = typing.get_type_hints(owner if isinstance(owner, type) else type(owner))[spec.name]
+    annotation = annotation_of(owner, spec)
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     return annotation if annotation in (int, float, str, bool) else str
@@ -65,6 +73,8 @@ def check_ranges(instance: Any) -> None:
     for spec in fields(instance):
         value = getattr(instance, spec.name)
         if value is None:
+            if not is_optional(instance, spec):
+                raise SurgeryError(f"{flag_name(spec.name)} needs a value, got none")
             continue
         choices = spec.metadata.get("choices")
         if choices and value not in choices:

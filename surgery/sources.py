@@ -122,6 +122,10 @@ def _gguf_to_folder(gguf: Path) -> Path:
     """Dequantize a GGUF once, tensor by tensor, and cache the result as a safetensors folder."""
     target = cache_root() / "gguf" / f"{gguf.stem}-{_fingerprint(gguf)}"
     if (target / "config.json").is_file():
+        if not (target / "gguf_source.json").is_file():  # cached by an earlier surgery
+            from .gguf_stream import write_provenance
+
+            write_provenance(gguf, target)
         return target
     log.info("dequantizing %s once into %s", gguf.name, target)
     try:

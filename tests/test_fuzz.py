@@ -55,7 +55,7 @@ numbers = st.one_of(st.integers(min_value=1, max_value=4), st.integers(min_value
                     st.floats(min_value=0.05, max_value=1.0), st.integers(min_value=-5, max_value=40), st.floats(min_value=-2, max_value=3, allow_nan=False),
                     st.sampled_from(["abc", "", "1e3", "nan", "inf"]))
 RECIPE_OPTIONS = {
-    "kvsharer": ("--share-layers", "--ratio", "--threshold", "--batch-size", "--num-samples", "--seq-len"),
+    "kvsharer": ("--share-layers", "--ratio", "--threshold", "--calib-batch-size", "--num-samples", "--seq-len"),
     "snapkv": ("--keep", "--keep-tokens", "--window"),
     "matryoshka": ("--kv-fraction", "--search-samples", "--search-len", "--num-samples", "--seq-len"),
 }

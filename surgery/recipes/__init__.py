@@ -32,11 +32,7 @@ def recipes_from_record(record: dict) -> list[Recipe]:
         options = entry.get("options") or {}
         if not isinstance(options, dict):
             raise SurgeryError(f"recipe.yaml gives {entry['name']} options that are not a mapping", hint="re-export the checkpoint")
-        try:
-            recipes.append(recipe_class(entry["name"]).from_record(options))
-        except TypeError as error:
-            raise SurgeryError(f"recipe.yaml gives {entry['name']} options it does not take: {error}",
-                               hint="re-export the checkpoint") from None
+        recipes.append(recipe_class(entry["name"]).from_record(options))
     return recipes
 
 

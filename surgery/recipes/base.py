@@ -79,11 +79,17 @@ class Recipe:
     @classmethod
     def from_record(cls, options: dict[str, Any]) -> Recipe:
         """The recipe from a recipe.yaml's options, written by this or an earlier surgery (renamed options map)."""
+        from ..errors import SurgeryError
+
         current = {}
         for key, value in options.items():
             key = cls.renamed_options.get(key, key)
             if key is not None:
                 current[key] = value
+        unknown = sorted(set(current) - {spec.name for spec in fields(cls)}, key=str)
+        if unknown:
+            raise SurgeryError(f"recipe.yaml gives {cls.name} options it does not take: {', '.join(map(str, unknown))}",
+                               hint="remove them, or re-export the checkpoint")
         return cls(**current)
 
     def options(self) -> dict[str, Any]:
