@@ -211,7 +211,7 @@ def resolve_inputs(checkpoint: str | Path, baseline: str | None, allow_pickle: b
         check_same_vocabulary(source, base_source, "baseline")
     tokenizer = load_tokenizer(source.folder)
     if tokenizer is None:
-        raise SurgeryError(f"{checkpoint} has no tokenizer to read the eval text", hint="add its tokenizer files")
+        raise SurgeryError(f"{checkpoint} has no tokenizer to read text with", hint="add its tokenizer files")
     return source, base_source, tokenizer
 
 

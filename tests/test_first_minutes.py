@@ -240,3 +240,14 @@ def test_card_states_gguf_provenance_and_no_relation_without_training(tmp_path):
                                                 "processes": 1, "tokens": 8, "wall_s": 1, "alpha": 1.0, "lr": 0.1,
                                                 "warmup_steps": 0, "mixed_precision": "no", "final_loss": 1.0}})
     assert "base_model_relation: finetune" in render_card(tmp_path)
+
+
+def test_generate_answers_with_the_checkpoint_and_its_baseline(tiny_with_tokenizer, tmp_path):
+    """Side by side: an identity conversion answers exactly as its source does."""
+    out = run_convert(tiny_with_tokenizer, tmp_path / "same", recipe="none")
+    result = cli("generate", out, "--baseline", tiny_with_tokenizer, "--prompt", "Name three rivers.",
+                 "--max-new-tokens", "6")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == [str(out), str(tiny_with_tokenizer)]
+    assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1] != ""

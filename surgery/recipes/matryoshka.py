@@ -279,24 +279,25 @@ class MatryoshkaKV(Recipe):
     def install_pca(self, runner: LayerRunner, owners: list[int], progress: bool
                     ) -> tuple[dict[int, KVProjection], dict[Candidate, torch.Tensor]]:
         """Full-rank projections of every owner layer from PCA of the calibration K/V, and each basis' spectrum."""
+        from ..arch.projection_surgery import KVProjection
+
         config = runner.config
         statistics = KVStatistics()
         runner.run(runner.kv_source, commit=False, record=False, visit=statistics.add)
-        from ..arch.projection_surgery import KVProjection as projection_class
-
         projections, spectra = {}, {}
         full = [config.head_dim] * config.num_key_value_heads
-        for layer in tqdm(owners, desc="PCA", unit="layer", disable=not progress, leave=False):
-            projection = projection_class(config.head_dim, full, full).to(runner.device, runner.dtype)
-            for kind in KINDS:
-                mean = projection.key_mean if kind == "key" else projection.value_mean
-                total, outer, count = statistics[layer, kind]
-                means, vectors, eigenvalues = principal_bases(total.cpu(), outer.cpu(), count)
-                mean.copy_(means.to(mean))
-                for h, (basis, vector) in enumerate(zip(bases_of(projection, kind), vectors)):
-                    basis.weight.copy_(vector.to(basis.weight))
-                    spectra[layer, h, kind] = eigenvalues[h]
-            projections[layer] = projection.requires_grad_(False)
+        with torch.no_grad():  # the bases are filled in place
+            for layer in tqdm(owners, desc="PCA", unit="layer", disable=not progress, leave=False):
+                projection = KVProjection(config.head_dim, full, full).to(runner.device, runner.dtype)
+                for kind in KINDS:
+                    mean = projection.key_mean if kind == "key" else projection.value_mean
+                    total, outer, count = statistics[layer, kind]
+                    means, vectors, eigenvalues = principal_bases(total.cpu(), outer.cpu(), count)
+                    mean.copy_(means.to(mean))
+                    for h, (basis, vector) in enumerate(zip(bases_of(projection, kind), vectors)):
+                        basis.weight.copy_(vector.to(basis.weight))
+                        spectra[layer, h, kind] = eigenvalues[h]
+                projections[layer] = projection.requires_grad_(False)
         return projections, spectra
 
     @staticmethod
