@@ -156,6 +156,7 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
     if settings.source == SELF_GENERATED:
         check_fits_in_memory(source)
         model = load_calibration_model(source, config)
+    log.info("calibration: %d × %d tokens of %s", settings.num_samples, settings.seq_len, settings.description)
     ids = calibration_ids(settings, tokenizer, model)
     del model
     plans = []
