@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .adapt_settings import AdaptSettings
 from .calibration import CalibrationSettings, calibration_ids
-from .corpora import DEFAULT_CALIBRATION
+from .corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from .card import read_recipe, render_card
 from .errors import SurgeryError
 from .export import finish_checkpoint, write_state_dict
@@ -159,7 +159,10 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
         enable_checkpointing(model)
 
     torch.manual_seed(settings.seed)
-    data = calibration_ids(CalibrationSettings(settings.data or DEFAULT_CALIBRATION, settings.num_samples, settings.seq_len, settings.seed),
+    text = settings.data or (DEFAULT_CALIBRATION if tokenizer is not None else SELF_GENERATED)
+    if text == SELF_GENERATED and settings.data is None:
+        log.warning("the teacher has no tokenizer: training on text it samples itself")
+    data = calibration_ids(CalibrationSettings(text, settings.num_samples, settings.seq_len, settings.seed),
                            tokenizer, teacher)
 
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
