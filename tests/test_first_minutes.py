@@ -168,7 +168,7 @@ def test_compressed_quality_reads_the_continuation_through_the_evicted_cache(tin
 
     from surgery.evaluate import EvalSettings, compressed_quality
 
-    out = run_convert(tiny_with_tokenizer, tmp_path / "snap", recipe="snapkv", recipe_options={"keep": 0.25})
+    out = run_convert(tiny_with_tokenizer, tmp_path / "snap", recipe="snapkv", recipe_options={"keep": 0.25, "keep_at_least": 0})
     model = load_remote(out)
     torch.manual_seed(0)
     segment = torch.randint(3, 49152, (1, 72))
@@ -251,3 +251,25 @@ def test_generate_answers_with_the_checkpoint_and_its_baseline(tiny_with_tokeniz
     lines = result.stdout.strip().splitlines()
     assert [line.split(": ", 1)[0] for line in lines] == [str(out), str(tiny_with_tokenizer)]
     assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1] != ""
+
+
+def test_a_short_prompt_stays_whole_under_the_default_floor(tiny_with_tokenizer, tmp_path):
+    """--keep-at-least (128 by default): a 100-token prompt is not compressed; a 400-token one keeps 30% of its
+    tokens, but at least 128, per layer on average, counted in the cache's tensors."""
+    import torch
+    from helpers import load_remote
+
+    out = run_convert(tiny_with_tokenizer, tmp_path / "snap", recipe="snapkv", recipe_options={"keep": 0.1})
+    model = load_remote(out)
+    assert model.config.kv_min_tokens == 128
+
+    def kept(length: int) -> float:
+        ids = torch.randint(3, 1000, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            cache = model(ids, use_cache=True).past_key_values
+        counts = [layer.keys.shape[-2] if layer.valid is None else int(layer.valid[0].sum()) / layer.valid.shape[1]
+                  for layer in cache.layers if layer.keys is not None]
+        return sum(counts) / len(counts)
+
+    assert kept(100) == 100
+    assert kept(400) == pytest.approx(128, abs=0.5)

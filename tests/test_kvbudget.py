@@ -314,7 +314,7 @@ def test_convert_kvsharer_plus_calibrated_zigzag(tiny_llama, tmp_path):
     from helpers import load_remote, run_convert
 
     out = run_convert(tiny_llama, tmp_path / "both", recipe="kvsharer,zigzag", share_layers=2, threshold=-1.0,
-                      num_samples=4, seq_len=40, verify=True, recipe_options={"keep": 0.2, "calibrated": True})
+                      num_samples=4, seq_len=40, verify=True, recipe_options={"keep": 0.2, "calibrated": True, "keep_at_least": 0})
     model = load_remote(out)
     assert model.config.kv_policy == "zigzag" and model.config.kv_budget == 0.2
     owners = [i for i, s in enumerate(model.config.kv_source) if s == i]

@@ -117,6 +117,7 @@ class BudgetPolicy:
     """Decides how many tokens each K/V-owning layer keeps after one prefill; the cache does the gathering.
 
     budget: fraction of each sequence's real prompt kept per layer on average; or budget_tokens, a count.
+    min_tokens: with a fraction, each layer keeps at least this many tokens on average (a short prompt stays whole).
     Subclasses set `name` and `default_window`, and override `layer_weights` (how the total B·L is shared) or
     `observe` (acting while the prefill runs).
     """
@@ -126,12 +127,12 @@ class BudgetPolicy:
 
     def __init__(self, budget: float | None, budget_tokens: int | None, owners: list[int],
                  prompt_lengths: torch.Tensor, window: int | None = None, calibrated_weights: list[float] | None = None,
-                 pooling: str = "avg"):
+                 pooling: str = "avg", min_tokens: int = 0):
         self.owners = owners
         self.window = window or self.default_window
         self.prompt_lengths = prompt_lengths  # (batch,) real tokens per sequence
-        per_layer = prompt_lengths.double() * budget if budget_tokens is None else torch.full_like(
-            prompt_lengths, budget_tokens, dtype=torch.float64)
+        per_layer = (prompt_lengths.double() * budget).clamp(min=min_tokens) if budget_tokens is None else \
+            torch.full_like(prompt_lengths, budget_tokens, dtype=torch.float64)
         self.base = per_layer.round().long().clamp(min=1)  # B per sequence: average tokens kept per layer
         self.calibrated_weights = calibrated_weights
         self.scorer = ObservationWindowScorer(self.window, pooling)

@@ -28,10 +28,11 @@ class SurgeryConfig(PreTrainedConfig):
     kv_key_ranks, kv_value_ranks (`list[list[int] | None]`, *optional*):
         MatryoshkaKV: for each layer that owns its K/V, the rank kept per KV head of the orthogonal key and value
         bases; keys and values are cached at that reduced width. `None` (or a `None` entry) means no projection.
-    kv_policy, kv_budget, kv_budget_tokens, kv_window, kv_pooling, kv_layer_weights (*optional*):
+    kv_policy, kv_budget, kv_budget_tokens, kv_min_tokens, kv_window, kv_pooling, kv_layer_weights (*optional*):
         Token eviction after prefill: the policy (snapkv, pyramid, zigzag, dynamickv), the default budget as a
-        fraction of the prompt (or an absolute token count per layer), the observation window, and ZigZagKV's
-        calibrated per-layer shares. `generate(..., kv_budget=0.1)` overrides the budget per call.
+        fraction of the prompt (or an absolute token count per layer), the floor under a fraction (a prompt of at
+        most kv_min_tokens stays whole), the observation window, and ZigZagKV's calibrated per-layer shares.
+        `generate(..., kv_budget=0.1)` overrides the budget per call.
     surgery_format (`int`):
         The checkpoint layout version (`SURGERY_FORMAT` of the code that wrote it).
     surgery_recipes (`list[str]`):
@@ -74,6 +75,7 @@ class SurgeryConfig(PreTrainedConfig):
     kv_policy: str | None = None
     kv_budget: float | None = None
     kv_budget_tokens: int | None = None
+    kv_min_tokens: int | None = None
     kv_window: int | None = None
     kv_pooling: str = "avg"
     kv_layer_weights: list[float] | None = None

@@ -16,10 +16,10 @@ POLICIES: dict[str, type[BudgetPolicy]] = {policy.name: policy for policy in (Sn
 
 def build_policy(name: str, budget: float | None, budget_tokens: int | None, owners: list[int],
                  prompt_lengths: torch.Tensor, window: int | None = None, calibrated_weights: list[float] | None = None,
-                 pooling: str = "avg") -> BudgetPolicy:
+                 pooling: str = "avg", min_tokens: int = 0) -> BudgetPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown KV budget policy {name!r}; choose from {', '.join(POLICIES)}")
-    return POLICIES[name](budget, budget_tokens, owners, prompt_lengths, window, calibrated_weights, pooling)
+    return POLICIES[name](budget, budget_tokens, owners, prompt_lengths, window, calibrated_weights, pooling, min_tokens)
 
 
 def policy_for_prefill(config, budget, budget_tokens, past_length, query_length, attention_mask, batch, device):
@@ -33,12 +33,14 @@ def policy_for_prefill(config, budget, budget_tokens, past_length, query_length,
         return None
     if budget_tokens is not None and budget_tokens >= query_length:
         return None
+    if budget_tokens is None and query_length <= (config.kv_min_tokens or 0):
+        return None  # a short prompt stays whole
     if attention_mask is not None:
         lengths = attention_mask[:, :query_length].sum(-1)
     else:
         lengths = torch.full((batch,), query_length, device=device)
     return build_policy(config.kv_policy, budget, budget_tokens, config.owner_layers, lengths.cpu(), config.kv_window,
-                        config.kv_layer_weights, config.kv_pooling)
+                        config.kv_layer_weights, config.kv_pooling, config.kv_min_tokens or 0)
 
 
 @torch.no_grad()
@@ -56,7 +58,8 @@ def compress_context(model, input_ids: torch.LongTensor, kv_budget: float | None
     name = policy or config.kv_policy or "snapkv"
     if kv_budget is None and kv_budget_tokens is None:
         kv_budget, kv_budget_tokens = config.kv_budget, config.kv_budget_tokens
-    tokens = kv_budget_tokens if kv_budget_tokens is not None else round(kv_budget * input_ids.shape[1])
+    tokens = kv_budget_tokens if kv_budget_tokens is not None else max(round(kv_budget * input_ids.shape[1]),
+                                                                        config.kv_min_tokens or 0)
     ids, window = input_ids, config.kv_window
     if probe_ids is not None:
         ids = torch.cat([input_ids, probe_ids.to(input_ids.device)], dim=1)
