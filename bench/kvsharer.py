@@ -65,10 +65,12 @@ def main() -> None:
         for layers in [int(n) for n in args.layers.split(",")]:
             if layers == 0 and order != args.orders.split(",")[0]:
                 continue
-            recipe = KVSharer(share_layers=layers, order=order)
             start = time.perf_counter()
-            runner = LayerRunner(source.folder, config, calib, 8)
-            plan = recipe.plan(runner, calib, args.seed, progress=False)
+            if layers:
+                runner = LayerRunner(source.folder, config, calib, 8)
+                plan = KVSharer(share_layers=layers, order=order).plan(runner, calib, args.seed, progress=False)
+            else:  # the base model
+                plan = {"kv_source": identity, "candidates_tried": 0}
             search_s = time.perf_counter() - start
             set_kv_sources(model, plan["kv_source"])
             row = {
