@@ -51,14 +51,24 @@ def read_text(source: str, split: str = "train") -> str:
     dataset name."""
     if source in NAMES:
         return corpus_text(source)
+    check_text_source(source)
     path = Path(source).expanduser()
     if path.is_file():
         return _read_file(path)
     if path.is_dir():
         return _read_folder(path)
+    return _read_hub_dataset(source, split)
+
+
+def check_text_source(source: str) -> None:
+    """Fail at once, before any model loads, when a text source that names a local path does not exist."""
+    if source in NAMES or source == SELF_GENERATED or source in GPTQ_DATASETS:
+        return
+    path = Path(source).expanduser()
+    if path.exists():
+        return
     if source.startswith((".", "/", "~")) or path.suffix in (".txt", ".jsonl", ".parquet", ".json"):
         raise SurgeryError(f"no such calibration file or folder: {source}", hint="check the --calib path")
-    return _read_hub_dataset(source, split)
 
 
 DATA_EXTRA_HINT = "pip install 'surgery[data]'"

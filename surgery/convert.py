@@ -16,7 +16,7 @@ import torch
 from . import __version__
 from .arch.configuration_surgery import SurgeryConfig
 from .arch.modeling_surgery import SurgeryForCausalLM
-from .calibration import CalibrationSettings, calibration_ids
+from .calibration import CalibrationSettings, calibration_ids, check_text_source
 from .card import EVAL_FILE, render_card
 from .corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from .errors import SurgeryError
@@ -78,6 +78,7 @@ def calibration_settings(request: ConvertRequest, source: Source) -> Calibration
     if not wanted:
         return None
     text = request.calib or DEFAULT_CALIBRATION
+    check_text_source(text)
     if request.calib is None and not has_tokenizer(source.folder):
         log.warning("%s has no tokenizer: calibrating on text it samples itself", source.name)
         text = SELF_GENERATED

@@ -116,7 +116,12 @@ def test_bad_gguf(tmp_path, cache, content):
 # --- options -----------------------------------------------------------------------------------------------------
 
 OPTION_CASES = {
-    "batch size 0": (["--recipe", "kvsharer", "--batch-size", "0"], "--batch-size"),
+    "calibration batch size 0": (["--recipe", "kvsharer", "--calib-batch-size", "0"], "--calib-batch-size"),
+    "old batch size option": (["--recipe", "kvsharer", "--batch-size", "2"], "--batch-size"),
+    "keep at least -1": (["--recipe", "snapkv", "--keep-at-least", "-1"], "--keep-at-least"),
+    "keep and keep tokens": (["--recipe", "snapkv", "--keep", "0.3", "--keep-tokens", "9"], "--keep and --keep-tokens"),
+    "kv fraction for snapkv": (["--recipe", "snapkv", "--kv-fraction", "0.5"], "--kv-fraction does not apply"),
+    "unknown calibration corpus file": (["--recipe", "kvsharer", "--calib", "./missing.txt"], "no such calibration file"),
     "search samples 0": (["--recipe", "matryoshka", "--search-samples", "0"], "--search-samples"),
     "num samples 0": (["--recipe", "kvsharer", "--num-samples", "0"], "--num-samples"),
     "seq len 0": (["--recipe", "kvsharer", "--seq-len", "0"], "--seq-len"),
@@ -163,6 +168,9 @@ def test_adapt_settings_check_ranges_from_python_too():
     (["--context", "0"], "--context"),
     (["--task", "passkey", "--per-depth", "0"], "--per-depth"),
     (["--json", "/nonexistent-folder/results.json"], "does not exist"),
+    (["--segments", "0"], "--segments"), (["--score-tokens", "0"], "--score-tokens"),
+    (["--prompt-len", "1"], "--prompt-len"), (["--keep", "0"], "--keep"),
+    (["--prompt-len", "900000"], "fewer than one segment"),
 ])
 def test_bad_eval_option(checkpoint, options, needle):
     assert_clean_failure(cli("eval", checkpoint, *options), needle)
@@ -170,7 +178,7 @@ def test_bad_eval_option(checkpoint, options, needle):
 
 @pytest.mark.parametrize("options,needle", [
     (["--prompt", "  "], "--prompt is empty"), (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens"), (["--baseline", "/no/such/model"], "/no/such/model"),
 ])
 def test_bad_generate_option(checkpoint, options, needle):
     assert_clean_failure(cli("generate", checkpoint, *options), needle)

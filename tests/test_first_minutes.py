@@ -93,6 +93,10 @@ def test_recipe_file_refuses_settings_it_would_replace(tiny_checkpoint, tmp_path
     assert_clean_failure(cli("convert", "--recipe-file", tmp_path / "missing.yaml", "--out", tmp_path / "o"),
                          "no such recipe file")
     assert_clean_failure(cli("convert", "--out", tmp_path / "o"), "no MODEL given")
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_text("recipes: [unclosed\n")
+    assert_clean_failure(cli("convert", "--recipe-file", garbage, "--out", tmp_path / "o"), "not valid YAML")
+    assert not (tmp_path / "o").exists()
 
 
 yaml_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True), st.text(max_size=6),
