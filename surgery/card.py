@@ -1,6 +1,5 @@
 """recipe.yaml and the model card (README.md) of a converted checkpoint."""
 
-import json
 from pathlib import Path
 from typing import Any
 

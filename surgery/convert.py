@@ -1,7 +1,6 @@
 """One conversion, in one direction: source -> calibrate -> plan -> rewrite -> export -> verify (-> eval)."""
 
 import copy
-import json
 import logging
 import math
 import platform
@@ -20,7 +19,7 @@ from .calibration import CalibrationSettings, calibration_ids, check_text_source
 from .card import EVAL_FILE, render_card
 from .corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from .errors import SurgeryError
-from .export import DTYPES, check_source_tensors, expected_tensors, finish_checkpoint, write_weights
+from .export import DTYPES, check_source_tensors, finish_checkpoint, write_weights
 from .families import surgery_config_from_source
 from .layer_runner import LayerRunner
 from .loading import has_tokenizer, load_tokenizer
