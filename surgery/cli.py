@@ -302,13 +302,14 @@ def convert(ctx, model, recipe_names, recipe_file, out, dtype, max_shard_size, o
             raise SurgeryError(f"{flag} cannot be combined with --recipe-file, which replays every setting",
                                hint=f"drop {flag}, or edit the recipe.yaml")
         request = replayed_request(recipe_file, model)
-        max_shard_size = str(request.max_shard_size) if ctx.get_parameter_source("max_shard_size").name == "DEFAULT" else max_shard_size
     else:
         if model is None:
             raise SurgeryError("no MODEL given", hint="pass a Hub id, a folder, a .gguf file or `demo`, or --recipe-file")
         request = ConvertRequest(model=model, recipes=build_recipes(recipe_names or "kvsharer", recipe_kwargs), out=out,
                                  **{k: v for k, v in settings.items() if v is not None})
-    request.out, request.max_shard_size = out, parse_size(max_shard_size)
+    if recipe_file is None or ctx.get_parameter_source("max_shard_size").name != "DEFAULT":  # else the recorded one
+        request.max_shard_size = parse_size(max_shard_size)
+    request.out = out
     request.overwrite, request.verify, request.evaluate = overwrite, not no_verify, run_eval
     request.allow_pickle, request.trust_remote_code, request.revision = allow_pickle, trust_remote_code, revision
     request.progress, request.command = ctx.obj["progress"], shlex.join(["surgery", *sys.argv[1:]])
