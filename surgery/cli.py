@@ -29,8 +29,26 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, timeout): unwinds like Ctrl-C, so staging folders are removed and --out stays as it was."""
 
 
+RECEIVED: list[int] = []  # signals seen during this command: an import they broke may surface as another error
+
+
 def _raise_terminated(signum, frame):
+    RECEIVED.append(signum)
     raise Terminated()
+
+
+def _raise_interrupted(signum, frame):
+    RECEIVED.append(signum)
+    raise KeyboardInterrupt()
+
+
+def _interrupted_exit() -> None:
+    """After a signal, any failure is the signal's (e.g. torch half-imported when Ctrl-C hit its import)."""
+    if signal.SIGTERM in RECEIVED:
+        fail("terminated: nothing was written to the output", EXIT_TERMINATED)
+    if RECEIVED:
+        fail("interrupted: nothing was written to the output", EXIT_INTERRUPTED)
+    return None
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> typing.NoReturn:
@@ -64,9 +82,11 @@ def friendly_errors(command):
         except click.ClickException:
             raise
         except OSError as error:
+            _interrupted_exit()
             _show_traceback_if_verbose()
             fail(os_error_line(error))
         except Exception as error:  # the last resort: one line, never a traceback unless asked for
+            _interrupted_exit()
             _show_traceback_if_verbose()
             fail(f"unexpected {type(error).__name__}: {first_line(error)} (run with -v for the traceback)")
 
@@ -84,6 +104,7 @@ class SurgeryGroup(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous_interrupt = signal.signal(signal.SIGINT, _raise_interrupted)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as error:
@@ -97,6 +118,7 @@ class SurgeryGroup(click.Group):
             fail("interrupted", EXIT_INTERRUPTED)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_interrupt)
         sys.exit(result if isinstance(result, int) else 0)
 
 

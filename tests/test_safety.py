@@ -226,12 +226,14 @@ def test_sigterm_leaves_nothing_behind(tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_during_start_up_is_one_line(tiny_models, tmp_path):
-    process = surgery_process("inspect", tiny_models["llama"], cwd=tmp_path)
-    time.sleep(0.5)  # the command is still importing torch and transformers
+    # the command imports torch and transformers first (over a second), then converts for several more
+    process = surgery_process("convert", tiny_models["llama"], "--recipe", "none", "--out", tmp_path / "out", cwd=tmp_path)
+    time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: interrupted")
+    assert not (tmp_path / "out").exists()
 
 
 def test_strays_of_killed_runs_are_removed_and_reported(tiny_models, tmp_path, caplog):
