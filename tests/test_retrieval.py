@@ -1,0 +1,73 @@
+"""The RULER-style retrieval suite: deterministic generators and string-match recall on hand-made answers."""
+
+import pytest
+
+from surgery.retrieval import TASKS, Haystack, generate, insert_at_depths, sentences_of, string_match_recall
+
+PROSE = " ".join(f"Sentence number {i} says something plain about rivers and hills." for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_source):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_source.folder)
+
+
+@pytest.fixture(scope="module")
+def haystack(tokenizer):
+    return Haystack(tokenizer, PROSE)
+
+
+def test_string_match_recall_on_hand_made_answers():
+    assert string_match_recall("The special magic number is 1234567.", ("1234567",)) == 1.0
+    assert string_match_recall("It is 1234566.", ("1234567",)) == 0.0
+    assert string_match_recall("Apple, PEAR and plum", ("apple", "pear", "fig", "plum")) == 0.75
+    assert string_match_recall("", ("a",)) == 0.0
+
+
+def test_needles_go_between_sentences_at_their_depths():
+    sentences = ["A.", "B.", "C.", "D."]
+    assert insert_at_depths(sentences, ["N1.", "N2."], [0.0, 1.0]) == "N1. A. B. C. D. N2."
+    assert insert_at_depths(sentences, ["N."], [0.5]) == "A. B. N. C. D."
+    assert sentences_of("One. Two!  Three?") == ["One.", "Two!", "Three?"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_is_deterministic_fits_its_length_and_hides_its_answers(task, tokenizer, haystack):
+    first = generate(task, tokenizer, haystack, 512, 3, seed=7)
+    assert first == generate(task, tokenizer, haystack, 512, 3, seed=7)
+    assert first != generate(task, tokenizer, haystack, 512, 3, seed=8)
+    assert [sample.depth for sample in first] == [0.0, 0.5, 1.0]
+    for sample in first:
+        tokens = len(tokenizer(sample.context + "\n\n" + sample.question, add_special_tokens=False)["input_ids"])
+        assert 400 <= tokens <= 512, tokens
+        assert all(reference.lower() in sample.context.lower() for reference in sample.references)
+
+
+def test_multikey_asks_one_key_among_distractors(tokenizer, haystack):
+    sample = generate("niah_multikey", tokenizer, haystack, 512, 1, seed=1)[0]
+    assert sample.context.count("One of the special magic numbers for") == 4 and len(sample.references) == 1
+    key = sample.question.split(" for ")[1].split(" mentioned")[0]
+    assert f"for {key} is: {sample.references[0]}." in sample.context
+
+
+def test_variable_tracking_chain_reaches_every_reference(tokenizer, haystack):
+    sample = generate("variable_tracking", tokenizer, haystack, 512, 1, seed=3)[0]
+    value = sample.question.split("value ")[1].split(" ")[0]
+    holders = set(sample.references)
+    assert f"VAR {sample.references[0]} = {value}." in sample.context
+    for previous, name in zip(sample.references, sample.references[1:]):
+        assert f"VAR {name} = VAR {previous}." in sample.context
+    assert len(holders) == 5
+
+
+@pytest.mark.parametrize("task,top", [("common_words", 10), ("frequent_words", 3)])
+@pytest.mark.parametrize("length", [512, 2048])
+def test_word_extraction_answers_are_the_strictly_most_frequent(tokenizer, haystack, task, top, length):
+    sample = generate(task, tokenizer, haystack, length, 1, seed=2)[0]
+    numbers, words = sample.context.split()[0::2], sample.context.split()[1::2]  # "1. apple 2. pear ..."
+    assert numbers[:3] == ["1.", "2.", "3."]
+    counts = sorted(((words.count(word), word) for word in set(words)), reverse=True)
+    assert {word for _, word in counts[:top]} == set(sample.references)
+    assert counts[top - 1][0] > counts[top][0]  # no tie at the cut
