@@ -55,6 +55,18 @@ def _passkey_table(report: dict[str, Any] | None) -> dict[str, Any]:
     return {"passkey_lengths": lengths, "passkey_rows": rows}
 
 
+def _retrieval_table(report: dict[str, Any] | None) -> dict[str, Any]:
+    """Mean string-match recall over the tasks, per setting and length, for the card."""
+    scores = (report or {}).get("scores") or {}
+    lengths = [str(length) for length in (report or {}).get("lengths", [])]
+    rows = []
+    for name, tasks in scores.items():
+        means = [sum(row[length] for row in tasks.values()) / len(tasks) for length in lengths]
+        rows.append((name, [f"{mean:.0%}" for mean in means]))
+    return {"retrieval_lengths": lengths, "retrieval_rows": rows,
+            "retrieval_tasks": ", ".join(next(iter(scores.values()), {})), "retrieval_samples": (report or {}).get("samples")}
+
+
 def _model_index(results: dict[str, Any]) -> list[EvalResult]:
     """`model-index` entries for the Hub from `surgery eval` results."""
     candidate = results.get("model", {})
@@ -118,6 +130,7 @@ def render_card(folder: Path, model_id: str | None = None) -> str:
         setting=results.get("setting") or {},
         passkey=all_results.get("passkey"),
         **_passkey_table(all_results.get("passkey")),
+        **_retrieval_table(all_results.get("retrieval")),
         recipes=recipes,
         eval_rows=_eval_rows(results),
         eval_note=results.get("note", ""),

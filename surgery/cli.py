@@ -19,6 +19,7 @@ from .errors import SurgeryError, first_line
 from .ranges import click_range, has_range, value_type
 from .corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from .recipes import RECIPES, recipe_class
+from .retrieval import TASKS as DEFAULT_RETRIEVAL_TASKS
 
 log = logging.getLogger("surgery")
 
@@ -430,12 +431,12 @@ def check_json_target(path: Path | None) -> None:
         raise SurgeryError(f"--json {path}: the folder {path.parent} does not exist", hint="create it first")
 
 
-QUALITY, PASSKEY = "quality task options", "passkey task options"
+QUALITY, PASSKEY, RETRIEVAL = "quality task options", "passkey and retrieval task options", "retrieval task options"
 
 
 @main.command("eval", cls=SectionedCommand)
 @click.argument("checkpoint")
-@click.option("--task", type=click.Choice(["quality", "passkey"]), default="quality", show_default=True, help="quality: perplexity, KV bytes, agreement, speed; passkey: retrieval.")
+@click.option("--task", type=click.Choice(["quality", "passkey", "retrieval"]), default="quality", show_default=True, help="quality: perplexity, KV bytes, agreement, speed; passkey: one pass key; retrieval: the RULER-style suite.")
 @click.option("--baseline", default=None, help="Model to compare with on the same prompts (any MODEL that convert accepts).")
 @click.option("--keep", type=click.FloatRange(min=0, max=1, min_open=True), default=None, help="Fraction of each prompt an eviction policy keeps (default: the checkpoint's; 1 = full cache).")
 @click.option("--data", default=None, help="Text (file, folder, dataset or corpus name). Default: python-reference for quality, stdlib-haystack for passkey, both offline and disjoint from calibration.")
@@ -446,24 +447,34 @@ QUALITY, PASSKEY = "quality task options", "passkey task options"
 @section_option("--prompt-len", type=click.IntRange(min=2), default=1024, show_default=True, section=QUALITY, help="Tokens of each prompt, compressed as generate() does.")
 @section_option("--score-tokens", type=click.IntRange(min=1), default=128, show_default=True, section=QUALITY, help="Tokens scored after each compressed prompt.")
 @section_option("--context", "speed_context", type=click.IntRange(min=2), default=512, show_default=True, section=QUALITY, help="Context length of the speed test.")
-@section_option("--lengths", default="1024,2048", show_default=True, section=PASSKEY, help="Prompt lengths in tokens.")
+@section_option("--lengths", default=None, section=PASSKEY, help="Prompt lengths in tokens. [passkey: 1024,2048; retrieval: 1024,2048,4096]")
 @section_option("--protocol", type=click.Choice(["query-aware", "context-only", "both"]), default="both", show_default=True, section=PASSKEY, help="query-aware: the question ends the prompt; context-only: the context is compressed before the question is known.")
 @section_option("--probe", is_flag=True, section=PASSKEY, help="context-only: score the context with a generic question.")
-@section_option("--per-depth", type=click.IntRange(min=1), default=2, show_default=True, section=PASSKEY, help="Prompts per depth (depths 10%, 50%, 90%).")
+@section_option("--per-depth", type=click.IntRange(min=1), default=2, show_default=True, section=PASSKEY, help="passkey: prompts per depth (depths 10%, 50%, 90%).")
+@section_option("--tasks", default=",".join(DEFAULT_RETRIEVAL_TASKS), section=RETRIEVAL, help="Comma-separated tasks. [all]")
+@section_option("--samples", type=click.IntRange(min=1), default=5, show_default=True, section=RETRIEVAL, help="Prompts per (task, length), depths spread evenly.")
+@section_option("--seed", type=int, default=0, show_default=True, section=RETRIEVAL, help="Seed of the generated prompts.")
 @click.pass_context
 @friendly_errors
 def eval_command(ctx, checkpoint, task, baseline, keep, data, json_path, allow_pickle, max_memory, segments,
-                 prompt_len, score_tokens, speed_context, lengths, protocol, probe, per_depth):
+                 prompt_len, score_tokens, speed_context, lengths, protocol, probe, per_depth, tasks, samples, seed):
     """Measure CHECKPOINT as generate() uses it: perplexity and greedy agreement through compressed prompts, KV
     bytes from the cache, speed, memory; or pass-key retrieval. Results go to eval_results.json."""
     from .card import render_card
     from .evaluate import default_results_path, write_results
 
     max_memory = None if max_memory is None else parse_size(max_memory)
-    sizes = parse_lengths(lengths)
+    sizes = parse_lengths(lengths or ("1024,2048,4096" if task == "retrieval" else "1024,2048"))
     target = json_path or default_results_path(checkpoint)
     check_json_target(target)
-    if task == "passkey":
+    if task == "retrieval":
+        from .retrieval_eval import evaluate_retrieval, print_retrieval
+
+        results = evaluate_retrieval(checkpoint, baseline, data, [t.strip() for t in tasks.split(",") if t.strip()],
+                                     sizes, samples, keep, protocol, seed, allow_pickle, max_memory,
+                                     ctx.obj["progress"])
+        print_retrieval(results)
+    elif task == "passkey":
         from .passkey import evaluate_passkey, print_passkey
 
         results = evaluate_passkey(checkpoint, baseline, data, sizes, keep, protocol, probe, per_depth, allow_pickle,

@@ -22,7 +22,7 @@ from .sources import resolve
 
 log = logging.getLogger(__name__)
 
-TASKS = ("quality", "passkey")
+TASKS = ("quality", "passkey", "retrieval")
 
 
 @dataclass

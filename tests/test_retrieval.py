@@ -71,3 +71,41 @@ def test_word_extraction_answers_are_the_strictly_most_frequent(tokenizer, hayst
     counts = sorted(((words.count(word), word) for word in set(words)), reverse=True)
     assert {word for _, word in counts[:top]} == set(sample.references)
     assert counts[top - 1][0] > counts[top][0]  # no tie at the cut
+
+
+def test_left_padded_batches_answer_as_single_prompts(tiny_with_tokenizer, tokenizer, haystack, tmp_path):
+    """Prompts of different lengths in one left-padded batch get the answers each gets alone."""
+    from helpers import load_remote, run_convert
+
+    from surgery.retrieval_eval import answers
+
+    model = load_remote(run_convert(tiny_with_tokenizer, tmp_path / "snap", recipe="snapkv",
+                                    recipe_options={"keep": 0.3, "keep_at_least": 0}))
+    samples = [*generate("niah_single_number", tokenizer, haystack, 200, 2, seed=1),
+               *generate("niah_multikey", tokenizer, haystack, 260, 1, seed=1)]
+    for keep in (None, 1.0):
+        batched = answers(model, tokenizer, samples, "query-aware", keep, batch_size=3)
+        assert batched == [answers(model, tokenizer, [s], "query-aware", keep, batch_size=1)[0] for s in samples]
+
+
+def test_eval_retrieval_reports_every_setting_on_the_same_prompts(tiny_with_tokenizer, tmp_path):
+    import json
+
+    from helpers import cli, run_convert
+
+    out = run_convert(tiny_with_tokenizer, tmp_path / "snap", recipe="snapkv", recipe_options={"keep": 0.3})
+    result = cli("eval", out, "--task", "retrieval", "--tasks", "niah_single_number,common_words", "--lengths", "200",
+                 "--samples", "2", "--baseline", tiny_with_tokenizer)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "eval_results.json").read_text())["retrieval"]
+    assert set(report["scores"]) == {"query-aware", "context-only", "full cache", "baseline"}
+    assert set(report["scores"]["baseline"]) == {"niah_single_number", "common_words"}
+    assert all(0 <= row["200"] <= 1 for tasks in report["scores"].values() for row in tasks.values())
+    assert "Retrieval" in (out / "README.md").read_text()
+
+
+def test_unknown_retrieval_task_is_one_line(tiny_checkpoint):
+    from helpers import assert_clean_failure, cli
+
+    assert_clean_failure(cli("eval", tiny_checkpoint, "--task", "retrieval", "--tasks", "needle_in_space"),
+                         "unknown retrieval task 'needle_in_space'")

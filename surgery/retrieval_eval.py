@@ -1,0 +1,145 @@
+"""`surgery eval --task retrieval`: the RULER-style suite (retrieval.py) run as users run a model.
+
+Prompts go through `generate()` in left-padded batches. Two protocols, as for the pass key:
+- query-aware: the question ends the prompt, so an eviction policy's observation window sees it;
+- context-only: the context is compressed before the question is known (`compress_context`), then the question
+  is appended to the compressed cache (one prompt at a time: the context's length sets the compression).
+A checkpoint that evicts is also run with its full cache on the same prompts, and a baseline, when given, too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .retrieval import TASKS, Haystack, RetrievalSample, generate, string_match_recall
+
+NEW_TOKENS = {"niah_single_uuid": 40, "niah_multivalue": 64, "niah_multiquery": 64, "variable_tracking": 48,
+              "common_words": 96, "frequent_words": 40}  # others: 24
+DEFAULT_TASKS = ("niah_single_number", "niah_single_word", "niah_single_uuid", "niah_multikey", "niah_multivalue",
+                 "niah_multiquery", "variable_tracking", "common_words", "frequent_words")
+
+
+def prompt_texts(tokenizer, sample: RetrievalSample) -> tuple[str, str]:
+    """(context part, question part) of the prompt: the chat template's user turn when the tokenizer has one,
+    the question closing it, and "Answer:" opening the reply."""
+    question = f"\n\nQuestion: {sample.question}"
+    if not getattr(tokenizer, "chat_template", None):
+        return sample.context, question + "\nAnswer:"
+    marker = "\x00QUESTION\x00"
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": sample.context + marker}], tokenize=False,
+                                          add_generation_prompt=True)
+    before, after = whole.split(marker)
+    return before, question + after + "Answer:"
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return ids, mask
+
+
+@torch.no_grad()
+def answers(model, tokenizer, samples: list[RetrievalSample], protocol: str, keep: float | None,
+            batch_size: int = 4) -> list[str]:
+    """Greedy answers to each sample; `keep` None means the model's default, 1 the full cache."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    new_tokens = max(NEW_TOKENS.get(sample.task, 24) for sample in samples)
+    options = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    evicts = getattr(model.config, "kv_policy", None) is not None
+    parts = [prompt_texts(tokenizer, sample) for sample in samples]
+    texts = []
+    if protocol == "context-only" and evicts and (keep is None or keep < 1):
+        for context, question in parts:
+            context_ids = torch.tensor([encode(tokenizer, context)])
+            full = torch.cat([context_ids, torch.tensor([encode(tokenizer, question)])], dim=1)
+            cache = model.compress_context(context_ids, kv_budget=keep)
+            out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache, **options)
+            texts.append(tokenizer.decode(out[0, full.shape[1]:], skip_special_tokens=True))
+        return texts
+    budget = {"kv_budget": keep} if evicts and keep is not None else {}
+    for start in range(0, len(parts), batch_size):
+        rows = [encode(tokenizer, context + question) for context, question in parts[start:start + batch_size]]
+        ids, mask = left_padded(rows, pad)
+        out = model.generate(ids, attention_mask=mask, **options, **budget)
+        texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return texts
+
+
+def retrieval_report(model, tokenizer, haystack_text: str, tasks: Iterable[str], lengths: list[int], samples: int,
+                     protocols: list[str], keep: float | None, seed: int = 0, baseline=None,
+                     progress: bool = True) -> dict:
+    """Mean string-match recall per (setting, task, length): the model under each protocol, its full cache when it
+    evicts, and the baseline; every setting answers the same prompts."""
+    haystack = Haystack(tokenizer, haystack_text)
+    evicts = getattr(model.config, "kv_policy", None) is not None
+    settings = [(protocol, model, keep) for protocol in (protocols if evicts else ["full cache"])]
+    if evicts:
+        settings.append(("full cache", model, 1.0))
+    if baseline is not None:
+        settings.append(("baseline", baseline, None))
+    prompts = {(task, length): generate(task, tokenizer, haystack, length, samples, seed)
+               for task in tasks for length in lengths}
+    bar = tqdm(total=len(settings) * len(prompts) * samples, desc="retrieval", unit="prompt", disable=not progress)
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for name, runner, budget in settings:
+        protocol = "query-aware" if name in ("full cache", "baseline") else name
+        for (task, length), batch in prompts.items():
+            replies = answers(runner, tokenizer, batch, protocol, budget)
+            recall = sum(string_match_recall(r, s.references) for r, s in zip(replies, batch)) / len(batch)
+            scores.setdefault(name, {}).setdefault(task, {})[str(length)] = round(recall, 4)
+            bar.update(len(batch))
+    bar.close()
+    return {"task": "retrieval", "samples": samples, "lengths": lengths, "seed": seed, "scores": scores}
+
+
+__all__ = ["DEFAULT_TASKS", "TASKS", "answers", "retrieval_report"]
+
+
+def evaluate_retrieval(checkpoint: str, baseline: str | None, data: str | None, tasks: list[str], lengths: list[int],
+                       samples: int, keep: float | None, protocol: str, seed: int, allow_pickle: bool,
+                       max_memory: int | None, progress: bool) -> dict:
+    """`surgery eval --task retrieval`: inputs checked first (both models, the task names, the haystack)."""
+    from .calibration import read_text
+    from .corpora import HAYSTACK, corpus_text
+    from .errors import SurgeryError
+    from .evaluate import resolve_inputs, setting_of
+    from .loading import load_source_model
+
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise SurgeryError(f"unknown retrieval task {unknown[0]!r}", hint=f"choose from {', '.join(TASKS)}")
+    source, base_source, tokenizer = resolve_inputs(checkpoint, baseline, allow_pickle)
+    haystack = read_text(data, split="test") if data else corpus_text(HAYSTACK)
+    protocols = ["query-aware", "context-only"] if protocol == "both" else [protocol]
+    model = load_source_model(source, max_memory)
+    base_model = None if base_source is None else load_source_model(base_source, max_memory)
+    from .passkey import default_keep
+
+    keep = default_keep(model, keep)
+    report = retrieval_report(model, tokenizer, haystack, tasks, lengths, samples, protocols, keep, seed,
+                              base_model, progress)
+    report.update(setting=setting_of(model.config, keep), haystack=data or f"{HAYSTACK} (offline)")
+    if base_source is not None:
+        report["baseline_name"] = base_source.name
+    return report
+
+
+def print_retrieval(report: dict) -> None:
+    import click
+
+    setting = report["setting"]
+    click.echo(f"setting: {', '.join(setting['recipes']) or 'no recipe'}"
+               + (f" ({setting['kv_policy']} keeps {setting['keep']})" if setting.get("keep") else ""))
+    lengths = [str(length) for length in report["lengths"]]
+    click.echo(f"{'string-match recall':32s} " + " ".join(f"{length + ' tok':>10s}" for length in lengths))
+    for name, tasks in report["scores"].items():
+        for task, row in tasks.items():
+            click.echo(f"{name + ', ' + task:32s} " + " ".join(f"{row[length]:>10.0%}" for length in lengths))
