@@ -6,7 +6,7 @@ import math
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +242,8 @@ def evaluate(checkpoint: str | Path, baseline: str | None = None, progress: bool
     results = {"task": "quality", "settings": asdict(settings), "note": note,
                "setting": setting_of(model.config, settings.keep)}
     results["model"] = measure(model, ids, segments, settings, progress)  # first: its peak excludes the baseline
+    if getattr(model.config, "kv_policy", None) is not None and settings.keep != 1.0:
+        results["full_cache"] = compressed_quality(model, segments, replace(settings, keep=1.0))
     if base_source is not None:
         base_model = load_source_model(base_source, max_memory)
         continuations = baseline_continuations(base_model, segments, settings)
@@ -256,12 +258,13 @@ def evaluate(checkpoint: str | Path, baseline: str | None = None, progress: bool
 
 
 def print_report(results: dict[str, Any]) -> None:
-    candidate, baseline = results["model"], results.get("baseline", {})
-    click.echo(f"{'metric':40s} {'model':>14s} {'baseline':>14s}")
+    candidate, baseline, full = results["model"], results.get("baseline", {}), results.get("full_cache", {})
+    click.echo(f"{'metric':40s} {'model':>14s} {'baseline':>14s}" + (f" {'full cache':>14s}" if full else ""))
     for key, label, fmt in METRICS:
         if key in candidate:
             base = fmt.format(baseline[key]) if key in baseline else "-"
-            click.echo(f"{label:40s} {fmt.format(candidate[key]):>14s} {base:>14s}")
+            same_model = (f" {fmt.format(full[key]) if key in full else '-':>14s}") if full else ""
+            click.echo(f"{label:40s} {fmt.format(candidate[key]):>14s} {base:>14s}{same_model}")
     if "kv_bytes_saved" in results:
         click.echo(f"{'KV-cache bytes saved':40s} {results['kv_bytes_saved']:>14.1%}")
     setting = results.get("setting") or {}

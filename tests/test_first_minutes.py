@@ -210,6 +210,8 @@ def test_passkey_writes_eval_results_by_default_and_keeps_quality(tiny_with_toke
     assert set(results) == {"quality", "passkey"}
     assert set(results["passkey"]["results"]) == {"query-aware", "context-only", "full cache", "baseline"}
     assert results["quality"]["model"]["kv_bytes_per_token"] < results["quality"]["baseline"]["kv_bytes_per_token"]
+    full = results["quality"]["full_cache"]  # the same model with nothing evicted, on the same prompts
+    assert full["kv_bytes_per_token"] == results["quality"]["baseline"]["kv_bytes_per_token"]
     card = (out / "README.md").read_text()
     assert "Pass-key retrieval" in card and "| full cache |" in card
 
