@@ -221,6 +221,12 @@ def default_results_path(checkpoint: str | Path) -> Path:
     return (folder if folder.is_dir() else Path.cwd()) / "eval_results.json"
 
 
+def setting_line(setting: dict[str, Any]) -> str:
+    """"setting: snapkv (snapkv keeps 30% of each prompt)", printed with every task's numbers."""
+    keep = f" ({setting['kv_policy']} keeps {setting['keep']})" if setting.get("keep") else ""
+    return f"setting: {', '.join(setting.get('recipes') or []) or 'no recipe'}{keep}"
+
+
 def evaluate(checkpoint: str | Path, baseline: str | None = None, progress: bool = True, allow_pickle: bool = False,
              max_memory: int | None = None, **options: Any) -> dict[str, Any]:
     """Measure `checkpoint`, and `baseline` on the same segments when given. Every input (both models, their
@@ -267,10 +273,7 @@ def print_report(results: dict[str, Any]) -> None:
             click.echo(f"{label:40s} {fmt.format(candidate[key]):>14s} {base:>14s}{same_model}")
     if "kv_bytes_saved" in results:
         click.echo(f"{'KV-cache bytes saved':40s} {results['kv_bytes_saved']:>14.1%}")
-    setting = results.get("setting") or {}
-    if setting.get("recipes"):
-        keep = f" ({setting['kv_policy']} keeps {setting['keep']})" if setting.get("keep") else ""
-        click.echo(f"setting: {', '.join(setting['recipes'])}{keep}")
+    click.echo(setting_line(results.get("setting") or {}))
     click.echo(results["note"])
 
 

@@ -158,9 +158,9 @@ def evaluate_passkey(checkpoint: str, baseline: str | None, data: str | None, le
 def print_passkey(report: dict) -> None:
     import click
 
-    setting = report["setting"]
-    click.echo(f"setting: {', '.join(setting['recipes']) or 'no recipe'}"
-               + (f" ({setting['kv_policy']} keeps {setting['keep']})" if setting.get("keep") else ""))
+    from .evaluate import setting_line
+
+    click.echo(setting_line(report["setting"]))
     for name, rows in report["results"].items():
         click.echo(f"pass key, {name}: " + ", ".join(f"{k} tokens {v}" for k, v in rows.items() if "@" not in k))
     continuation = report["continuation_perplexity"]

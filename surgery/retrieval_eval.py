@@ -135,9 +135,9 @@ def evaluate_retrieval(checkpoint: str, baseline: str | None, data: str | None, 
 def print_retrieval(report: dict) -> None:
     import click
 
-    setting = report["setting"]
-    click.echo(f"setting: {', '.join(setting['recipes']) or 'no recipe'}"
-               + (f" ({setting['kv_policy']} keeps {setting['keep']})" if setting.get("keep") else ""))
+    from .evaluate import setting_line
+
+    click.echo(setting_line(report["setting"]))
     lengths = [str(length) for length in report["lengths"]]
     click.echo(f"{'string-match recall':32s} " + " ".join(f"{length + ' tok':>10s}" for length in lengths))
     for name, tasks in report["scores"].items():
