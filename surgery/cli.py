@@ -464,7 +464,7 @@ def eval_command(ctx, checkpoint, task, baseline, keep, data, json_path, allow_p
     from .evaluate import default_results_path, write_results
 
     max_memory = None if max_memory is None else parse_size(max_memory)
-    sizes = parse_lengths(lengths or ("1024,2048,4096" if task == "retrieval" else "1024,2048"))
+    sizes = parse_lengths(lengths if lengths is not None else "1024,2048,4096" if task == "retrieval" else "1024,2048")
     target = json_path or default_results_path(checkpoint)
     check_json_target(target)
     if task == "retrieval":
