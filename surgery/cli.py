@@ -19,6 +19,7 @@ from .errors import SurgeryError, first_line
 from .ranges import click_range, has_range, value_type
 from .corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from .recipes import RECIPES, recipe_class
+from .retrieval import DEFAULT_FORMAT, PROMPT_FORMATS
 from .retrieval import TASKS as DEFAULT_RETRIEVAL_TASKS
 
 log = logging.getLogger("surgery")
@@ -432,6 +433,7 @@ def check_json_target(path: Path | None) -> None:
 
 
 QUALITY, PASSKEY, RETRIEVAL = "quality task options", "passkey and retrieval task options", "retrieval task options"
+HARNESS = "lm-evaluation-harness options (pip install 'surgery[lm-eval]')"
 
 
 @main.command("eval", cls=SectionedCommand)
@@ -454,10 +456,17 @@ QUALITY, PASSKEY, RETRIEVAL = "quality task options", "passkey and retrieval tas
 @section_option("--tasks", default=",".join(DEFAULT_RETRIEVAL_TASKS), section=RETRIEVAL, help="Comma-separated tasks. [all]")
 @section_option("--samples", type=click.IntRange(min=1), default=5, show_default=True, section=RETRIEVAL, help="Prompts per (task, length), depths spread evenly.")
 @section_option("--seed", type=int, default=0, show_default=True, section=RETRIEVAL, help="Seed of the generated prompts.")
+@section_option("--prompt-format", type=click.Choice(list(PROMPT_FORMATS)), default=DEFAULT_FORMAT, show_default=True, section=RETRIEVAL, help="; ".join(f"{name}: {text}" for name, text in PROMPT_FORMATS.items()) + ".")
+@section_option("--lm-eval", "lm_eval_tasks", default=None, section=HARNESS, help="Run these lm-eval tasks instead (comma-separated, e.g. hellaswag,arc_easy).")
+@section_option("--lm-eval-include", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, section=HARNESS, help="A folder of extra lm-eval task YAMLs.")
+@section_option("--limit", type=click.IntRange(min=1), default=None, section=HARNESS, help="Documents per task (default: all).")
+@section_option("--num-fewshot", type=click.IntRange(min=0), default=None, section=HARNESS, help="Few-shot examples (default: the task's).")
+@section_option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, section=HARNESS, help="lm-eval's batch size.")
 @click.pass_context
 @friendly_errors
 def eval_command(ctx, checkpoint, task, baseline, keep, data, json_path, allow_pickle, max_memory, segments,
-                 prompt_len, score_tokens, speed_context, lengths, protocol, probe, per_depth, tasks, samples, seed):
+                 prompt_len, score_tokens, speed_context, lengths, protocol, probe, per_depth, tasks, samples, seed,
+                 prompt_format, lm_eval_tasks, lm_eval_include, limit, num_fewshot, batch_size):
     """Measure CHECKPOINT as generate() uses it: perplexity and greedy agreement through compressed prompts, KV
     bytes from the cache, speed, memory; or pass-key retrieval. Results go to eval_results.json."""
     from .card import render_card
@@ -467,12 +476,27 @@ def eval_command(ctx, checkpoint, task, baseline, keep, data, json_path, allow_p
     sizes = parse_lengths(lengths if lengths is not None else "1024,2048,4096" if task == "retrieval" else "1024,2048")
     target = json_path or default_results_path(checkpoint)
     check_json_target(target)
-    if task == "retrieval":
+    if lm_eval_tasks is not None:
+        if ctx.get_parameter_source("task") is not click.core.ParameterSource.DEFAULT:
+            raise SurgeryError("--lm-eval runs lm-eval's tasks instead of --task", hint="give one of them")
+        names = [name.strip() for name in lm_eval_tasks.split(",") if name.strip()]
+        if not names:
+            raise SurgeryError("--lm-eval names no task", hint="e.g. --lm-eval hellaswag,arc_easy")
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise SurgeryError("lm-eval is not installed", hint="pip install 'surgery[lm-eval]'")
+        from .harness import evaluate_lm_eval, print_lm_eval
+
+        results = evaluate_lm_eval(checkpoint, names, lm_eval_include, keep, limit, num_fewshot, batch_size,
+                                   allow_pickle, max_memory)
+        print_lm_eval(results)
+    elif task == "retrieval":
         from .retrieval_eval import evaluate_retrieval, print_retrieval
 
         results = evaluate_retrieval(checkpoint, baseline, data, [t.strip() for t in tasks.split(",") if t.strip()],
                                      sizes, samples, keep, protocol, seed, allow_pickle, max_memory,
-                                     ctx.obj["progress"])
+                                     ctx.obj["progress"], prompt_format)
         print_retrieval(results)
     elif task == "passkey":
         from .passkey import evaluate_passkey, print_passkey

@@ -40,6 +40,13 @@ KINDS = {"number": "numbers", "word": "words", "uuid": "UUIDs"}
 TASKS = ("niah_single_number", "niah_single_word", "niah_single_uuid", "niah_multikey", "niah_multivalue",
          "niah_multiquery", "variable_tracking", "common_words", "frequent_words")
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
+PROMPT_FORMATS = {
+    "ruler": "RULER's template in the chat template's user turn: the task's instruction, the context, the question; "
+             "the reply opens with RULER's answer prefix",
+    "ruler-plain": "the same text without the chat template",
+    "qa": "the context, then 'Question: ...' in the user turn, and the reply opens with 'Answer:'",
+}
+DEFAULT_FORMAT = "ruler"
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,22 @@ class RetrievalSample:
     context: str
     question: str
     references: tuple[str, ...]
+    preamble: str = ""  # the task's instruction before the context (RULER's templates), not the query
+    answer_prefix: str = ""  # how the reply starts (RULER's answer prefix), which names the query
+
+
+def preamble_of(task: str) -> str:
+    """The instruction RULER puts before the context: what to memorise, never which key will be asked."""
+    if task.startswith("niah"):
+        kind = KINDS[task.rsplit("_", 1)[-1]] if task.startswith("niah_single") else "numbers"
+        return (f"Some special magic {kind} are hidden within the following text. Make sure to memorize them. "
+                f"I will quiz you about the {kind} afterwards.")
+    if task == "variable_tracking":
+        return "Memorize and track the chain of variable assignments hidden in the following text."
+    if task == "common_words":
+        return ("Below is a numbered list of words. In these words, some appear more often than others. "
+                "Memorize the ones that appear most often.")
+    return "Read the following coded text and track the frequency of each coded word."
 
 
 def value_of(kind: str, rng: random.Random) -> str:
@@ -95,41 +118,49 @@ def insert_at_depths(sentences: list[str], needles: list[str], depths: list[floa
     return " ".join(placed)
 
 
-def needle_task(task: str, rng: random.Random, depth: float) -> tuple[list[str], list[float], str, tuple[str, ...]]:
-    """(needles, their depths, question, references) of a needle-in-a-haystack task."""
+def needle_task(task: str, rng: random.Random, depth: float) -> tuple[list[str], list[float], str, tuple[str, ...], str]:
+    """(needles, their depths, question, references, answer prefix) of a needle-in-a-haystack task."""
     kind = task.rsplit("_", 1)[-1] if task.startswith("niah_single") else "number"
     noun = KINDS[kind]
     keys = rng.sample(WORDS, 4)
     if task.startswith("niah_single"):
         value = value_of(kind, rng)
+        one = noun[:-1] if kind != "uuid" else "UUID"
         return [NEEDLE.format(kind=noun, key=keys[0], value=value)], [depth], \
-            f"What is the special magic {noun[:-1] if kind != 'uuid' else 'UUID'} for {keys[0]} mentioned in the provided text?", (value,)
+            f"What is the special magic {one} for {keys[0]} mentioned in the provided text?", (value,), \
+            f"The special magic {one} for {keys[0]} mentioned in the provided text is"
     if task == "niah_multikey":
         values = [value_of(kind, rng) for _ in keys]
         needles = [NEEDLE.format(kind=noun, key=key, value=value) for key, value in zip(keys, values)]
         spread = [depth] + [rng.random() for _ in keys[1:]]
-        return needles, spread, f"What is the special magic number for {keys[0]} mentioned in the provided text?", (values[0],)
+        return needles, spread, f"What is the special magic number for {keys[0]} mentioned in the provided text?", \
+            (values[0],), f"The special magic number for {keys[0]} mentioned in the provided text is"
     if task == "niah_multivalue":
         values = [value_of(kind, rng) for _ in range(4)]
         needles = [NEEDLE.format(kind=noun, key=keys[0], value=value) for value in values]
         spread = [depth] + [rng.random() for _ in values[1:]]
-        return needles, spread, f"What are all the special magic numbers for {keys[0]} mentioned in the provided text?", tuple(values)
+        return needles, spread, f"What are all the special magic numbers for {keys[0]} mentioned in the provided text?", \
+            tuple(values), f"The special magic numbers for {keys[0]} mentioned in the provided text are"
     if task == "niah_multiquery":
         values = [value_of(kind, rng) for _ in keys]
         needles = [NEEDLE.format(kind=noun, key=key, value=value) for key, value in zip(keys, values)]
         spread = [depth] + [rng.random() for _ in keys[1:]]
         asked = ", ".join(keys[:-1]) + f" and {keys[-1]}"
-        return needles, spread, f"What are the special magic numbers for {asked} mentioned in the provided text?", tuple(values)
+        return needles, spread, f"What are the special magic numbers for {asked} mentioned in the provided text?", \
+            tuple(values), f"The special magic numbers for {asked} mentioned in the provided text are"
     raise ValueError(f"not a needle task: {task}")
 
 
-def variable_chain(rng: random.Random, depth: float, hops: int = 4) -> tuple[list[str], list[float], str, tuple[str, ...]]:
+def variable_chain(rng: random.Random, depth: float, hops: int = 4
+                   ) -> tuple[list[str], list[float], str, tuple[str, ...], str]:
     names = ["".join(rng.choice(string.ascii_uppercase) for _ in range(5)) for _ in range(hops + 1)]
     value = str(rng.randint(10_000, 99_999))
     needles = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
     spread = sorted([depth] + [rng.random() for _ in range(hops)])
     question = f"Find all variables that are assigned the value {value} in the text above."
-    return needles, spread, question, tuple(names)
+    prefix = f"According to the chain of variable assignments in the text above, {hops + 1} variables are assigned " \
+             f"the value {value}, they are:"
+    return needles, spread, question, tuple(names), prefix
 
 
 def coded_words(rng: random.Random, count: int) -> list[str]:
@@ -146,8 +177,8 @@ def numbered(tokenizer, words: list[str]) -> tuple[list[str], list[int]]:
     return entries, [len(ids) for ids in tokenizer([" " + e for e in entries], add_special_tokens=False)["input_ids"]]
 
 
-def word_list_task(task: str, tokenizer, length: int, rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
-    """(context, question, references) of common-words or frequent-words extraction, at most `length` tokens.
+def word_list_task(task: str, tokenizer, length: int, rng: random.Random) -> tuple[str, str, tuple[str, ...], str]:
+    """(context, question, references, answer prefix) of common-words or frequent-words extraction, at most `length` tokens.
 
     Common words, as RULER builds them: ten words repeated c times each among rare words that appear r < c times
     (c = 30, r = 3 in long prompts, fewer in short ones), so the ten are unambiguous. Frequent words: words drawn
@@ -160,6 +191,7 @@ def word_list_task(task: str, tokenizer, length: int, rng: random.Random) -> tup
         vocabulary = coded_words(rng, 10 + rare_count)
         common, rare = vocabulary[:10], vocabulary[10:]
         question = "What are the 10 most common words in the list above?"
+        prefix = "The 10 words that appear most often in the list are:"
         references = tuple(common)
         while True:
             pool = common * repeats + rare * rare_repeats
@@ -182,7 +214,11 @@ def word_list_task(task: str, tokenizer, length: int, rng: random.Random) -> tup
         if counts[ranked[2]] == counts[ranked[3]]:  # a tie at the cut: make the third strictly more frequent
             entries.append(f"{len(entries) + 1}. {ranked[2]}")
         question = "What are the 3 most frequently appearing coded words in the text above?"
-    return " ".join(entries), question, references
+        prefix = "According to the coded text above, the three most frequently appearing words are:"
+    return " ".join(entries), question, references, prefix
+
+
+TEMPLATE_TOKENS = 48  # a chat template's turns and the separators between the prompt's parts
 
 
 def generate(task: str, tokenizer, haystack: Haystack, length: int, count: int, seed: int) -> list[RetrievalSample]:
@@ -194,13 +230,15 @@ def generate(task: str, tokenizer, haystack: Haystack, length: int, count: int, 
     for index in range(count):
         depth = index / max(count - 1, 1)
         if task in ("common_words", "frequent_words"):
-            context, question, references = word_list_task(task, tokenizer, length - 60, rng)
+            context, question, references, prefix = word_list_task(task, tokenizer, length - 100, rng)
         else:
-            needles, depths, question, references = (variable_chain(rng, depth) if task == "variable_tracking"
+            needles, depths, question, references, prefix = (variable_chain(rng, depth) if task == "variable_tracking"
                                                      else needle_task(task, rng, depth))
-            room = length - 48 - sum(len(tokenizer(n, add_special_tokens=False)["input_ids"]) for n in needles)
+            around = [preamble_of(task), question, prefix, *needles]  # and TEMPLATE_TOKENS for the chat template
+            room = length - TEMPLATE_TOKENS - sum(len(ids) for ids in tokenizer(around, add_special_tokens=False)["input_ids"])
             context = insert_at_depths(haystack.take(room, rng), needles, depths)
-        samples.append(RetrievalSample(task, length, depth, context, question, tuple(references)))
+        samples.append(RetrievalSample(task, length, depth, context, question, tuple(references), preamble_of(task),
+                                       prefix))
     return samples
 
 

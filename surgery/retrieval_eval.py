@@ -14,25 +14,28 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .retrieval import TASKS, Haystack, RetrievalSample, generate, string_match_recall
+from .retrieval import DEFAULT_FORMAT, TASKS, Haystack, RetrievalSample, generate, string_match_recall
 
-NEW_TOKENS = {"niah_single_uuid": 40, "niah_multivalue": 64, "niah_multiquery": 64, "variable_tracking": 48,
+NEW_TOKENS = {"niah_single_uuid": 64, "niah_multivalue": 64, "niah_multiquery": 64, "variable_tracking": 48,
               "common_words": 96, "frequent_words": 40}  # others: 24
 DEFAULT_TASKS = ("niah_single_number", "niah_single_word", "niah_single_uuid", "niah_multikey", "niah_multivalue",
                  "niah_multiquery", "variable_tracking", "common_words", "frequent_words")
 
 
-def prompt_texts(tokenizer, sample: RetrievalSample) -> tuple[str, str]:
-    """(context part, question part) of the prompt: the chat template's user turn when the tokenizer has one,
-    the question closing it, and "Answer:" opening the reply."""
-    question = f"\n\nQuestion: {sample.question}"
-    if not getattr(tokenizer, "chat_template", None):
-        return sample.context, question + "\nAnswer:"
+def prompt_texts(tokenizer, sample: RetrievalSample, prompt_format: str = DEFAULT_FORMAT) -> tuple[str, str]:
+    """(context part, question part) of the prompt in one of `PROMPT_FORMATS`. The context part never holds the
+    query, so that a context-only policy compresses it before the question is known."""
+    if prompt_format == "qa":
+        before, question, reply = "", f"\n\nQuestion: {sample.question}", "Answer:"
+    else:
+        before, question, reply = sample.preamble + "\n", f"\n{sample.question}", sample.answer_prefix
+    if prompt_format == "ruler-plain" or not getattr(tokenizer, "chat_template", None):
+        return before + sample.context, question + "\n" + reply
     marker = "\x00QUESTION\x00"
-    whole = tokenizer.apply_chat_template([{"role": "user", "content": sample.context + marker}], tokenize=False,
-                                          add_generation_prompt=True)
-    before, after = whole.split(marker)
-    return before, question + after + "Answer:"
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": before + sample.context + marker}],
+                                          tokenize=False, add_generation_prompt=True)
+    opening, after = whole.split(marker)
+    return opening, question + after + reply
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -48,13 +51,13 @@ def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def answers(model, tokenizer, samples: list[RetrievalSample], protocol: str, keep: float | None,
-            batch_size: int = 4) -> list[str]:
+            batch_size: int = 4, prompt_format: str = DEFAULT_FORMAT) -> list[str]:
     """Greedy answers to each sample; `keep` None means the model's default, 1 the full cache."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     new_tokens = max(NEW_TOKENS.get(sample.task, 24) for sample in samples)
     options = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
     evicts = getattr(model.config, "kv_policy", None) is not None
-    parts = [prompt_texts(tokenizer, sample) for sample in samples]
+    parts = [prompt_texts(tokenizer, sample, prompt_format) for sample in samples]
     texts = []
     if protocol == "context-only" and evicts and (keep is None or keep < 1):
         for context, question in parts:
@@ -75,7 +78,7 @@ def answers(model, tokenizer, samples: list[RetrievalSample], protocol: str, kee
 
 def retrieval_report(model, tokenizer, haystack_text: str, tasks: Iterable[str], lengths: list[int], samples: int,
                      protocols: list[str], keep: float | None, seed: int = 0, baseline=None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, prompt_format: str = DEFAULT_FORMAT) -> dict:
     """Mean string-match recall per (setting, task, length): the model under each protocol, its full cache when it
     evicts, and the baseline; every setting answers the same prompts."""
     haystack = Haystack(tokenizer, haystack_text)
@@ -92,12 +95,13 @@ def retrieval_report(model, tokenizer, haystack_text: str, tasks: Iterable[str],
     for name, runner, budget in settings:
         protocol = "query-aware" if name in ("full cache", "baseline") else name
         for (task, length), batch in prompts.items():
-            replies = answers(runner, tokenizer, batch, protocol, budget)
+            replies = answers(runner, tokenizer, batch, protocol, budget, prompt_format=prompt_format)
             recall = sum(string_match_recall(r, s.references) for r, s in zip(replies, batch)) / len(batch)
             scores.setdefault(name, {}).setdefault(task, {})[str(length)] = round(recall, 4)
             bar.update(len(batch))
     bar.close()
-    return {"task": "retrieval", "samples": samples, "lengths": lengths, "seed": seed, "scores": scores}
+    return {"task": "retrieval", "samples": samples, "lengths": lengths, "seed": seed, "prompt_format": prompt_format,
+            "scores": scores}
 
 
 __all__ = ["DEFAULT_TASKS", "TASKS", "answers", "retrieval_report"]
@@ -105,7 +109,7 @@ __all__ = ["DEFAULT_TASKS", "TASKS", "answers", "retrieval_report"]
 
 def evaluate_retrieval(checkpoint: str, baseline: str | None, data: str | None, tasks: list[str], lengths: list[int],
                        samples: int, keep: float | None, protocol: str, seed: int, allow_pickle: bool,
-                       max_memory: int | None, progress: bool) -> dict:
+                       max_memory: int | None, progress: bool, prompt_format: str = DEFAULT_FORMAT) -> dict:
     """`surgery eval --task retrieval`: inputs checked first (both models, the task names, the haystack)."""
     from .calibration import read_text
     from .corpora import HAYSTACK, corpus_text
@@ -125,7 +129,7 @@ def evaluate_retrieval(checkpoint: str, baseline: str | None, data: str | None, 
 
     keep = default_keep(model, keep)
     report = retrieval_report(model, tokenizer, haystack, tasks, lengths, samples, protocols, keep, seed,
-                              base_model, progress)
+                              base_model, progress, prompt_format)
     report.update(setting=setting_of(model.config, keep), haystack=data or f"{HAYSTACK} (offline)")
     if base_source is not None:
         report["baseline_name"] = base_source.name

@@ -2,7 +2,9 @@
 
 import pytest
 
-from surgery.retrieval import TASKS, Haystack, generate, insert_at_depths, sentences_of, string_match_recall
+from surgery.retrieval import (PROMPT_FORMATS, TASKS, Haystack, generate, insert_at_depths, sentences_of,
+                               string_match_recall)
+from surgery.retrieval_eval import prompt_texts
 
 PROSE = " ".join(f"Sentence number {i} says something plain about rivers and hills." for i in range(400))
 
@@ -40,9 +42,25 @@ def test_every_task_is_deterministic_fits_its_length_and_hides_its_answers(task,
     assert first != generate(task, tokenizer, haystack, 512, 3, seed=8)
     assert [sample.depth for sample in first] == [0.0, 0.5, 1.0]
     for sample in first:
-        tokens = len(tokenizer(sample.context + "\n\n" + sample.question, add_special_tokens=False)["input_ids"])
-        assert 400 <= tokens <= 512, tokens
+        for prompt_format in PROMPT_FORMATS:
+            tokens = len(tokenizer("".join(prompt_texts(tokenizer, sample, prompt_format)),
+                                   add_special_tokens=False)["input_ids"])
+            assert 400 <= tokens <= 512, (prompt_format, tokens)
         assert all(reference.lower() in sample.context.lower() for reference in sample.references)
+
+
+@pytest.mark.parametrize("prompt_format", PROMPT_FORMATS)
+def test_the_context_part_never_holds_the_question(prompt_format, tokenizer, haystack):
+    """Context-only compression must not see the query: the question and the answer prefix (which names the key)
+    come after the context part, and the prompt ends where the reply starts."""
+    for task in TASKS:
+        sample = generate(task, tokenizer, haystack, 512, 1, seed=3)[0]
+        context, question = prompt_texts(tokenizer, sample, prompt_format)
+        assert sample.context in context
+        assert sample.question not in context and sample.question in question
+        ending = "Answer:" if prompt_format == "qa" else sample.answer_prefix
+        assert question.endswith(ending) and ending not in context
+        assert ("<|im_start|>assistant" in question) == (prompt_format != "ruler-plain")
 
 
 def test_multikey_asks_one_key_among_distractors(tokenizer, haystack):
