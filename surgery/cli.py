@@ -541,6 +541,49 @@ def generate(checkpoint, prompt, max_new_tokens, baseline, allow_pickle):
         click.echo(f"{name}: {text}" if base_source is not None else text)
 
 
+@main.command("compare")
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--baseline", required=True, help="The model every checkpoint is compared with (e.g. their source).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for compare.md, compare.json and the PNG plots.")
+@click.option("--overwrite", is_flag=True, help="Replace --out when it exists.")
+@click.option("--tasks", default="niah_single_number,niah_multikey", show_default=True, help="Retrieval tasks (comma-separated).")
+@click.option("--lengths", default="1024,2048", show_default=True, help="Retrieval prompt lengths in tokens.")
+@click.option("--samples", type=click.IntRange(min=1), default=5, show_default=True, help="Retrieval prompts per (task, length).")
+@click.option("--segments", type=click.IntRange(min=1), default=4, show_default=True, help="Perplexity prompts.")
+@click.option("--prompt-len", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens of each perplexity prompt.")
+@click.option("--prompt-format", type=click.Choice(list(PROMPT_FORMATS)), default=DEFAULT_FORMAT, show_default=True, help="Retrieval prompt format.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the retrieval prompts.")
+@click.option("--data", default=None, help="Perplexity text (default: python-reference, offline).")
+@click.option("--title", default="", help="Heading of compare.md.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickled .bin weights.")
+@click.pass_context
+@friendly_errors
+def compare_command(ctx, checkpoints, baseline, out, overwrite, tasks, lengths, samples, segments, prompt_len,
+                    prompt_format, seed, data, title, allow_pickle):
+    """Measure CHECKPOINTS on the same tokens: a table and Pareto plots of KV bytes per token against held-out
+    perplexity and retrieval recall."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SurgeryError("matplotlib is not installed; compare draws its plots with it",
+                           hint="pip install 'surgery[plots]'")
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    unknown = [name for name in names if name not in DEFAULT_RETRIEVAL_TASKS]
+    if not names or unknown:
+        raise SurgeryError(f"--tasks {tasks!r}: unknown retrieval task {(unknown or [''])[0]!r}",
+                           hint=f"choose from {', '.join(DEFAULT_RETRIEVAL_TASKS)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise SurgeryError(f"--out {out} exists", hint="pass --overwrite or choose another folder")
+    from .compare import ComparePlan, compare, write_report
+    from .evaluate import EvalSettings
+
+    plan = ComparePlan(quality=EvalSettings(segments=segments, prompt_len=prompt_len), tasks=tuple(names),
+                       lengths=tuple(parse_lengths(lengths)), samples=samples, seed=seed, prompt_format=prompt_format)
+    points = compare(list(checkpoints), baseline, plan, data, allow_pickle, ctx.obj["progress"])
+    write_report(points, plan, out, overwrite, title)
+    click.echo(f"wrote {out / 'compare.md'}, {out / 'kv_vs_perplexity.png'} and {out / 'kv_vs_retrieval.png'}")
+
+
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     import torch
 

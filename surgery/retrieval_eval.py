@@ -76,6 +76,13 @@ def answers(model, tokenizer, samples: list[RetrievalSample], protocol: str, kee
     return texts
 
 
+def recall(model, tokenizer, samples: list[RetrievalSample], protocol: str, keep: float | None,
+           prompt_format: str = DEFAULT_FORMAT) -> float:
+    """Mean string-match recall of the model's greedy answers to `samples`."""
+    replies = answers(model, tokenizer, samples, protocol, keep, prompt_format=prompt_format)
+    return sum(string_match_recall(r, s.references) for r, s in zip(replies, samples)) / len(samples)
+
+
 def retrieval_report(model, tokenizer, haystack_text: str, tasks: Iterable[str], lengths: list[int], samples: int,
                      protocols: list[str], keep: float | None, seed: int = 0, baseline=None,
                      progress: bool = True, prompt_format: str = DEFAULT_FORMAT) -> dict:
@@ -95,16 +102,15 @@ def retrieval_report(model, tokenizer, haystack_text: str, tasks: Iterable[str],
     for name, runner, budget in settings:
         protocol = "query-aware" if name in ("full cache", "baseline") else name
         for (task, length), batch in prompts.items():
-            replies = answers(runner, tokenizer, batch, protocol, budget, prompt_format=prompt_format)
-            recall = sum(string_match_recall(r, s.references) for r, s in zip(replies, batch)) / len(batch)
-            scores.setdefault(name, {}).setdefault(task, {})[str(length)] = round(recall, 4)
+            score = recall(runner, tokenizer, batch, protocol, budget, prompt_format)
+            scores.setdefault(name, {}).setdefault(task, {})[str(length)] = round(score, 4)
             bar.update(len(batch))
     bar.close()
     return {"task": "retrieval", "samples": samples, "lengths": lengths, "seed": seed, "prompt_format": prompt_format,
             "scores": scores}
 
 
-__all__ = ["DEFAULT_TASKS", "TASKS", "answers", "retrieval_report"]
+__all__ = ["DEFAULT_TASKS", "TASKS", "answers", "recall", "retrieval_report"]
 
 
 def evaluate_retrieval(checkpoint: str, baseline: str | None, data: str | None, tasks: list[str], lengths: list[int],
