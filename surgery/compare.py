@@ -146,17 +146,11 @@ def table(points: list[Point], plan: ComparePlan) -> list[str]:
     return lines
 
 
-def plot(points: list[Point], path: Path, metric: str) -> None:
+def draw(axes, points: list[Point], metric: str) -> None:
     """KV bytes per token against `metric` ("perplexity" or "retrieval"), one point per model, front marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     higher = metric == "retrieval"
     xy = [(p.kv_bytes_per_token, p.recall if higher else p.perplexity) for p in points]
     front = pareto_front(xy, higher_is_better=higher)
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
     axes.scatter([x for x, _ in xy], [y for _, y in xy], color="tab:blue", zorder=3)
     for point, (x, y) in zip(points, xy):
         axes.annotate(point.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
@@ -168,6 +162,18 @@ def plot(points: list[Point], path: Path, metric: str) -> None:
         axes.set_yscale("log")
     axes.grid(alpha=0.3)
     axes.legend()
+
+
+def plot(points: list[Point], path: Path, metrics: tuple[str, ...]) -> None:
+    """One panel per metric, side by side, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, panels = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4.5), dpi=120, squeeze=False)
+    for axes, metric in zip(panels[0], metrics):
+        draw(axes, points, metric)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -181,8 +187,8 @@ def write_report(points: list[Point], plan: ComparePlan, out: Path, overwrite: b
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        plot(points, staging / "kv_vs_perplexity.png", "perplexity")
-        plot(points, staging / "kv_vs_retrieval.png", "retrieval")
+        plot(points, staging / "kv_vs_perplexity.png", ("perplexity",))
+        plot(points, staging / "kv_vs_retrieval.png", ("retrieval",))
         quality = plan.quality
         lines = [f"# {title or 'KV-cache compression compared'}", "",
                  f"Perplexity: {quality.segments} prompts of {quality.prompt_len} tokens of held-out prose, each "
