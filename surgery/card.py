@@ -67,6 +67,19 @@ def _retrieval_table(report: dict[str, Any] | None) -> dict[str, Any]:
             "retrieval_tasks": ", ".join(next(iter(scores.values()), {})), "retrieval_samples": (report or {}).get("samples")}
 
 
+def _lm_eval_rows(report: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(task, metric, value ± stderr) for each lm-eval metric, for the card."""
+    rows = []
+    for task, metrics in ((report or {}).get("tasks") or {}).items():
+        for name, value in metrics.items():
+            if "stderr" in name or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(name.replace(",", "_stderr,", 1))
+            spread = f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
+            rows.append((task, name.split(",")[0], f"{value:.4f}{spread}"))
+    return rows
+
+
 def _model_index(results: dict[str, Any]) -> list[EvalResult]:
     """`model-index` entries for the Hub from `surgery eval` results."""
     candidate = results.get("model", {})
@@ -131,6 +144,9 @@ def render_card(folder: Path, model_id: str | None = None) -> str:
         passkey=all_results.get("passkey"),
         **_passkey_table(all_results.get("passkey")),
         **_retrieval_table(all_results.get("retrieval")),
+        retrieval_format=(all_results.get("retrieval") or {}).get("prompt_format", "qa"),
+        lm_eval=all_results.get("lm-eval"),
+        lm_eval_rows=_lm_eval_rows(all_results.get("lm-eval")),
         recipes=recipes,
         eval_rows=_eval_rows(results),
         eval_note=results.get("note", ""),

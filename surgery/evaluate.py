@@ -22,7 +22,7 @@ from .sources import resolve
 
 log = logging.getLogger(__name__)
 
-TASKS = ("quality", "passkey", "retrieval")
+TASKS = ("quality", "passkey", "retrieval", "lm-eval")
 
 
 @dataclass

@@ -70,7 +70,7 @@ def lm_eval_report(model, tokenizer, tasks: list[str], manager: TaskManager, kee
     options = dict(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
     lm = CompressedContextLM(**options, keep=keep) if evicts else HFLM(**options)
     output = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                             log_samples=False, bootstrap_iters=0)
+                             log_samples=False, bootstrap_iters=1000)
     metrics = {task: {name: value for name, value in values.items() if name != "alias" and value != "N/A"}
                for task, values in output["results"].items()}
     return {"task": "lm-eval", "tasks": metrics, "limit": limit, "num_fewshot": num_fewshot,

@@ -57,6 +57,7 @@ def test_identity_checkpoint_scores_as_stock_transformers(tiny_with_tokenizer, t
     stock_accuracy, stock_scores = sample_loglikelihoods(stock_lm(tiny_with_tokenizer), manager)
     assert ours["tasks"][TASK]["acc,none"] == stock_accuracy
     assert f"lm-eval {TASK}: acc {stock_accuracy:.4f}" in result.output
+    assert f"| {TASK} | acc | {stock_accuracy:.4f} ± " in (checkpoint / "README.md").read_text()  # the card
 
     model = load_source_model(resolve(str(checkpoint)))
     report = lm_eval_report(model, AutoTokenizer.from_pretrained(checkpoint), [TASK], manager, None, None, None, 4)
