@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="check batched decoding against one config at a time")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -308,9 +309,9 @@ def write_table(stats, lengths, budgets, args, minutes) -> None:
         lines.append("")
     lines += ["Papers' references: ZigZagKV keeps about 20% of the KV nearly lossless; DynamicKV keeps about 85% of "
               "full LongBench performance at 1.7% of the cache.", ""]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print(f"wrote {RESULTS}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text("\n".join(lines))
+    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":
