@@ -247,7 +247,9 @@ def build_recipes(names: str, options: dict) -> list:
 def main(ctx, quiet: bool, verbose: bool):
     """Convert Hugging Face LLMs into compressed architectures (KV sharing, and more)."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s")
+    # info logs are surgery's own; other libraries' (torch prints cache stats at exit) only with -v
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("surgery").setLevel(level)
     if quiet:  # read by huggingface_hub and transformers when they are imported, later
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     ctx.obj = {"progress": not quiet}
