@@ -424,6 +424,14 @@ def parse_lengths(text: str) -> list[int]:
     return [int(part) for part in parts]
 
 
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """An optional dependency missing: one line naming the extra to install, before any work."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise SurgeryError(f"{module} is not installed; {purpose}", hint=f"pip install 'surgery[{extra}]'")
+
+
 def check_json_target(path: Path | None) -> None:
     """Fail before a long eval, not after it, when --json cannot be written."""
     if path is None:
@@ -484,10 +492,7 @@ def eval_command(ctx, checkpoint, task, baseline, keep, data, json_path, allow_p
         names = [name.strip() for name in lm_eval_tasks.split(",") if name.strip()]
         if not names:
             raise SurgeryError("--lm-eval names no task", hint="e.g. --lm-eval hellaswag,arc_easy")
-        import importlib.util
-
-        if importlib.util.find_spec("lm_eval") is None:
-            raise SurgeryError("lm-eval is not installed", hint="pip install 'surgery[lm-eval]'")
+        require_extra("lm_eval", "lm-eval", "--lm-eval runs lm-evaluation-harness")
         from .harness import evaluate_lm_eval, print_lm_eval
 
         results = evaluate_lm_eval(checkpoint, names, lm_eval_include, keep, limit, num_fewshot, batch_size,
@@ -564,11 +569,7 @@ def compare_command(ctx, checkpoints, baseline, out, overwrite, tasks, lengths, 
                     prompt_format, seed, data, title, allow_pickle):
     """Measure CHECKPOINTS on the same tokens: a table and Pareto plots of KV bytes per token against held-out
     perplexity and retrieval recall."""
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        raise SurgeryError("matplotlib is not installed; compare draws its plots with it",
-                           hint="pip install 'surgery[plots]'")
+    require_extra("matplotlib", "plots", "compare draws its plots with it")
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     unknown = [name for name in names if name not in DEFAULT_RETRIEVAL_TASKS]
     if not names or unknown:

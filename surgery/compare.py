@@ -20,12 +20,11 @@ from .calibration import heldout_text, read_text
 from .corpora import HAYSTACK, corpus_text
 from .errors import SurgeryError
 from .evaluate import (EvalSettings, baseline_continuations, compressed_agreement, compressed_quality, eval_segments,
-                       setting_of)
-from .loading import check_same_vocabulary, load_source_model, load_tokenizer, read_checkpoint_config
+                       resolve_inputs, setting_of)
+from .loading import load_source_model
 from .passkey import default_keep
 from .retrieval import DEFAULT_FORMAT, Haystack, generate
 from .retrieval_eval import recall
-from .sources import resolve
 
 DEFAULT_TASKS = ("niah_single_number", "niah_multikey")
 
@@ -70,18 +69,8 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
 
 def resolve_all(checkpoints: list[str], baseline: str, allow_pickle: bool):
     """Every model resolved, its config read and its vocabulary matched to the baseline's, before any loads."""
-    base = resolve(baseline, allow_pickle=allow_pickle)
-    sources = []
-    for checkpoint in checkpoints:
-        source = resolve(checkpoint, allow_pickle=allow_pickle)
-        if source.model_type == "surgery":
-            read_checkpoint_config(source.folder)
-        check_same_vocabulary(base, source, "checkpoint")
-        sources.append(source)
-    tokenizer = load_tokenizer(base.folder) or load_tokenizer(sources[0].folder)
-    if tokenizer is None:
-        raise SurgeryError(f"neither {baseline} nor {checkpoints[0]} has a tokenizer", hint="add its tokenizer files")
-    return base, sources, tokenizer
+    resolved = [resolve_inputs(checkpoint, baseline, allow_pickle) for checkpoint in checkpoints]
+    return resolved[0][1], [source for source, _, _ in resolved], resolved[0][2]
 
 
 def setting_text(config, keep: float | None) -> str:
