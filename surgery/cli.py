@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from .errors import SurgeryError, first_line
+from .interrupts import Terminated, raise_if_received, raised_at_safe_points, received
 from .ranges import click_range, has_range, value_type
 from .corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from .recipes import RECIPES, recipe_class
@@ -27,28 +28,11 @@ log = logging.getLogger("surgery")
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, timeout): unwinds like Ctrl-C, so staging folders are removed and --out stays as it was."""
-
-
-RECEIVED: list[int] = []  # signals seen during this command: an import they broke may surface as another error
-
-
-def _raise_terminated(signum, frame):
-    RECEIVED.append(signum)
-    raise Terminated()
-
-
-def _raise_interrupted(signum, frame):
-    RECEIVED.append(signum)
-    raise KeyboardInterrupt()
-
-
 def _interrupted_exit() -> None:
     """After a signal, any failure is the signal's (e.g. torch half-imported when Ctrl-C hit its import)."""
-    if signal.SIGTERM in RECEIVED:
+    if signal.SIGTERM in received:
         fail("terminated: nothing was written to the output", EXIT_TERMINATED)
-    if RECEIVED:
+    if received:
         fail("interrupted: nothing was written to the output", EXIT_INTERRUPTED)
     return None
 
@@ -105,10 +89,10 @@ class SurgeryGroup(click.Group):
     """The command group: SIGTERM unwinds like Ctrl-C, and usage errors are one line, not click's usage block."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-        previous_interrupt = signal.signal(signal.SIGINT, _raise_interrupted)
         try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with raised_at_safe_points():
+                result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+                raise_if_received()  # a library swallowed the interrupt: the exit code still tells
         except click.UsageError as error:
             command = error.ctx.command_path if error.ctx else "surgery"
             fail(f"{error.format_message()} (see `{command} --help`)", EXIT_USAGE)
@@ -118,9 +102,6 @@ class SurgeryGroup(click.Group):
             fail("terminated", EXIT_TERMINATED)
         except (click.Abort, KeyboardInterrupt):
             fail("interrupted", EXIT_INTERRUPTED)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            signal.signal(signal.SIGINT, previous_interrupt)
         sys.exit(result if isinstance(result, int) else 0)
 
 

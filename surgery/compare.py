@@ -19,6 +19,7 @@ import torch
 from .calibration import heldout_text, read_text
 from .corpora import HAYSTACK, corpus_text
 from .errors import SurgeryError
+from .interrupts import raise_if_received
 from .evaluate import (EvalSettings, baseline_continuations, compressed_agreement, compressed_quality, eval_segments,
                        resolve_inputs, setting_of)
 from .loading import load_source_model
@@ -190,6 +191,7 @@ def write_report(points: list[Point], plan: ComparePlan, out: Path, overwrite: b
                  "![KV bytes against retrieval](kv_vs_retrieval.png)", ""]
         (staging / "compare.md").write_text("\n".join(lines))
         (staging / "compare.json").write_text(json.dumps([vars(p) for p in points], indent=2) + "\n")
+        raise_if_received()
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():

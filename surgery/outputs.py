@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import SurgeryError
+from .interrupts import raise_if_received
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
     temp.mkdir()
     try:
         yield temp
+        raise_if_received()
         if out.exists():
             if not overwrite:
                 raise SurgeryError(f"{out} appeared while this command ran; it was left as it is",

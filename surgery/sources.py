@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SurgeryError, first_line
+from .interrupts import raise_if_received
 from .families import read_model_type
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ def _materialize(target: Path, build) -> Path:
     temp.mkdir()
     try:
         build(temp)
+        raise_if_received()
         temp.rename(target)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
