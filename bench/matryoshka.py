@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from surgery.adapt import AdaptSettings, adapt
 from surgery.calibration import CalibrationSettings, calibration_ids, heldout_text
 from surgery.convert import ConvertRequest, convert, load_calibration_model
-from surgery.corpora import DEFAULT_CALIBRATION, SELF_GENERATED
+from surgery.corpora import DEFAULT_CALIBRATION
 from surgery.evaluate import kv_bytes_per_token, perplexity
 from surgery.loading import load_model
 from surgery.families import surgery_config_from_source
@@ -110,21 +110,17 @@ def main() -> None:
 
 
 def adapted_rows(args, tokenizer, budgets, snapshots, eval_ids) -> list[tuple]:
-    """Each budget's searched checkpoint after `surgery adapt` on self-generated text."""
+    """Each budget's searched checkpoint after `surgery adapt` on the calibration corpus (a different seed's
+    sample of it), adapt's own default."""
     rows = []
     work = Path(tempfile.mkdtemp(prefix="mkv-bench-"))
-    train_text = work / "train.txt"
-    teacher, _ = load_model("demo")
-    generated = calibration_ids(CalibrationSettings(SELF_GENERATED, args.adapt_samples, 128, args.seed + 1), tokenizer, teacher)
-    train_text.write_text("\n\n".join(tokenizer.batch_decode(generated, skip_special_tokens=True)))
-    del teacher
     SearchedOnce.snapshots = snapshots
     try:
         for budget in budgets:
             ckpt = convert(ConvertRequest(model="demo", recipes=[SearchedOnce(kv_fraction=budget)], out=work / f"c{budget}",
                                           verify=False, progress=False, seed=args.seed))
-            adapt_settings = AdaptSettings(teacher="demo", data=str(train_text), steps=args.adapt_steps,
-                                           num_samples=args.adapt_samples, seed=args.seed, save_every=0)
+            adapt_settings = AdaptSettings(teacher="demo", data=args.calib, steps=args.adapt_steps,
+                                           num_samples=args.adapt_samples, seed=args.seed + 1, save_every=0)
             start = time.perf_counter()
             trained = adapt(ckpt, work / f"t{budget}", adapt_settings, verify=False, progress=True)
             wall = time.perf_counter() - start
@@ -150,7 +146,8 @@ def write_results(args, settings, recipe, search_s, budgets, eval_ids, rows, bas
         f"{settings.description} (seed {args.seed}); the search scores KL on {recipe.search_samples} × {recipe.search_len} of them "
         f"({args.search} search, {search_s:.0f} s for one greedy pass down to {min(budgets):.1%}, snapshotted at each budget).",
         f"- Training: `surgery adapt`, α = {MatryoshkaKV.distill_alpha} (the paper's), ranks sampled per step, on "
-        f"{args.adapt_samples} other self-generated sequences of 128 tokens; lr 1e-3, batch 8, cosine schedule.",
+        f"{args.adapt_samples} sequences of 128 tokens of the calibration corpus drawn with seed {args.seed + 1}; "
+        "lr 1e-3, batch 8, cosine schedule.",
         f"- Perplexity: {eval_ids.shape[1]} tokens of Python's reference manual prose (`pydoc_data.topics`), "
         "which neither calibration nor training saw; windows of 512, stride 256.",
         "- KV bytes per token: measured from the cache's tensors after a 512-token prefill.",

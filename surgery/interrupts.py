@@ -58,8 +58,6 @@ def _on_retry(signum: int, frame) -> None:
 def raised_at_safe_points() -> Iterator[None]:
     """Within the block, SIGINT raises KeyboardInterrupt and SIGTERM raises Terminated, never inside an import."""
     global _depth
-    if _depth == 0:
-        received.clear()
     _depth += 1
     previous = {signum: signal.signal(signum, _on_signal) for signum in HANDLED}
     previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, _on_retry)
@@ -67,6 +65,8 @@ def raised_at_safe_points() -> Iterator[None]:
         yield
     finally:
         _depth -= 1
+        if _depth == 0:
+            received.clear()  # outside every block, nothing is pending
         signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
