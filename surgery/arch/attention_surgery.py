@@ -33,6 +33,30 @@ TRITON_IMPLEMENTATION = "surgery_triton"
 
 
 @dataclass
+class Band:
+    """Which earlier tokens a view's slots serve, by distance from each query (PoD). Proximal: the first `sinks`
+    real tokens of the sequence and the last `recent` tokens up to the query itself; distant: every other one.
+
+    first: (batch,) position of each sequence's first real token (left padding); None: position 0.
+    """
+
+    sinks: int
+    recent: int
+    distant: bool
+    first: torch.Tensor | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.sinks, self.recent, self.distant)
+
+    def allows(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """query_positions (batch|1, 1, q, 1), key_positions (batch|1, heads|1, 1, slots) -> bool, broadcast."""
+        offset = key_positions if self.first is None else key_positions - self.first[:, None, None, None]
+        proximal = (offset < self.sinks) | (key_positions > query_positions - self.recent)
+        return ~proximal if self.distant else proximal
+
+
+@dataclass
 class KVView:
     """What a layer reads from the cache.
 
@@ -41,6 +65,7 @@ class KVView:
     valid: (batch, kv_heads|1, slots) slots that may be attended to; None: all of them.
     projection: reduced-width bases the keys and values are stored in (see projection_surgery.KVProjection).
     layout: a key naming where positions and valid come from, so layers reading the same layout share one mask.
+    band: the tokens by distance these slots serve (PoD's proximal and distant views); None: all of them.
     """
 
     keys: torch.Tensor
@@ -49,6 +74,7 @@ class KVView:
     valid: torch.Tensor | None = None
     projection: object | None = None
     layout: tuple | None = None
+    band: Band | None = None
 
     @property
     def slots(self) -> int:
@@ -62,7 +88,7 @@ class KVView:
         per_head = any(t is not None and t.shape[1] > 1 for t in (self.positions, self.valid))
         layout = (*self.layout, "head", head) if self.layout is not None and per_head else self.layout
         return KVView(self.keys[..., key_range], self.values[..., value_range], pick(self.positions), pick(self.valid),
-                      layout=layout)
+                      layout=layout, band=self.band)
 
 
 @dataclass
@@ -91,16 +117,19 @@ def allowed_slots(positions: torch.Tensor, view: KVView, window: int | None) -> 
         allowed = allowed & (keys > query - window)
     if view.valid is not None:
         allowed = allowed & view.valid[:, :, None, :]
+    if view.band is not None:
+        allowed = allowed & view.band.allows(query, keys)
     return allowed
 
 
 def additive_mask(queries: Queries, view: KVView, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
     """The additive mask of a view, or None where plain causal attention over the slots is exact."""
     window_bites = window is not None and view.slots > window
-    if view.positions is None and view.valid is None and not window_bites and queries.newest and (
+    if view.positions is None and view.valid is None and view.band is None and not window_bites and queries.newest and (
             queries.states.shape[2] == 1 or queries.states.shape[2] == view.slots):
         return None
-    key = None if view.layout is None else (view.layout, view.slots, window, dtype)
+    band = None if view.band is None else view.band.key
+    key = None if view.layout is None else (view.layout, view.slots, window, band, dtype)
     if key is not None and key in queries.masks:
         return queries.masks[key]
     allowed = allowed_slots(queries.positions, view, window)
@@ -172,7 +201,7 @@ def attend_view(queries: Queries, view: KVView, scaling: float, implementation: 
     """Attention over one view, on the Triton kernels where they apply, else in PyTorch."""
     query = queries.states
     window_bites = window is not None and view.slots > window
-    if use_kernels(implementation, query) and not window_bites:
+    if use_kernels(implementation, query) and not window_bites and view.band is None:
         return attend_kernels(queries, view, scaling)
     if view.projection is not None:
         return view.projection.attend(queries, view, scaling, implementation, window, dropout, need_lse)

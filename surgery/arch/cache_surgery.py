@@ -1,184 +1,73 @@
 """The one KV cache of the surgery decoder.
 
 It stores K/V only for the layers that own them. A sharing layer (KVSharer) gets a placeholder slot that holds
-nothing and reads its source layer's tensors instead, so the memory a plan saves is absent from the cache's
-tensors, not masked. Shipped flat inside every checkpoint: imports torch and public transformers API only.
+nothing and reads its source layer's tensors instead, and a PoD layer keeps the keys of its borrowing heads only
+for proximal tokens, so the memory a plan saves is absent from the cache's tensors, not masked. Shipped flat
+inside every checkpoint: imports torch and public transformers API only.
 """
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from .attention_surgery import KVView
-
-
-class SharedKVSlot:
-    """Placeholder for a layer that reads another layer's K/V: stores nothing, every cache operation is a no-op."""
-
-    is_initialized = True
-    is_compileable = False
-    is_croppable = True
-    is_sliding = False
-    supports_early_init = False
-
-    def __init__(self, source_layer: int):
-        self.source_layer = source_layer
-        self.keys = None
-        self.values = None
-
-    def __repr__(self) -> str:
-        return f"SharedKVSlot(source_layer={self.source_layer})"
-
-    def update(self, *args, **kwargs):
-        raise RuntimeError("a sharing layer computes no K/V and must not write to the cache")
-
-    def get_seq_length(self) -> int:
-        return 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None: ...
-    def crop(self, tokens_to_remove: int) -> None: ...
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None: ...
-    def batch_repeat_interleave(self, repeats: int) -> None: ...
-    def batch_select_indices(self, indices: torch.Tensor) -> None: ...
-    def offload(self) -> None: ...
-    def prefetch(self) -> None: ...
-
-
-class SurgeryKVLayer(DynamicLayer):
-    """A layer's own K/V. Dense until a budget policy evicts tokens; then each (sequence, KV head) keeps its own
-    slots, gathered into compact tensors, with `valid` marking real slots (sequences of a batch may keep different
-    counts) and `positions` the original token position of each slot (kept keys already carry their RoPE).
-
-    Keys of a MatryoshkaKV layer are packed (batch, 1, seq, Σ rank); `widths` then says how wide each head's block is.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.seen = 0
-        self.valid: torch.Tensor | None = None  # (batch, kv_heads, slots) bool
-        self.positions: torch.Tensor | None = None  # (batch, kv_heads, slots) long
-        self.widths: tuple[list[int], list[int]] | None = None
-
-    def update(self, key_states, value_states, *args, widths=None, **kwargs):
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        new = key_states.shape[-2]
-        self.seen += new
-        self.widths = widths
-        if self.valid is not None:
-            batch, heads = self.valid.shape[:2]
-            self.valid = torch.cat([self.valid, self.valid.new_ones(batch, heads, new)], dim=-1)
-            fresh = torch.arange(self.seen - new, self.seen, device=self.positions.device).expand(batch, heads, new)
-            self.positions = torch.cat([self.positions, fresh], dim=-1)
-        return keys, values
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def keep_top(self, scores: torch.Tensor, counts: list[int], window: int) -> torch.Tensor:
-        """Keep, per (sequence, KV head), the last `window` tokens and the best-scoring earlier ones, `counts[b]`
-        slots in all; gather them into compact tensors. `scores` (batch, kv_heads, prefix) rank the prefix
-        positions; returns which prefix positions are still kept, same shape."""
-        batch, kv_heads, prefix = scores.shape
-        slots = self.keys.shape[-2]
-        device = self.keys.device
-        positions = self.positions if self.positions is not None else torch.arange(slots, device=device).expand(batch, kv_heads, slots)
-        valid = self.valid if self.valid is not None else torch.ones(batch, kv_heads, slots, dtype=torch.bool, device=device)
-        in_prefix = positions < prefix
-        slot_scores = scores.gather(-1, positions.clamp(max=max(prefix - 1, 0))) if prefix else torch.zeros_like(positions, dtype=scores.dtype)
-        slot_scores = torch.where(in_prefix, slot_scores, torch.full_like(slot_scores, float("inf")))
-        slot_scores = slot_scores.masked_fill(~valid, float("-inf"))
-        width = min(max(counts), slots)
-        top = slot_scores.topk(width, dim=-1)
-        order = top.indices.sort(dim=-1)
-        index = order.values
-        ranks = torch.arange(width, device=device)
-        limit = torch.tensor(counts, device=device)[:, None, None]
-        chosen = (torch.gather(top.values, -1, order.indices) > float("-inf"))
-        chosen &= torch.gather((ranks < limit).expand(batch, kv_heads, width), -1, order.indices)
-        self.keys = self._gather(self.keys, index, 0)
-        self.values = self._gather(self.values, index, 1)
-        self.positions = positions.gather(-1, index)
-        self.valid = chosen
-        kept = torch.zeros(batch, kv_heads, prefix + 1, dtype=torch.bool, device=device)
-        kept.scatter_(-1, torch.where(chosen & (self.positions < prefix), self.positions, prefix), True)
-        return kept[..., :prefix]
-
-    def _gather(self, tensor: torch.Tensor, index: torch.Tensor, side: int) -> torch.Tensor:
-        """Select slots per KV head; a packed (MatryoshkaKV) tensor is gathered head block by head block."""
-        if self.widths is None:
-            return tensor.gather(2, index[..., None].expand(-1, -1, -1, tensor.shape[-1]))
-        blocks, offset = [], 0
-        for head, width in enumerate(self.widths[side]):
-            block = tensor[:, 0, :, offset : offset + width]
-            blocks.append(block.gather(1, index[:, head, :, None].expand(-1, -1, width)))
-            offset += width
-        return torch.cat(blocks, dim=-1).unsqueeze(1)
-
-    def drop_last(self, count: int) -> None:
-        """Forget the `count` newest tokens (a scoring probe), which sit in the last slots of every head."""
-        self.keys, self.values = self.keys[..., :-count, :], self.values[..., :-count, :]
-        if self.valid is not None:
-            self.valid, self.positions = self.valid[..., :-count], self.positions[..., :-count]
-        self.seen -= count
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.valid is not None:
-            self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.valid is not None:
-            self.valid = self.valid.repeat_interleave(repeats, dim=0)
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.valid is not None:
-            self.valid, self.positions = self.valid[indices], self.positions[indices]
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if self.valid is not None:
-            raise NotImplementedError("cannot crop a cache after token eviction")
-        super().crop(tokens_to_remove)
-        self.seen = self.keys.shape[-2] if self.keys is not None and self.keys.numel() else 0
-
-    def reset(self) -> None:
-        super().reset()
-        self.seen, self.valid, self.positions = 0, None, None
+from .kvlayer_surgery import SharedKVSlot, SurgeryKVLayer
+from .pod_surgery import PodKVLayer
 
 
 class SurgeryCache(Cache):
-    """A `transformers.Cache` laid out by the plan: one `DynamicLayer` per K/V-owning layer, a `SharedKVSlot` elsewhere."""
+    """A `transformers.Cache` laid out by the plan: one K/V layer per K/V-owning layer (a PoD layer where some of
+    its heads borrow keys), a `SharedKVSlot` for layers that read another layer's cache.
 
-    def __init__(self, kv_source: list[int]):
+    slack: extra recent keys PoD layers keep past their window until the next forward (a scoring probe that is
+    dropped again, as in `compress_context`, must not shorten the window).
+    """
+
+    def __init__(self, kv_source: list[int], key_source: list[list[int]] | None = None, sinks: int = 0,
+                 recent: int = 0):
         self.kv_source = list(kv_source)
-        layers = [SurgeryKVLayer() if source == layer else SharedKVSlot(source) for layer, source in enumerate(kv_source)]
+        self.key_source = key_source
+        self.slack = 0
+        layers = []
+        for layer, source in enumerate(kv_source):
+            borrowed = {} if key_source is None else {h: s for h, s in enumerate(key_source[layer]) if s != layer}
+            if source != layer:
+                layers.append(SharedKVSlot(source))
+            elif borrowed:
+                layers.append(PodKVLayer(len(key_source[layer]), borrowed, sinks, recent))
+            else:
+                layers.append(SurgeryKVLayer())
         super().__init__(layers=layers)
 
-    def view(self, layer_idx: int, padding: torch.Tensor | None = None, projection=None) -> KVView:
-        """What `layer_idx` attends to: its own or its source layer's K/V, already updated for this step, with the
-        original positions and kept slots after eviction, else the padding mask (batch, slots) of a dense cache."""
+    @classmethod
+    def for_config(cls, config) -> "SurgeryCache":
+        return cls(config.kv_source, config.kv_key_source, config.kv_sink_tokens, config.kv_recent_tokens)
+
+    def views(self, layer_idx: int, padding: torch.Tensor | None = None, projection=None) -> list[KVView]:
+        """What `layer_idx` attends to, already updated for this step: its own or its source layer's cache."""
         owner_idx = self.kv_source[layer_idx]
         owner = self.layers[owner_idx]
-        if owner.keys is None or not owner.is_initialized:
+        if owner.values is None or not owner.is_initialized:
             raise RuntimeError(f"layer {layer_idx} reads layer {owner_idx}, which has not run yet")
-        if owner.valid is not None:
-            return KVView(owner.keys, owner.values, owner.positions, owner.valid, projection, ("kept", owner_idx))
-        slots = owner.keys.shape[-2]
-        valid = None if padding is None else padding[:, None, :slots]
-        return KVView(owner.keys, owner.values, None, valid, projection, ("dense",))
+        return owner.views(owner_idx, padding, projection, self)
+
+    def view(self, layer_idx: int, padding: torch.Tensor | None = None, projection=None) -> KVView:
+        """The single view of a layer that is not split by distance (all but PoD layers)."""
+        (view,) = self.views(layer_idx, padding, projection)
+        return view
 
     def keep_top(self, layer_idx: int, scores: torch.Tensor, counts: list[int], window: int) -> torch.Tensor:
-        return self.layers[layer_idx].keep_top(scores, counts, window)
+        layer = self.layers[layer_idx]
+        follow = {head: self.layers[source].selection for head, source in getattr(layer, "borrowed", {}).items()}
+        return layer.keep_top(scores, counts, window, follow)
 
     def drop_last(self, count: int) -> None:
         for layer in self.layers:
             if isinstance(layer, SurgeryKVLayer):
                 layer.drop_last(count)
+
+    def settle(self) -> None:
+        for layer in self.layers:
+            layer.settle(self.slack)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[self.kv_source[layer_idx]].get_seq_length()
@@ -188,19 +77,13 @@ class SurgeryCache(Cache):
 
     def kv_bytes(self) -> int:
         """Bytes held by the cache's K/V tensors, counted from the tensors themselves."""
-        total = 0
-        for layer in self.layers:
-            for tensor in (layer.keys, layer.values):
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        return total
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.stored_tensors())
 
     def kv_bytes_per_token(self) -> float:
         """Measured K/V bytes per token seen (batch × sequence): evicted, shared or projected parts are absent."""
         owner = self.layers[self.kv_source[0]]
-        if owner.keys is None or owner.keys.numel() == 0:
+        if owner.values is None or owner.values.numel() == 0:
             return 0.0
-        return self.kv_bytes() / (owner.keys.shape[0] * self.get_seq_length())
+        return self.kv_bytes() / (owner.values.shape[0] * self.get_seq_length())
 
-
-__all__ = ["SurgeryCache", "SurgeryKVLayer", "SharedKVSlot"]
+__all__ = ["SurgeryCache", "SurgeryKVLayer", "SharedKVSlot", "PodKVLayer"]

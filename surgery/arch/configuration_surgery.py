@@ -33,6 +33,13 @@ class SurgeryConfig(PreTrainedConfig):
         fraction of the prompt (or an absolute token count per layer), the floor under a fraction (a prompt of at
         most kv_min_tokens stays whole), the observation window, and ZigZagKV's calibrated per-layer shares.
         `generate(..., kv_budget=0.1)` overrides the budget per call.
+    kv_key_source (`list[list[int]]`, *optional*):
+        PoD: for each layer and KV head, the layer whose keys serve that head's distant tokens (the bottom layer of
+        its group). A head whose entry is its own layer keeps every key; any other head keeps its own keys only
+        for the proximal tokens (`kv_sink_tokens` first, `kv_recent_tokens` last) and reads the bottom layer's
+        keys, with its own queries and values, for the rest. `None` means no layer borrows keys.
+    kv_sink_tokens, kv_recent_tokens (`int`):
+        PoD's proximal tokens: the first and the last tokens of each sequence a query sees with its own keys.
     surgery_format (`int`):
         The checkpoint layout version (`SURGERY_FORMAT` of the code that wrote it).
     surgery_recipes (`list[str]`):
@@ -79,6 +86,9 @@ class SurgeryConfig(PreTrainedConfig):
     kv_window: int | None = None
     kv_pooling: str = "avg"
     kv_layer_weights: list[float] | None = None
+    kv_key_source: list[list[int]] | None = None
+    kv_sink_tokens: int = 16
+    kv_recent_tokens: int = 256
     surgery_recipes: list[str] | None = None
     surgery_format: int = SURGERY_FORMAT
     source_model_type: str | None = None
@@ -116,8 +126,32 @@ class SurgeryConfig(PreTrainedConfig):
                     continue
                 if len(layer_ranks) != self.num_key_value_heads or not all(0 < r <= self.head_dim for r in layer_ranks):
                     raise ValueError(f"{name}[{layer}] needs one rank in 1..{self.head_dim} per KV head")
+        if self.kv_key_source is not None:
+            self._validate_key_source()
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+
+    def _validate_key_source(self) -> None:
+        """PoD's groups: each head borrows the keys of an earlier layer that keeps all of that head's keys itself."""
+        if len(self.kv_key_source) != self.num_hidden_layers:
+            raise ValueError(f"kv_key_source has {len(self.kv_key_source)} entries for {self.num_hidden_layers} layers")
+        for layer, sources in enumerate(self.kv_key_source):
+            if len(sources) != self.num_key_value_heads:
+                raise ValueError(f"kv_key_source[{layer}] needs one layer per KV head ({self.num_key_value_heads})")
+            for head, source in enumerate(sources):
+                if not 0 <= source <= layer or self.kv_key_source[source][head] != source:
+                    raise ValueError(f"kv_key_source[{layer}][{head}] = {source}: a head borrows the keys of an "
+                                     "earlier layer that keeps that head's keys itself")
+            if self.kv_source[layer] != layer or self.projected_ranks(layer) is not None:
+                raise ValueError("kv_key_source (PoD) cannot be combined with kv_source sharing or projected ranks")
+        if self.kv_sink_tokens < 0 or self.kv_recent_tokens < 1:
+            raise ValueError("kv_sink_tokens must be at least 0 and kv_recent_tokens at least 1")
+
+    def borrowed_heads(self, layer: int) -> dict[int, int]:
+        """PoD: {KV head: layer whose keys it reads for distant tokens} for the heads of `layer` that borrow."""
+        if self.kv_key_source is None:
+            return {}
+        return {head: source for head, source in enumerate(self.kv_key_source[layer]) if source != layer}
 
     def projected_ranks(self, layer: int) -> tuple[list[int], list[int]] | None:
         """The (key, value) ranks per KV head of a layer whose cache is projected, else None."""

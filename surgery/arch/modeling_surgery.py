@@ -30,6 +30,8 @@ from .projection_surgery import KVProjection
 # Every bundled module is named here once. transformers before 5.23 copies into its module cache only the files
 # that a checkpoint's main module imports itself, not the files those import in turn.
 from .dynamickv_surgery import DynamicKV  # noqa: E402,F401
+from .kvlayer_surgery import SurgeryKVLayer  # noqa: E402,F401
+from .pod_surgery import PodKVLayer  # noqa: E402,F401
 from .pyramid_surgery import PyramidKV  # noqa: E402,F401
 from .snapkv_surgery import SnapKV  # noqa: E402,F401
 from .zigzag_surgery import ZigZagKV  # noqa: E402,F401
@@ -185,11 +187,11 @@ class SurgeryAttention(nn.Module):
                 key, value = projection.compress(key, value)
                 widths = projection.widths
             context.cache.update(key, value, self.layer_idx, widths=widths)
-        view = context.cache.view(self.layer_idx, context.padding, projection)
+        views = context.cache.views(self.layer_idx, context.padding, projection)
 
         queries = Queries(query, context.positions, newest=True, masks=context.masks)
         dropout = self.config.attention_dropout if self.training else 0.0
-        out, lse = attend(queries, [view], self.scaling, attention_implementation(self.config), self.sliding_window,
+        out, lse = attend(queries, views, self.scaling, attention_implementation(self.config), self.sliding_window,
                           dropout)
         if self.owns_kv and context.policy is not None:
             context.policy.score_layer(self.layer_idx, query, full_key, context.prompt_padding, self.scaling,
@@ -330,6 +332,8 @@ class SurgeryModel(SurgeryPreTrainedModel):
                 hidden_states = layer(hidden_states, position_embeddings, context)
         if policy is not None:
             policy.finish(cache)
+        if use_cache:
+            cache.settle()
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
@@ -345,7 +349,7 @@ class SurgeryModel(SurgeryPreTrainedModel):
         if isinstance(past_key_values, SurgeryCache):
             return past_key_values
         if past_key_values is None or past_key_values.get_seq_length() == 0:
-            return SurgeryCache(self.config.kv_source)
+            return SurgeryCache.for_config(self.config)
         raise ValueError(
             f"a filled {type(past_key_values).__name__} cannot be used with this model; pass a SurgeryCache"
         )

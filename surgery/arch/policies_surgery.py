@@ -6,6 +6,7 @@ Shipped flat inside every checkpoint.
 import torch
 
 from .budget_surgery import BudgetPolicy
+from .cache_surgery import SurgeryCache
 from .dynamickv_surgery import DynamicKV
 from .pyramid_surgery import PyramidKV
 from .snapkv_surgery import SnapKV
@@ -68,7 +69,10 @@ def compress_context(model, input_ids: torch.LongTensor, kv_budget: float | None
     lengths = torch.full((ids.shape[0],), ids.shape[1])
     budget_policy = build_policy(name, None, tokens, config.owner_layers, lengths, window, config.kv_layer_weights,
                                  config.kv_pooling)
-    cache = model(ids, use_cache=True, kv_policy=budget_policy).past_key_values
+    cache = SurgeryCache.for_config(config)
+    cache.slack = 0 if probe_ids is None else probe_ids.shape[1]  # PoD windows keep room for the dropped probe
+    cache = model(ids, past_key_values=cache, use_cache=True, kv_policy=budget_policy).past_key_values
     if probe_ids is not None:
         cache.drop_last(probe_ids.shape[1])
+    cache.slack = 0
     return cache

@@ -1,0 +1,163 @@
+"""PoD in the decoder and the cache, against a plain float64 reference written from the paper's rule: query t of
+layer L, KV head h, sees token p <= t with L's own key when p is proximal (one of the first `sinks` tokens or
+p > t - recent) and with the key of h's bottom layer otherwise; one softmax; L's own values."""
+
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
+
+from helpers import decode_stepwise
+from surgery.arch import SurgeryConfig, SurgeryForCausalLM
+from surgery.arch.modeling_surgery import apply_rope
+
+SINKS, RECENT = 2, 4
+# layer 0 keeps all; head 0 borrows from layer 0 in layers 1-2, head 1 starts a group at 1; layer 3 starts
+# head 0's second group; layer 4 borrows head 0 from 3 and keeps head 1; layer 5 borrows head 1 from 4
+KEY_SOURCE = [[0, 0], [0, 1], [0, 1], [3, 1], [3, 4], [5, 4]]
+
+
+def pod_model(key_source=KEY_SOURCE, seed: int = 0, **overrides) -> SurgeryForCausalLM:
+    torch.manual_seed(seed)
+    config = SurgeryConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=len(key_source),
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, kv_key_source=key_source,
+                           kv_sink_tokens=SINKS, kv_recent_tokens=RECENT, **overrides)
+    config._attn_implementation = "eager"
+    model = SurgeryForCausalLM(config).double().eval()
+    for parameter in model.parameters():  # random init is small; widen it so attention is far from uniform
+        parameter.data.normal_(0, 0.3)
+    return model
+
+
+@torch.no_grad()
+def reference_logits(model, ids, key_source=KEY_SOURCE, allowed=None, first=None) -> torch.Tensor:
+    """The rule in the module docstring, one query, head and token at a time. `allowed(layer, kv_head, t)`
+    optionally narrows the tokens a query sees (eviction); `first` (batch,) are the first real positions."""
+    config = model.config
+    batch, n = ids.shape
+    first = torch.zeros(batch, dtype=torch.long) if first is None else first
+    positions = torch.arange(n)[None]  # RoPE by slot, as the model without position_ids; the rule by `first`
+    hidden = model.model.embed_tokens(ids)
+    cos, sin = model.model.rotary_emb(hidden, positions)
+    keys_by_layer = []
+    group = config.num_attention_heads // config.num_key_value_heads
+    for index, layer in enumerate(model.model.layers):
+        attention = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = apply_rope(attention._heads(attention.q_proj(x)), cos, sin)
+        k = apply_rope(attention._heads(attention.k_proj(x)), cos, sin)
+        v = attention._heads(attention.v_proj(x))
+        keys_by_layer.append(k)
+        out = torch.zeros(batch, n, config.num_attention_heads, config.head_dim, dtype=torch.float64)
+        for b in range(batch):
+            for head in range(config.num_attention_heads):
+                kv = head // group
+                bottom = keys_by_layer[key_source[index][kv]]
+                for t in range(first[b], n):
+                    p = torch.arange(first[b], t + 1)
+                    proximal = (p - first[b] < SINKS) | (p > t - RECENT)
+                    key = torch.where(proximal[:, None], k[b, kv, p], bottom[b, kv, p])
+                    scores = key @ q[b, head, t] * config.head_dim**-0.5
+                    if allowed is not None:
+                        scores = scores.masked_fill(~allowed(index, b, kv, t)[p], float("-inf"))
+                    out[b, t, head] = scores.softmax(-1) @ v[b, kv, p]
+        hidden = hidden + attention.o_proj(out.reshape(batch, n, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return model.lm_head(model.model.norm(hidden))
+
+
+def test_full_forward_follows_the_rule():
+    model = pod_model()
+    ids = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(1))
+    logits = model(ids, use_cache=False).logits
+    assert (logits - reference_logits(model, ids)).abs().max() < 1e-10
+    dense = pod_model(key_source=[[layer, layer] for layer in range(len(KEY_SOURCE))])
+    assert (dense(ids).logits - logits).abs().max() > 1e-3  # borrowing keys changes the model
+
+
+def test_incremental_decoding_equals_the_full_forward_past_the_window():
+    model = pod_model()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    stepwise, cache = decode_stepwise(model, ids, prompt=5)
+    assert (stepwise - model(ids, use_cache=False).logits).abs().max() < 1e-10
+    layer = cache.layers[1]  # a PoD layer: the borrowing head's own keys are gone for tokens outside the window
+    assert layer.edge_keys.shape[2] == SINKS + RECENT
+
+
+def test_left_padding_sinks_are_each_sequences_first_tokens():
+    model = pod_model()
+    ids = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    stepwise, _ = decode_stepwise(model, ids, prompt=6, mask=mask)
+    expected = reference_logits(model, ids, first=torch.tensor([0, 3]))
+    assert (stepwise[0] - expected[0]).abs().max() < 1e-10
+    assert (stepwise[1, 3:] - expected[1, 3:]).abs().max() < 1e-10
+
+
+def plan_bytes(config, tokens: int, batch: int) -> int:
+    """What the plan says the cache holds: every value; all keys of heads that keep theirs, and sinks + recent
+    keys of borrowing heads."""
+    total = 0
+    for layer, sources in enumerate(config.kv_key_source):
+        for head, source in enumerate(sources):
+            key_tokens = tokens if source == layer else SINKS + min(RECENT, tokens)
+            total += (tokens + key_tokens) * config.head_dim * 8
+    return total * batch
+
+
+def test_kv_bytes_are_the_plans():
+    model = pod_model()
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(4))
+    _, cache = decode_stepwise(model, ids, prompt=20)
+    assert cache.kv_bytes() == plan_bytes(model.config, 24, 2)
+    dense = pod_model(key_source=[[layer, layer] for layer in range(len(KEY_SOURCE))])
+    _, dense_cache = decode_stepwise(dense, ids, prompt=20)
+    assert cache.kv_bytes() < dense_cache.kv_bytes()
+
+
+def test_eviction_keeps_one_set_per_group_and_decodes_by_the_rule():
+    model = pod_model(kv_policy="snapkv", kv_window=3)
+    ids = torch.randint(0, 97, (1, 18), generator=torch.Generator().manual_seed(5))
+    prompt = 16
+    out = model(ids[:, :prompt], use_cache=True, kv_budget_tokens=9)
+    cache = out.past_key_values
+    for layer, sources in enumerate(KEY_SOURCE):
+        for head, source in enumerate(sources):
+            mine, theirs = cache.layers[layer], cache.layers[source]
+            kept = mine.positions[0, head][mine.valid[0, head]]
+            assert torch.equal(kept, theirs.positions[0, head][theirs.valid[0, head]]), (layer, head)
+    logits = [out.logits[:, -1]]
+    for t in range(prompt, ids.shape[1]):
+        step = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        logits.append(step.logits[:, -1])
+
+    def allowed(layer, b, kv, t):
+        seen = torch.zeros(ids.shape[1], dtype=torch.bool)
+        if t < prompt:
+            seen[: t + 1] = True
+            return seen
+        owner = cache.layers[layer]
+        seen[owner.positions[b, kv][owner.valid[b, kv]]] = True
+        return seen
+
+    expected = reference_logits(model, ids, allowed=allowed)
+    assert (torch.stack(logits[1:], 1) - expected[:, prompt:]).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([[0, 0], [1, 2], [2, 2]], "kv_key_source\\[1\\]\\[1\\] = 2"),  # a later layer
+    ([[0, 0], [0, 0], [1, 1]], "kv_key_source\\[2\\]\\[0\\] = 1"),  # a layer that borrows that head itself
+    ([[0, 0], [1, 1]], "2 entries for 3 layers"),
+    ([[0], [0], [0]], "one layer per KV head"),
+])
+def test_bad_key_sources_are_refused(bad, message):
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        SurgeryConfig(num_hidden_layers=3, num_key_value_heads=2, num_attention_heads=2, hidden_size=16,
+                      kv_key_source=bad)
+
+
+def test_pod_refuses_kv_sharing():
+    with pytest.raises(StrictDataclassClassValidationError, match="cannot be combined"):
+        SurgeryConfig(num_hidden_layers=2, num_key_value_heads=1, num_attention_heads=2, hidden_size=16,
+                      kv_source=[0, 0], kv_key_source=[[0], [0]])
