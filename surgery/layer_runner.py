@@ -92,13 +92,15 @@ class LayerRunner:
     @torch.no_grad()
     def run(self, kv_source: list[int], start: int = 0, commit: bool = True, projections: dict | None = None,
             policies: list | None = None, record: bool = True,
-            visit: Callable[[int, list[KV]], None] | None = None) -> RunState:
+            visit: Callable[[int, list[KV]], None] | None = None,
+            inspect: Callable[[int, SurgeryDecoderLayer, list[torch.Tensor]], None] | None = None) -> RunState:
         """Run layers `start`.. under `kv_source`, from the kept inputs of layer `start` (the embeddings at 0).
 
         projections: KV projections by owner layer, in place of the planned ones (a rank-search trial).
         policies: one KV budget policy per batch, scoring every owner layer (ZigZagKV's calibration).
         record: keep every layer's inputs and K/V (for later trials); else only the K/V later layers read.
         visit: called with (layer, that layer's post-RoPE K/V per batch) for every owner layer.
+        inspect: called with (layer, the loaded layer module, its input hidden states per batch) before it runs.
         """
         state = RunState(inputs=dict(self.state.inputs), kv=dict(self.state.kv))
         hidden = self.embed() if start == 0 else self.state.inputs[start]
@@ -109,6 +111,8 @@ class LayerRunner:
             if record:
                 state.inputs[index] = hidden
             layer = self._layer(index, kv_source)
+            if inspect is not None:
+                inspect(index, layer, hidden)
             if kv_source[index] == index:
                 owned[index] = getattr(layer.self_attn, "kv_projection", None)
             chosen = [(projections or {}).get(i, owned.get(i)) for i in range(self.config.num_hidden_layers)]

@@ -116,33 +116,52 @@ def test_kv_bytes_are_the_plans():
     assert cache.kv_bytes() < dense_cache.kv_bytes()
 
 
-def test_eviction_keeps_one_set_per_group_and_decodes_by_the_rule():
-    model = pod_model(kv_policy="snapkv", kv_window=3)
-    ids = torch.randint(0, 97, (1, 18), generator=torch.Generator().manual_seed(5))
-    prompt = 16
-    out = model(ids[:, :prompt], use_cache=True, kv_budget_tokens=9)
-    cache = out.past_key_values
+def assert_decodes_by_the_rule(model, cache, ids, prompt):
+    """Feed ids[prompt:] through a compressed cache: each step's logits are the rule's over the tokens the layer
+    (for that head) still holds, plus the new ones."""
+    logits = []
+    for t in range(prompt, ids.shape[1]):
+        logits.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+    kept = {layer: [[owner.positions[b, kv][owner.valid[b, kv]] for kv in range(owner.valid.shape[1])]
+                    for b in range(ids.shape[0])] for layer, owner in enumerate(cache.layers)}
+
+    def allowed(layer, b, kv, t):
+        seen = torch.zeros(ids.shape[1], dtype=torch.bool)
+        seen[: t + 1] = True
+        if t >= prompt:
+            seen[:prompt] = False
+            seen[kept[layer][b][kv][kept[layer][b][kv] < prompt]] = True
+        return seen
+
+    expected = reference_logits(model, ids, allowed=allowed)
+    assert (torch.stack(logits, 1) - expected[:, prompt:]).abs().max() < 1e-10
+
+
+def assert_groups_keep_one_set(cache):
     for layer, sources in enumerate(KEY_SOURCE):
         for head, source in enumerate(sources):
             mine, theirs = cache.layers[layer], cache.layers[source]
             kept = mine.positions[0, head][mine.valid[0, head]]
             assert torch.equal(kept, theirs.positions[0, head][theirs.valid[0, head]]), (layer, head)
-    logits = [out.logits[:, -1]]
-    for t in range(prompt, ids.shape[1]):
-        step = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        logits.append(step.logits[:, -1])
 
-    def allowed(layer, b, kv, t):
-        seen = torch.zeros(ids.shape[1], dtype=torch.bool)
-        if t < prompt:
-            seen[: t + 1] = True
-            return seen
-        owner = cache.layers[layer]
-        seen[owner.positions[b, kv][owner.valid[b, kv]]] = True
-        return seen
 
-    expected = reference_logits(model, ids, allowed=allowed)
-    assert (torch.stack(logits[1:], 1) - expected[:, prompt:]).abs().max() < 1e-10
+def test_eviction_keeps_one_set_per_group_and_decodes_by_the_rule():
+    model = pod_model(kv_policy="snapkv", kv_window=3)
+    ids = torch.randint(0, 97, (1, 19), generator=torch.Generator().manual_seed(5))
+    cache = model(ids[:, :16], use_cache=True, kv_budget_tokens=9).past_key_values
+    assert_groups_keep_one_set(cache)
+    assert cache.layers[0].valid.sum(-1).tolist() == [[9, 9]]
+    assert_decodes_by_the_rule(model, cache, ids, 16)
+
+
+def test_context_compression_with_a_probe_keeps_the_whole_recent_window():
+    model = pod_model(kv_policy="snapkv")
+    ids = torch.randint(0, 97, (1, 19), generator=torch.Generator().manual_seed(6))
+    probe = torch.randint(0, 97, (1, 3), generator=torch.Generator().manual_seed(7))
+    cache = model.compress_context(ids[:, :16], kv_budget_tokens=10, probe_ids=probe)
+    assert cache.get_seq_length() == 16 and cache.layers[1].span >= RECENT
+    assert_groups_keep_one_set(cache)
+    assert_decodes_by_the_rule(model, cache, ids, 16)
 
 
 @pytest.mark.parametrize("bad, message", [

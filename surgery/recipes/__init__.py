@@ -6,13 +6,14 @@ from .dynamickv import DynamicKV
 from .kvsharer import KVSharer
 from .matryoshka import MatryoshkaKV
 from .none import Identity
+from .pod import PoD
 from .pyramid import PyramidKV
 from .snapkv import SnapKV
 from .zigzag import ZigZagKV
 
-# Registry order is composition order: sharing first, then projections, then token eviction.
+# Registry order is composition order: sharing first, then projections, then key sharing, then token eviction.
 RECIPES: dict[str, type[Recipe]] = {
-    recipe.name: recipe for recipe in (Identity, KVSharer, MatryoshkaKV, SnapKV, PyramidKV, ZigZagKV, DynamicKV)
+    recipe.name: recipe for recipe in (Identity, KVSharer, MatryoshkaKV, PoD, SnapKV, PyramidKV, ZigZagKV, DynamicKV)
 }
 
 
@@ -49,6 +50,11 @@ def check_composition(recipes: list[Recipe]) -> None:
     if len(policies) > 1:
         raise SurgeryError(f"{' and '.join(policies)} are both token-eviction policies; a model evicts with one",
                            hint="pick one of them")
+    for recipe in recipes:
+        for other, reason in recipe.excludes.items():
+            if other in names:
+                raise SurgeryError(f"{recipe.name} cannot be combined with {other}: {reason}",
+                                   hint=f"convert with {recipe.name} or with {other}, not both")
     expected = sorted(names, key=order.index)
     if names != expected:
         raise SurgeryError(f"recipes must be listed as {','.join(expected)}", hint="reorder --recipe")

@@ -34,6 +34,7 @@ class Recipe:
     distill_alpha: ClassVar[float | None] = None  # weight of KL in `surgery adapt`, from the paper when it trains
     renamed_options: ClassVar[dict[str, str | None]] = {}  # old recipe.yaml option -> new name (None: retired)
     milder: ClassVar[str] = ""  # what to try when the result is far from the source
+    excludes: ClassVar[dict[str, str]] = {}  # recipes this one cannot be combined with, and why
 
     def __post_init__(self) -> None:
         check_ranges(self)

@@ -1,0 +1,172 @@
+"""PoD (Ma et al., arXiv 2412.02252): proximal tokens over distant tokens. Layers whose attention is alike share
+the keys of distant tokens; proximal tokens (the first `sinks`, the last `recent`) keep every layer's own keys.
+
+Grouping, as the paper does it offline (the choices it leaves open are marked):
+1. Run calibration samples of at least 1k tokens through the source, one layer at a time.
+2. For every layer, take the attention distributions of the last `last_queries` (64) queries of each sample,
+   and average them over the query heads of each KV head.
+3. Similarity of layer l to layer b, per KV head: 1 − JSD(P_l ‖ P_b), the Jensen–Shannon divergence in bits
+   (so it lies in [0, 1]), averaged over those queries and the samples. (Choice: the paper names a JS-based
+   similarity; 1 − JSD in bits is the plain one.)
+4. Per KV head, bottom-up: layer 0 opens a group; each next layer joins the open group while its similarity to the
+   group's bottom layer is at least δ (default 0.5), else it opens a new group. (Choice: compared with the bottom
+   layer, whose keys the layer will use, not with its neighbour.)
+
+Layers above a group's bottom keep their own keys only for proximal tokens; the cache saving is on keys only, at
+most half the KV. Only keys are shared, although the paper speaks of sharing attention scores: each layer keeps
+its own queries and values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import SurgeryError
+from ..lazy import lazy_import
+from .base import CalibrationRequest, Recipe
+
+torch = lazy_import("torch")
+
+if TYPE_CHECKING:
+    from ..arch.configuration_surgery import SurgeryConfig
+    from ..layer_runner import LayerRunner
+
+
+def last_query_attention(layer, hidden: torch.Tensor, rotary, config, last: int) -> torch.Tensor:
+    """(batch, kv_heads, last, n) float64: the softmax attention of the last `last` queries of each sample to
+    every key, averaged over the query heads of each KV head (plain PyTorch, as the source computes it)."""
+    from ..arch.modeling_surgery import apply_rope
+
+    attention = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    n = hidden.shape[1]
+    last = min(last, n)
+    cos, sin = rotary(hidden, torch.arange(n, device=hidden.device)[None])
+    query = attention._heads(attention.q_proj(x[:, n - last :]))
+    key = attention._heads(attention.k_proj(x))
+    if config.qk_norm:
+        query, key = attention.q_norm(query), attention.k_norm(key)
+    query = apply_rope(query, cos[:, n - last :], sin[:, n - last :]).double()
+    key = apply_rope(key, cos, sin).double()
+    group = config.num_attention_heads // config.num_key_value_heads
+    scores = query @ key.repeat_interleave(group, dim=1).transpose(2, 3) * attention.scaling
+    causal = torch.arange(n, device=hidden.device)[None, :] <= torch.arange(n - last, n, device=hidden.device)[:, None]
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    batch = probs.shape[0]
+    return probs.view(batch, config.num_key_value_heads, group, last, n).mean(2)
+
+
+def js_similarity(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """1 − JSD(p ‖ q) in bits, per KV head, averaged over every other leading dimension: (kv_heads,)."""
+    mixture = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(a > 0, a * (torch.log2(a.clamp_min(1e-300)) - torch.log2(b.clamp_min(1e-300))), 0.0).sum(-1)
+
+    divergence = 0.5 * (kl(p, mixture) + kl(q, mixture))
+    return 1.0 - divergence.transpose(0, 1).flatten(1).mean(-1)
+
+
+class GreedyGrouping:
+    """Bottom-up grouping per KV head, fed one layer at a time. Only each head's open group's bottom attention is
+    kept, so memory does not grow with depth."""
+
+    def __init__(self, delta: float):
+        self.delta = delta
+        self.key_source: list[list[int]] = []
+        self.similarity: list[list[float]] = []
+        self.bottoms: list[tuple[int, torch.Tensor]] = []  # per KV head: (bottom layer, its attention for that head)
+
+    def add(self, layer: int, attention: torch.Tensor) -> None:
+        """attention: (samples, kv_heads, queries, keys) of the next layer."""
+        heads = attention.shape[1]
+        if not self.bottoms:
+            self.bottoms = [(layer, attention[:, head]) for head in range(heads)]
+            self.key_source.append([layer] * heads)
+            self.similarity.append([1.0] * heads)
+            return
+        sources, scores = [], []
+        for head, (bottom, bottom_attention) in enumerate(self.bottoms):
+            score = float(js_similarity(attention[:, head : head + 1], bottom_attention[:, None])[0])
+            if score < self.delta:
+                self.bottoms[head] = (layer, attention[:, head])
+            sources.append(self.bottoms[head][0])
+            scores.append(round(score, 6))
+        self.key_source.append(sources)
+        self.similarity.append(scores)
+
+
+@dataclass
+class PoD(Recipe):
+    name = "pod"
+    paper = ("Compressing KV Cache for Long-Context LLM Inference with Inter-Layer Attention Similarity "
+             "(PoD; Ma et al., arXiv 2412.02252)")
+    saves = "the keys of distant tokens in every layer above the bottom of its group, per KV head"
+    calibration = CalibrationRequest(num_samples=8, seq_len=1024)
+    milder = "a higher --delta (fewer layers share), a longer --recent, or `surgery adapt` afterwards"
+    distill_alpha = 1.0  # the paper post-trains with the LM loss on 5B tokens; here we distil into the source
+    excludes: ClassVar[dict[str, str]] = {
+        "kvsharer": "PoD shares keys of distant tokens, KVSharer whole caches; a layer cannot do both",
+        "matryoshka": "PoD's borrowed keys are full width; projected caches would not line up across layers",
+        "dynamickv": "DynamicKV evicts while the prefill runs, before the layers of a group have read the shared keys",
+    }
+
+    sinks: int = field(default=16, metadata={"help": "first tokens every layer keeps its own keys for (the paper's 16)", "min": 0})
+    recent: int = field(default=256, metadata={"help": "last tokens every layer keeps its own keys for (the paper: 4,080 at 32K)", "min": 1})
+    delta: float = field(default=0.5, metadata={"help": "min. similarity (1 − JSD) to a group's bottom layer to join it; above 1: no sharing", "min": 0})
+    last_queries: int = field(default=64, metadata={"help": "queries per calibration sample whose attention is compared", "min": 1})
+
+    def validate(self, config: SurgeryConfig) -> None:
+        if config.kv_key_source is not None:
+            raise SurgeryError("the model already shares keys with PoD", hint="convert the original model instead")
+
+    def plan(self, runner: LayerRunner, calibration_ids: torch.Tensor, seed: int = 0,
+             progress: bool = True) -> dict[str, Any]:
+        """One pass through the layers, grouping as it goes."""
+        config = runner.config
+        if calibration_ids.shape[1] < 1024:
+            raise SurgeryError(f"PoD groups layers from calibration samples of at least 1,024 tokens, got "
+                               f"{calibration_ids.shape[1]}", hint="pass --seq-len 1024 or more")
+        grouping = GreedyGrouping(self.delta)
+
+        def inspect(index, layer, hidden):
+            grouping.add(index, torch.cat([last_query_attention(layer, h, runner.rotary, config, self.last_queries)
+                                           for h in hidden]))
+
+        runner.run(list(range(config.num_hidden_layers)), record=False, inspect=inspect)
+        return {"key_source": grouping.key_source, "similarity": grouping.similarity, "sinks": self.sinks,
+                "recent": self.recent, "delta": self.delta}
+
+    def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
+        config.kv_key_source = [list(sources) for sources in plan["key_source"]]
+        config.kv_sink_tokens = plan["sinks"]
+        config.kv_recent_tokens = plan["recent"]
+        config.validate_architecture()
+
+    def describe(self, plan: dict[str, Any]) -> list[str]:
+        key_source = plan.get("key_source", [])
+        borrowing = sum(source != layer for layer, sources in enumerate(key_source) for source in sources)
+        total = sum(len(sources) for sources in key_source)
+        lines = [f"{borrowing} of {total} (layer, KV head) pairs read their group's bottom layer's keys for distant "
+                 f"tokens; proximal tokens (first {plan.get('sinks')}, last {plan.get('recent')}) keep their own "
+                 f"(groups at similarity ≥ {plan.get('delta')})"]
+        for head in range(len(key_source[0]) if key_source else 0):
+            lines.append(f"KV head {head}: groups " + " ".join(_groups_text([s[head] for s in key_source])))
+        return lines
+
+    def is_trainable(self, name: str, config: SurgeryConfig) -> bool:
+        """The paper post-trains the whole model; here only the q_proj of layers with borrowing heads, whose
+        queries meet another layer's keys for distant tokens (a small, targeted set for a short distillation)."""
+        layers = [layer for layer in range(config.num_hidden_layers) if config.borrowed_heads(layer)]
+        return any(name.startswith(f"model.layers.{layer}.self_attn.q_proj.") for layer in layers)
+
+
+def _groups_text(sources: list[int]) -> list[str]:
+    """[0, 0, 0, 3, 3] -> ["0-2", "3-4"]: each group as its layer range."""
+    groups, start = [], 0
+    for layer in range(1, len(sources) + 1):
+        if layer == len(sources) or sources[layer] == layer:
+            groups.append(f"{start}-{layer - 1}" if layer - 1 > start else f"{start}")
+            start = layer
+    return groups

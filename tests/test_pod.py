@@ -1,0 +1,85 @@
+"""The PoD recipe: the similarity and the grouping against plain formulas, conversion, composition, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from helpers import assert_clean_failure, cli, load_reference, load_remote, run_convert
+from surgery.recipes.pod import GreedyGrouping, js_similarity
+
+
+def plain_js_similarity(p: list[float], q: list[float]) -> float:
+    """1 − JSD in bits of two distributions, term by term."""
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    kl_p = sum(a * math.log2(a / c) for a, c in zip(p, m) if a > 0)
+    kl_q = sum(b * math.log2(b / c) for b, c in zip(q, m) if b > 0)
+    return 1 - (kl_p + kl_q) / 2
+
+
+def test_similarity_is_one_minus_jensen_shannon_in_bits():
+    generator = torch.Generator().manual_seed(0)
+    p = torch.rand(3, 2, 4, 6, generator=generator, dtype=torch.float64)
+    q = torch.rand(3, 2, 4, 6, generator=generator, dtype=torch.float64)
+    p[..., 0] = 0  # a causal mask leaves zeros
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    got = js_similarity(p, q)
+    for head in range(2):
+        rows = [plain_js_similarity(p[s, head, r].tolist(), q[s, head, r].tolist()) for s in range(3) for r in range(4)]
+        assert got[head].item() == pytest.approx(sum(rows) / len(rows), abs=1e-12)
+    assert js_similarity(p, p).tolist() == pytest.approx([1.0, 1.0])
+    disjoint = torch.tensor([1.0, 0.0])[None, None, None], torch.tensor([0.0, 1.0])[None, None, None]
+    assert js_similarity(*disjoint).item() == pytest.approx(0.0)
+
+
+def test_groups_grow_from_the_bottom_while_similar_to_its_bottom_layer():
+    one_hot = torch.eye(4, dtype=torch.float64)
+    near = torch.tensor([0.9, 0.1, 0.0, 0.0], dtype=torch.float64)
+    # head 0: layers 0-2 alike, layer 3 not; head 1: every layer unlike the one before
+    head0 = [one_hot[0], one_hot[0], near, one_hot[3]]
+    head1 = [one_hot[0], one_hot[1], one_hot[2], one_hot[3]]
+    grouping = GreedyGrouping(delta=0.5)
+    for layer in range(4):
+        grouping.add(layer, torch.stack([head0[layer], head1[layer]])[None, :, None, :])
+    assert grouping.key_source == [[0, 0], [0, 1], [0, 2], [3, 3]]
+    assert grouping.similarity[2][0] == pytest.approx(plain_js_similarity(near.tolist(), one_hot[0].tolist()), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def pod_options():
+    return dict(num_samples=2, seq_len=1024, recipe_options={"recent": 32, "sinks": 4})
+
+
+def test_delta_above_one_shares_nothing_and_is_the_source(tiny_with_tokenizer, tmp_path, pod_options):
+    out = run_convert(tiny_with_tokenizer, tmp_path / "pod", recipe="pod",
+                      **{**pod_options, "recipe_options": {**pod_options["recipe_options"], "delta": 1.01}})
+    model = load_remote(out)
+    assert all(source == layer for layer, sources in enumerate(model.config.kv_key_source) for source in sources)
+    ids = torch.randint(0, 49152, (1, 80), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(model(ids).logits, load_reference(tiny_with_tokenizer)(ids).logits, atol=1e-5)
+
+
+def test_delta_zero_groups_everything_and_only_distant_tokens_change(tiny_with_tokenizer, tmp_path, pod_options):
+    out = run_convert(tiny_with_tokenizer, tmp_path / "pod", recipe="pod",
+                      **{**pod_options, "recipe_options": {**pod_options["recipe_options"], "delta": 0.0}})
+    model, source = load_remote(out), load_reference(tiny_with_tokenizer)
+    assert model.config.kv_key_source == [[0, 0]] * model.config.num_hidden_layers
+    assert "model.layers.1.self_attn.k_proj.weight" in model.state_dict()  # proximal keys still need it
+    ids = torch.randint(0, 49152, (1, 80), generator=torch.Generator().manual_seed(1))
+    short, long = model(ids[:, :36]).logits, model(ids).logits
+    assert torch.allclose(short, source(ids[:, :36]).logits, atol=1e-5)  # every token is proximal
+    assert not torch.allclose(long[:, 40:], source(ids).logits[:, 40:], atol=1e-3)
+
+
+@pytest.mark.parametrize("recipes, needle", [("kvsharer,pod", "pod cannot be combined with kvsharer"),
+                                             ("matryoshka,pod", "pod cannot be combined with matryoshka"),
+                                             ("pod,dynamickv", "pod cannot be combined with dynamickv")])
+def test_pod_refuses_recipes_it_cannot_compose_with(tiny_with_tokenizer, tmp_path, recipes, needle):
+    result = cli("convert", tiny_with_tokenizer, "--recipe", recipes, "--out", tmp_path / "out")
+    assert_clean_failure(result, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_short_calibration_samples_are_refused(tiny_with_tokenizer, tmp_path):
+    result = cli("convert", tiny_with_tokenizer, "--recipe", "pod", "--seq-len", "256", "--out", tmp_path / "out")
+    assert_clean_failure(result, "at least 1,024 tokens", "--seq-len 1024")
