@@ -107,3 +107,14 @@ def test_padding_with_eviction_is_the_same_on_both_paths(policy):
         assert all(min(heads[2]) >= 9 and min(heads[3]) >= 9 for heads in kept[path])  # no padding kept
     assert kept["sdpa"] == kept["surgery_triton"]
     assert torch.equal(tokens["sdpa"], tokens["surgery_triton"])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_newest_queries_over_a_compacted_view_compare_positions(path):
+    # a question fed after eviction: the view holds 10 kept slots of 24 tokens, the 6 queries are tokens 18-23
+    query, keys, values = random_qkv(torch.float32)
+    kept = torch.tensor([0, 3, 5, 9, 14, 18, 19, 20, 21, 22, 23])
+    view = KVView(keys[:, :, kept], values[:, :, kept], kept[None, None])
+    out, _ = attend(Queries(query, torch.arange(18, 24)[None], newest=True), [view], 16**-0.5, path)
+    expected, _ = reference(query, keys[:, :, kept], values[:, :, kept], torch.arange(18, 24), kept)
+    assert (out.double() - expected).abs().max() < 1e-5

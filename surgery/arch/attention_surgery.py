@@ -201,7 +201,7 @@ def attend_view(queries: Queries, view: KVView, scaling: float, implementation: 
     """Attention over one view, on the Triton kernels where they apply, else in PyTorch."""
     query = queries.states
     window_bites = window is not None and view.slots > window
-    if use_kernels(implementation, query) and not window_bites and view.band is None:
+    if use_kernels(implementation, query) and not window_bites:
         return attend_kernels(queries, view, scaling)
     if view.projection is not None:
         return view.projection.attend(queries, view, scaling, implementation, window, dropout, need_lse)
@@ -216,10 +216,16 @@ def attend_kernels(queries: Queries, view: KVView, scaling: float) -> tuple[torc
     kv_heads = view.keys.shape[1]
     valid = kernel_valid(view, kv_heads)
     if query.shape[2] == 1 and queries.newest:  # every cached slot precedes the newest token
-        return decode_attention(query[:, :, 0], view.keys, view.values, scaling, valid=valid)[:, None], None
+        if view.band is not None:  # one query: its proximal or distant slots are a plain mask
+            allowed = allowed_slots(queries.positions[:, -1:], view, None)[:, :, 0]
+            valid = allowed.expand(query.shape[0], kv_heads, -1)
+        out, lse = decode_attention(query[:, :, 0], view.keys, view.values, scaling, valid=valid, return_lse=True)
+        return out[:, None], lse[..., None]
+    # slot order stands for token order only in a dense view; otherwise the kernel compares positions
+    by_position = not queries.newest or view.positions is not None
     out, lse = prefill_attention(query, view.keys, view.values, scaling, valid=valid,
-                                 query_positions=None if queries.newest else queries.positions,
-                                 key_positions=view.positions)
+                                 query_positions=queries.positions if by_position else None,
+                                 key_positions=view.positions, band=view.band)
     return out.transpose(1, 2), lse
 
 

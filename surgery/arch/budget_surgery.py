@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention_surgery import window_sums_from_lse
+from .attention_surgery import kernels_usable, window_sums_from_lse
 
 POOLING_KERNEL = 7
 
@@ -52,7 +52,7 @@ class ObservationWindowScorer:
         self.window, self.pooling, self.kernel = window, pooling, kernel
 
     def sums(self, query, key, padding, scaling, lse=None) -> torch.Tensor:
-        if lse is not None and window_sums_from_lse is not None:
+        if lse is not None and window_sums_from_lse is not None and kernels_usable(query):
             valid = None if padding is None else padding[:, None, : key.shape[2]].bool().expand(-1, key.shape[1], -1)
             return window_sums_from_lse(query, key, lse, scaling, self.window, valid=valid, all_slots=True)
         return observation_window_sums(query, key, padding, self.window, scaling)

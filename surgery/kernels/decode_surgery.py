@@ -128,8 +128,10 @@ def cache_layout(keys, values, key_widths, value_widths, kv_heads, device):
 
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                      valid: torch.Tensor | None = None, key_widths: list[int] | None = None,
-                     value_widths: list[int] | None = None, split_size: int = 512, block_n: int = 32) -> torch.Tensor:
-    """Attention of one query token per head over a cache; returns (batch, heads, value width) in query dtype.
+                     value_widths: list[int] | None = None, split_size: int = 512, block_n: int = 32,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query token per head over a cache; returns (batch, heads, value width) in query dtype,
+    and with `return_lse` the row log-sum-exp (batch, heads) in float32, so several views can be merged.
 
     query: (batch, heads, width) — for a reduced-width cache, each head's projected query, zero-padded.
     keys/values: (batch, kv_heads, slots, head_dim), or packed (batch, 1, slots, Σ widths) with `*_widths`.
@@ -163,6 +165,10 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         BLOCK_N=block_n, HAS_VALID=valid is not None,
     )
     top = lse.amax(-1, keepdim=True)
-    weights = torch.exp(lse - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
-    merged = (out * weights[..., None]).sum(2) / weights.sum(-1, keepdim=True).clamp_min(1e-30)
-    return merged[..., :width_v].to(query.dtype)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp(lse - top)
+    total = weights.sum(-1, keepdim=True)
+    merged = ((out * weights[..., None]).sum(2) / total.clamp_min(1e-30))[..., :width_v].to(query.dtype)
+    if not return_lse:
+        return merged
+    return merged, torch.where(total > 0, top + torch.log(total.clamp_min(1e-30)), float("-inf"))[..., 0]
