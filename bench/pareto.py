@@ -22,7 +22,7 @@ import torch
 from surgery.compare import ComparePlan, compare, plot, table
 
 RESULTS = Path(__file__).parent / "results"
-RECIPES = ("kvsharer", "matryoshka", "snapkv", "pyramid", "zigzag", "dynamickv")
+RECIPES = ("kvsharer", "matryoshka", "pod", "snapkv", "pyramid", "zigzag", "dynamickv")
 
 
 def main() -> None:
