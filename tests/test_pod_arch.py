@@ -13,9 +13,10 @@ from surgery.arch import SurgeryConfig, SurgeryForCausalLM
 from surgery.arch.modeling_surgery import apply_rope
 
 SINKS, RECENT = 2, 4
-# layer 0 keeps all; head 0 borrows from layer 0 in layers 1-2, head 1 starts a group at 1; layer 3 starts
-# head 0's second group; layer 4 borrows head 0 from 3 and keeps head 1; layer 5 borrows head 1 from 4
-KEY_SOURCE = [[0, 0], [0, 1], [0, 1], [3, 1], [3, 4], [5, 4]]
+# layer 0 keeps all; head 0 borrows from layer 0 in layers 1-2, head 1 starts a group at 1 (and borrows from 0 in
+# layer 2, so layer 2 reads layer 0's tensor whole); layer 3 starts head 0's second group and borrows head 1 from 1;
+# layer 4 borrows head 0 from 3 and keeps head 1; layer 5 borrows head 1 from 4
+KEY_SOURCE = [[0, 0], [0, 1], [0, 0], [3, 1], [3, 4], [5, 4]]
 
 
 PATHS = {"eager": (torch.float64, 1e-10), "surgery_triton": (torch.float32, 1e-4)}  # triton: the interpreter, fp32

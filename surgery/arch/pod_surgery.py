@@ -103,8 +103,7 @@ class PodKVLayer(SurgeryKVLayer):
         near_values = self.values.gather(2, slot[..., None].expand(-1, -1, -1, dim))
         near = KVView(near_keys, near_values, self.edge_positions()[:, None], held, layout=("pod-near", layer_idx),
                       band=Band(self.sinks, self.recent, distant=False, first=first))
-        far_keys = torch.stack([self.full_keys(h) if h not in self.borrowed else cache.layers[self.borrowed[h]].full_keys(h)
-                                for h in range(self.kv_heads)], dim=1)
+        far_keys = self._far_keys(cache)
         if self.valid is not None:
             far = KVView(far_keys, self.values, self.positions, self.valid, layout=("kept", layer_idx))
         else:
@@ -112,6 +111,17 @@ class PodKVLayer(SurgeryKVLayer):
                          layout=("dense",))
         far.band = Band(self.sinks, self.recent, distant=True, first=first)
         return [near, far]
+
+    def _far_keys(self, cache) -> torch.Tensor:
+        """Every head's keys for distant tokens: the lending layer's tensor as it is when all heads borrow from one
+        layer that keeps them all, else assembled head by head (a transient copy of one layer's keys)."""
+        lenders = set(self.borrowed.values())
+        if not self.own_heads and len(lenders) == 1:
+            lender = cache.layers[lenders.pop()]
+            if not isinstance(lender, PodKVLayer):
+                return lender.keys
+        return torch.stack([self.full_keys(h) if h not in self.borrowed else cache.layers[self.borrowed[h]].full_keys(h)
+                            for h in range(self.kv_heads)], dim=1)
 
     def _by_head(self, own: torch.Tensor, borrowing: torch.Tensor) -> torch.Tensor:
         """Interleave the own heads' and the borrowing heads' tensors back into head order."""
