@@ -83,3 +83,19 @@ def test_pod_refuses_recipes_it_cannot_compose_with(tiny_with_tokenizer, tmp_pat
 def test_short_calibration_samples_are_refused(tiny_with_tokenizer, tmp_path):
     result = cli("convert", tiny_with_tokenizer, "--recipe", "pod", "--seq-len", "256", "--out", tmp_path / "out")
     assert_clean_failure(result, "at least 1,024 tokens", "--seq-len 1024")
+
+
+def test_adapt_trains_the_queries_of_borrowing_layers_only(tiny_with_tokenizer, tmp_path, pod_options):
+    from safetensors.torch import load_file
+
+    from surgery.adapt import AdaptSettings, adapt
+
+    ckpt = run_convert(tiny_with_tokenizer, tmp_path / "pod", recipe="pod",
+                       **{**pod_options, "recipe_options": {**pod_options["recipe_options"], "delta": 0.0}})
+    settings = AdaptSettings(teacher=str(tiny_with_tokenizer), steps=2, batch_size=2, seq_len=80, num_samples=4,
+                             lr=1e-2, save_every=0)
+    out = adapt(ckpt, tmp_path / "trained", settings, verify=False, progress=False)
+    before, after = load_file(ckpt / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    layers = range(1, 4)  # delta 0: every layer above 0 borrows both heads' distant keys from layer 0
+    assert changed and changed <= {f"model.layers.{i}.self_attn.q_proj.{w}" for i in layers for w in ("weight", "bias")}
