@@ -50,11 +50,6 @@ class SurgeryCache(Cache):
             raise RuntimeError(f"layer {layer_idx} reads layer {owner_idx}, which has not run yet")
         return owner.views(owner_idx, padding, projection, self)
 
-    def view(self, layer_idx: int, padding: torch.Tensor | None = None, projection=None) -> KVView:
-        """The single view of a layer that is not split by distance (all but PoD layers)."""
-        (view,) = self.views(layer_idx, padding, projection)
-        return view
-
     def keep_top(self, layer_idx: int, scores: torch.Tensor, counts: list[int], window: int) -> torch.Tensor:
         layer = self.layers[layer_idx]
         follow = {head: self.layers[source].selection for head, source in getattr(layer, "borrowed", {}).items()}
