@@ -10,8 +10,8 @@ def run() -> None:
     with interrupts.raised_at_safe_points():
         try:
             from .cli import main
-        except KeyboardInterrupt:
-            terminated = isinstance(sys.exc_info()[1], interrupts.Terminated)
+        except KeyboardInterrupt as error:
+            terminated = isinstance(error, interrupts.Terminated)
             sys.stderr.write(f"error: {'terminated' if terminated else 'interrupted'} while starting\n")
             sys.exit(143 if terminated else 130)
         main(prog_name="surgery")
