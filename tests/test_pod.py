@@ -60,10 +60,11 @@ def test_delta_above_one_shares_nothing_and_is_the_source(tiny_with_tokenizer, t
 
 
 def test_delta_zero_groups_everything_and_only_distant_tokens_change(tiny_with_tokenizer, tmp_path, pod_options):
-    out = run_convert(tiny_with_tokenizer, tmp_path / "pod", recipe="pod",
-                      **{**pod_options, "recipe_options": {**pod_options["recipe_options"], "delta": 0.0}})
+    options = {**pod_options["recipe_options"], "delta": 0.0, "skip_threshold": 0.7}
+    out = run_convert(tiny_with_tokenizer, tmp_path / "pod", recipe="pod", **{**pod_options, "recipe_options": options})
     model, source = load_remote(out), load_reference(tiny_with_tokenizer)
     assert model.config.kv_key_source == [[0, 0]] * model.config.num_hidden_layers
+    assert model.config.kv_distant_skip == 0.7  # the skip rule itself: test_pod_arch
     assert "model.layers.1.self_attn.k_proj.weight" in model.state_dict()  # proximal keys still need it
     ids = torch.randint(0, 49152, (1, 80), generator=torch.Generator().manual_seed(1))
     short, long = model(ids[:, :36]).logits, model(ids).logits
@@ -77,6 +78,12 @@ def test_delta_zero_groups_everything_and_only_distant_tokens_change(tiny_with_t
 def test_pod_refuses_recipes_it_cannot_compose_with(tiny_with_tokenizer, tmp_path, recipes, needle):
     result = cli("convert", tiny_with_tokenizer, "--recipe", recipes, "--out", tmp_path / "out")
     assert_clean_failure(result, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_skip_threshold_outside_zero_one_is_refused(tiny_with_tokenizer, tmp_path):
+    result = cli("convert", tiny_with_tokenizer, "--recipe", "pod", "--skip-threshold", "1.5", "--out", tmp_path / "out")
+    assert_clean_failure(result, "--skip-threshold")
     assert not (tmp_path / "out").exists()
 
 

@@ -41,9 +41,11 @@ def pod_model(key_source=KEY_SOURCE, seed: int = 0, path: str = "eager", **overr
 
 
 @torch.no_grad()
-def reference_logits(model, ids, key_source=KEY_SOURCE, allowed=None, first=None) -> torch.Tensor:
+def reference_logits(model, ids, key_source=KEY_SOURCE, allowed=None, first=None, skip=None, counts=None):
     """The rule in the module docstring, one query, head and token at a time. `allowed(layer, kv_head, t)`
-    optionally narrows the tokens a query sees (eviction); `first` (batch,) are the first real positions."""
+    optionally narrows the tokens a query sees (eviction); `first` (batch,) are the first real positions. With
+    `skip` τ, a row of a layer with a borrowing head whose proximal mass is ≥ τ attends to its proximal tokens
+    alone; `counts` then collects [rows, skipped rows, distant slots of the skipped rows]."""
     model = copy.deepcopy(model).double()
     config = model.config
     batch, n = ids.shape
@@ -72,7 +74,15 @@ def reference_logits(model, ids, key_source=KEY_SOURCE, allowed=None, first=None
                     scores = key @ q[b, head, t] * config.head_dim**-0.5
                     if allowed is not None:
                         scores = scores.masked_fill(~allowed(index, b, kv, t)[p], float("-inf"))
-                    out[b, t, head] = scores.softmax(-1) @ v[b, kv, p]
+                    probs = scores.softmax(-1)
+                    if skip is not None and config.borrowed_heads(index) and not proximal.all():
+                        skipped = bool(probs[proximal].sum() >= skip)
+                        counts[0] += 1
+                        counts[1] += skipped
+                        counts[2] += int((~proximal).sum()) if skipped else 0
+                        if skipped:
+                            probs = scores.masked_fill(~proximal, float("-inf")).softmax(-1)
+                    out[b, t, head] = probs @ v[b, kv, p]
         hidden = hidden + attention.o_proj(out.reshape(batch, n, -1))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return model.lm_head(model.model.norm(hidden))
@@ -86,6 +96,21 @@ def test_full_forward_follows_the_rule(path):
     assert (logits - reference_logits(model, ids)).abs().max() < tolerance
     dense = pod_model(key_source=[[layer, layer] for layer in range(len(KEY_SOURCE))], path=path)
     assert (dense(ids).logits - logits).abs().max() > 1e-3  # borrowing keys changes the model
+
+
+def test_distant_skip_follows_the_rule_and_counts_what_it_skips(path):
+    """τ between the rows' proximal masses: some rows skip their distant tokens, others do not."""
+    ids = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(1))
+    model = pod_model(path=path, kv_distant_skip=0.6)
+    counts = [0, 0, 0]
+    expected = reference_logits(model, ids, skip=0.6, counts=counts)
+    out = model(ids, use_cache=True)
+    skip = out.past_key_values.distant_skip
+    assert 0 < counts[1] < counts[0]
+    assert (out.logits - expected).abs().max() < PATHS[path][1]
+    assert (skip.rows, skip.skipped) == (counts[0], counts[1])
+    assert skip.skipped_flops == 2 * model.config.head_dim * counts[2]
+    assert (out.logits - reference_logits(model, ids)).abs().max() > 1e-3  # skipping changes the model
 
 
 def test_incremental_decoding_equals_the_full_forward_past_the_window(path):
@@ -188,6 +213,16 @@ def test_bad_key_sources_are_refused(bad, message):
     with pytest.raises(StrictDataclassClassValidationError, match=message):
         SurgeryConfig(num_hidden_layers=3, num_key_value_heads=2, num_attention_heads=2, hidden_size=16,
                       kv_key_source=bad)
+
+
+@pytest.mark.parametrize("key_source, skip, message", [
+    ([[0, 0], [0, 0], [0, 0]], 1.5, "kv_distant_skip must lie in \\(0, 1\\]"),
+    (None, 0.7, "kv_distant_skip needs PoD's kv_key_source"),
+])
+def test_bad_distant_skips_are_refused(key_source, skip, message):
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        SurgeryConfig(num_hidden_layers=3, num_key_value_heads=2, num_attention_heads=2, hidden_size=16,
+                      kv_key_source=key_source, kv_distant_skip=skip)
 
 
 def test_pod_refuses_kv_sharing():

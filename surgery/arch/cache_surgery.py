@@ -9,7 +9,7 @@ inside every checkpoint: imports torch and public transformers API only.
 import torch
 from transformers.cache_utils import Cache
 
-from .attention_surgery import KVView
+from .attention_surgery import KVView, ViewSkip
 from .kvlayer_surgery import SharedKVSlot, SurgeryKVLayer
 from .pod_surgery import PodKVLayer
 
@@ -20,13 +20,15 @@ class SurgeryCache(Cache):
 
     slack: extra recent keys PoD layers keep past their window until the next forward (a scoring probe that is
     dropped again, as in `compress_context`, must not shorten the window).
+    distant_skip: PoD's optional skip of the distant view, with the counts of what it skipped.
     """
 
     def __init__(self, kv_source: list[int], key_source: list[list[int]] | None = None, sinks: int = 0,
-                 recent: int = 0):
+                 recent: int = 0, distant_skip: float | None = None):
         self.kv_source = list(kv_source)
         self.key_source = key_source
         self.slack = 0
+        self.distant_skip = ViewSkip(distant_skip) if distant_skip is not None else None
         layers = []
         for layer, source in enumerate(kv_source):
             borrowed = {} if key_source is None else {h: s for h, s in enumerate(key_source[layer]) if s != layer}
@@ -40,7 +42,8 @@ class SurgeryCache(Cache):
 
     @classmethod
     def for_config(cls, config) -> "SurgeryCache":
-        return cls(config.kv_source, config.kv_key_source, config.kv_sink_tokens, config.kv_recent_tokens)
+        return cls(config.kv_source, config.kv_key_source, config.kv_sink_tokens, config.kv_recent_tokens,
+                   config.kv_distant_skip)
 
     def views(self, layer_idx: int, padding: torch.Tensor | None = None, projection=None) -> list[KVView]:
         """What `layer_idx` attends to, already updated for this step: its own or its source layer's cache."""

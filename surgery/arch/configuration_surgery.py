@@ -40,6 +40,9 @@ class SurgeryConfig(PreTrainedConfig):
         keys, with its own queries and values, for the rest. `None` means no layer borrows keys.
     kv_sink_tokens, kv_recent_tokens (`int`):
         PoD's proximal tokens: the first and the last tokens of each sequence a query sees with its own keys.
+    kv_distant_skip (`float`, *optional*):
+        PoD's optional skip τ: a query row (per head) whose proximal attention mass is at least τ ignores the
+        distant tokens. `None` (the default) never skips.
     surgery_format (`int`):
         The checkpoint layout version (`SURGERY_FORMAT` of the code that wrote it).
     surgery_recipes (`list[str]`):
@@ -89,6 +92,7 @@ class SurgeryConfig(PreTrainedConfig):
     kv_key_source: list[list[int]] | None = None
     kv_sink_tokens: int = 16
     kv_recent_tokens: int = 256
+    kv_distant_skip: float | None = None
     surgery_recipes: list[str] | None = None
     surgery_format: int = SURGERY_FORMAT
     source_model_type: str | None = None
@@ -128,6 +132,8 @@ class SurgeryConfig(PreTrainedConfig):
                     raise ValueError(f"{name}[{layer}] needs one rank in 1..{self.head_dim} per KV head")
         if self.kv_key_source is not None:
             self._validate_key_source()
+        elif self.kv_distant_skip is not None:
+            raise ValueError("kv_distant_skip needs PoD's kv_key_source: only PoD layers have a distant part")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
 
@@ -146,6 +152,8 @@ class SurgeryConfig(PreTrainedConfig):
                 raise ValueError("kv_key_source (PoD) cannot be combined with kv_source sharing or projected ranks")
         if self.kv_sink_tokens < 0 or self.kv_recent_tokens < 1:
             raise ValueError("kv_sink_tokens must be at least 0 and kv_recent_tokens at least 1")
+        if self.kv_distant_skip is not None and not 0.0 < self.kv_distant_skip <= 1.0:
+            raise ValueError(f"kv_distant_skip must lie in (0, 1], got {self.kv_distant_skip}")
 
     def borrowed_heads(self, layer: int) -> dict[int, int]:
         """PoD: {KV head: layer whose keys it reads for distant tokens} for the heads of `layer` that borrow."""

@@ -116,6 +116,7 @@ class PoD(Recipe):
     recent: int = field(default=256, metadata={"help": "last tokens every layer keeps its own keys for (the paper: 4,080 at 32K)", "min": 1})
     delta: float = field(default=0.5, metadata={"help": "min. similarity (1 − JSD) to a group's bottom layer to join it; above 1: no sharing", "min": 0})
     last_queries: int = field(default=64, metadata={"help": "queries per calibration sample whose attention is compared", "min": 1})
+    skip_threshold: float | None = field(default=None, metadata={"help": "skip the distant tokens for query rows whose proximal attention mass is at least this (the paper's 0.7; default: never)", "above": 0, "max": 1})
 
     def validate(self, config: SurgeryConfig) -> None:
         if config.kv_key_source is not None:
@@ -136,12 +137,13 @@ class PoD(Recipe):
 
         runner.run(list(range(config.num_hidden_layers)), record=False, inspect=inspect)
         return {"key_source": grouping.key_source, "similarity": grouping.similarity, "sinks": self.sinks,
-                "recent": self.recent, "delta": self.delta}
+                "recent": self.recent, "delta": self.delta, "skip_threshold": self.skip_threshold}
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
         config.kv_key_source = [list(sources) for sources in plan["key_source"]]
         config.kv_sink_tokens = plan["sinks"]
         config.kv_recent_tokens = plan["recent"]
+        config.kv_distant_skip = plan.get("skip_threshold")
         config.validate_architecture()
 
     def describe(self, plan: dict[str, Any]) -> list[str]:
@@ -151,6 +153,8 @@ class PoD(Recipe):
         lines = [f"{borrowing} of {total} (layer, KV head) pairs read their group's bottom layer's keys for distant "
                  f"tokens; proximal tokens (first {plan.get('sinks')}, last {plan.get('recent')}) keep their own "
                  f"(groups at similarity ≥ {plan.get('delta')})"]
+        if plan.get("skip_threshold") is not None:
+            lines.append(f"a query row skips the distant tokens when its proximal attention mass is ≥ {plan['skip_threshold']}")
         for head in range(len(key_source[0]) if key_source else 0):
             lines.append(f"KV head {head}: groups " + " ".join(_groups_text([s[head] for s in key_source])))
         return lines
