@@ -63,7 +63,10 @@ def perplexity(model, ids: torch.Tensor, window: int, stride: int) -> float:
 
 def cache_kv_bytes_per_token(cache) -> float:
     """Bytes of every K/V tensor the cache holds per token seen (batch × sequence), for any transformers Cache:
-    what sharing, projection or eviction removed is simply absent from the tensors."""
+    what sharing, projection or eviction removed is simply absent from the tensors. A surgery cache counts its
+    own tensors (PoD's proximal key store is neither `keys` nor `values`)."""
+    if hasattr(cache, "kv_bytes_per_token"):
+        return cache.kv_bytes_per_token()
     total, batch = 0, 0
     for layer in cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):

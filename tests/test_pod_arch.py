@@ -11,6 +11,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from helpers import decode_stepwise
 from surgery.arch import SurgeryConfig, SurgeryForCausalLM
 from surgery.arch.modeling_surgery import apply_rope
+from surgery.evaluate import cache_kv_bytes_per_token
 
 SINKS, RECENT = 2, 4
 # layer 0 keeps all; head 0 borrows from layer 0 in layers 1-2, head 1 starts a group at 1 (and borrows from 0 in
@@ -150,6 +151,7 @@ def test_kv_bytes_are_the_plans():
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(4))
     _, cache = decode_stepwise(model, ids, prompt=20)
     assert cache.kv_bytes() == plan_bytes(model.config, 24, 2)
+    assert cache_kv_bytes_per_token(cache) == plan_bytes(model.config, 24, 2) / (2 * 24)  # what eval reports
     dense = pod_model(key_source=[[layer, layer] for layer in range(len(KEY_SOURCE))])
     _, dense_cache = decode_stepwise(dense, ids, prompt=20)
     assert cache.kv_bytes() < dense_cache.kv_bytes()
