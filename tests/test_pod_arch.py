@@ -20,7 +20,8 @@ SINKS, RECENT = 2, 4
 KEY_SOURCE = [[0, 0], [0, 1], [0, 0], [3, 1], [3, 4], [5, 4]]
 
 
-PATHS = {"eager": (torch.float64, 1e-10), "surgery_triton": (torch.float32, 1e-4)}  # triton: the interpreter, fp32
+PATHS = {"eager": (torch.float64, 1e-10), "sdpa": (torch.float64, 1e-10),  # sdpa: one call over both views
+         "surgery_triton": (torch.float32, 1e-4)}  # triton: the interpreter, fp32
 
 
 @pytest.fixture(params=list(PATHS))

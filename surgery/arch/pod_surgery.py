@@ -101,7 +101,8 @@ class PodKVLayer(SurgeryKVLayer):
         own_near = self.keys.gather(2, slot[:, self.own_heads, :, None].expand(-1, -1, -1, dim))
         near_keys = self._by_head(own_near, self.edge_keys)
         near_values = self.values.gather(2, slot[..., None].expand(-1, -1, -1, dim))
-        near = KVView(near_keys, near_values, self.edge_positions()[:, None], held, layout=("pod-near", layer_idx),
+        near_layout = ("pod-near",) if self.positions is None else ("pod-near", layer_idx)  # eviction: per group
+        near = KVView(near_keys, near_values, self.edge_positions()[:, None], held, layout=near_layout,
                       band=Band(self.sinks, self.recent, distant=False, first=first))
         far_keys = self._far_keys(cache)
         if self.valid is not None:
