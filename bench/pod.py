@@ -84,6 +84,14 @@ def quality(model, tokenizer, windows: dict[int, list[torch.Tensor]], prompts: d
     return row
 
 
+def groups_text(key_source: list[list[int]]) -> str:
+    borrowing = sum(s != layer for layer, sources in enumerate(key_source) for s in sources)
+    heads = len(key_source[0])
+    return (f"{borrowing} of {len(key_source) * heads} (layer, KV head) pairs borrow distant keys; groups by KV "
+            "head: " + "; ".join(f"head {head}: " + " ".join(_groups_text([s[head] for s in key_source]))
+                                 for head in range(heads)))
+
+
 def render(path: Path, state: dict) -> None:
     """pod.md from the rows measured so far."""
     rows, meta = state["rows"], state["meta"]
@@ -102,7 +110,7 @@ def render(path: Path, state: dict) -> None:
              "- Skip: share of (head, query) rows in PoD layers whose distant part was dropped, and the P·V "
              "multiply-adds that saves as a share of all attention FLOPs (QK and PV, every layer).", ""]
     if meta.get("groups"):
-        lines += ["## Groups found", "", *[f"- {line}" for line in meta["groups"]], ""]
+        lines += ["## Groups found", "", *[f"- {delta}: {text}" for delta, text in meta["groups"].items()], ""]
     if meta.get("adapt"):
         lines += [f"Adaptation: {meta['adapt']}", ""]
     header = ["stage", "setting"]
@@ -136,6 +144,7 @@ def main() -> None:
     parser.add_argument("--adapt-len", type=int, default=2048)
     parser.add_argument("--skip", type=float, default=0.7, help="the distant skip threshold measured (the paper's)")
     parser.add_argument("--keep", type=float, default=0.2, help="SnapKV's budget composed with PoD")
+    parser.add_argument("--extra-deltas", default="0.8", help="other grouping thresholds measured before adapt")
     parser.add_argument("--work", type=Path, default=None, help="keep the checkpoints here (default: a temp dir)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for pod.md and pod.json")
     args = parser.parse_args()
@@ -156,8 +165,9 @@ def main() -> None:
     settings += [(f"n_recent 256, skip τ {args.skip}", dict(recent=256, skip=args.skip)),
                  (f"n_recent 256 + SnapKV {args.keep:.0%}", dict(recent=256, keep=args.keep))]
     stages = ["before adapt", "after adapt"] if args.stage == "all" else [f"{args.stage} adapt"]
+    extra = [f"before adapt: δ {d}, n_recent 256" for d in args.extra_deltas.split(",") if d]
     state["planned"] = (["-: source model"] if "before adapt" in stages else []) + \
-        [f"{stage}: {name}" for stage in stages for name, _ in settings]
+        [f"{stage}: {name}" for stage in stages for name, _ in settings] + (extra if "before adapt" in stages else [])
 
     def record(stage: str, name: str, model, options: dict) -> None:
         if options:
@@ -178,18 +188,22 @@ def main() -> None:
             state["meta"]["convert"] = (f"`surgery convert demo --recipe pod` took {time.perf_counter() - start:.0f} s "
                                         "(defaults).")
         model, _ = load_model(str(ckpt))
-        key_source = model.config.kv_key_source
-        borrowing = sum(s != layer for layer, sources in enumerate(key_source) for s in sources)
-        state["meta"]["groups"] = [f"{borrowing} of {len(key_source) * len(key_source[0])} (layer, KV head) pairs "
-                                   "borrow distant keys"] + [
-            f"KV head {head}: layers " + " ".join(_groups_text([s[head] for s in key_source]))
-            for head in range(len(key_source[0]))]
+        state["meta"].setdefault("groups", {})[f"δ {PoD.delta} (default)"] = groups_text(model.config.kv_key_source)
         if "before adapt" in stages:
             base, _ = load_model("demo")
             record("-", "source model", base, {})
             del base
             for name, options in settings:
                 record("before adapt", name, model, options)
+            for delta in [float(d) for d in args.extra_deltas.split(",") if d]:
+                folder = work / f"pod-delta{delta}"
+                if not folder.exists():
+                    convert(ConvertRequest(model="demo", recipes=[PoD(delta=delta)], out=folder, verify=False,
+                                           progress=True))
+                other, _ = load_model(str(folder))
+                state["meta"]["groups"][f"δ {delta}"] = groups_text(other.config.kv_key_source)
+                record("before adapt", f"δ {delta}, n_recent 256", other, dict(recent=256))
+                del other
         if "after adapt" in stages:
             trained = work / "pod-trained"
             if not trained.exists():

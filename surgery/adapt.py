@@ -31,6 +31,8 @@ from .recipes import recipes_from_record
 
 log = logging.getLogger(__name__)
 
+DEFAULT_LR = 1e-3  # AdamW's learning rate unless the recipe or --lr says otherwise
+
 STATE_FILE = "adapt_progress.json"
 
 
@@ -115,6 +117,7 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
     alpha = settings.alpha
     if alpha is None:
         alpha = next((r.distill_alpha for r in recipes if r.distill_alpha is not None), 0.5)
+    lr = settings.lr or next((r.adapt_lr for r in recipes if r.adapt_lr is not None), DEFAULT_LR)
     precision = settings.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -165,7 +168,7 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
     data = calibration_ids(CalibrationSettings(text, settings.num_samples, settings.seq_len, settings.seed),
                            tokenizer, teacher)
 
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     teacher = teacher.to(accelerator.device).eval()
@@ -231,7 +234,7 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
     weights = accelerator.get_state_dict(student)  # gathers the full weights under FSDP
     if accelerator.is_main_process:
         wall = time.perf_counter() - began
-        record["adapt"] = {**asdict(settings), "alpha": alpha, "mixed_precision": precision,
+        record["adapt"] = {**asdict(settings), "alpha": alpha, "lr": lr, "mixed_precision": precision,
                            "tokens": tokens_per_step * (settings.steps - start), "wall_s": round(wall, 1),
                            "final_loss": round(last_loss, 5), "processes": accelerator.num_processes,
                            "resumed_from_step": start or None, "checkpoint": str(checkpoint),

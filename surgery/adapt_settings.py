@@ -16,7 +16,7 @@ class AdaptSettings:
     seq_len: int = field(default=128, metadata={"help": "tokens per sequence", "min": 2})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
     num_samples: int = field(default=256, metadata={"help": "training sequences drawn from the data", "min": 1})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate", "above": 0})
+    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate (default: the recipe's, else 1e-3)", "above": 0})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup before the cosine decay", "min": 0})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "min": 0})
     alpha: float | None = field(default=None, metadata={"help": "weight of KL vs CE (default: the recipe paper's)", "min": 0, "max": 1})

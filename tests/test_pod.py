@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from helpers import assert_clean_failure, cli, load_reference, load_remote, run_convert
 from surgery.recipes.pod import GreedyGrouping, js_similarity
@@ -92,7 +93,7 @@ def test_short_calibration_samples_are_refused(tiny_with_tokenizer, tmp_path):
     assert_clean_failure(result, "at least 1,024 tokens", "--seq-len 1024")
 
 
-def test_adapt_trains_the_queries_of_borrowing_layers_only(tiny_with_tokenizer, tmp_path, pod_options):
+def test_adapt_trains_queries_and_keys_of_borrowing_layers_only_at_the_recipes_rate(tiny_with_tokenizer, tmp_path, pod_options):
     from safetensors.torch import load_file
 
     from surgery.adapt import AdaptSettings, adapt
@@ -100,9 +101,12 @@ def test_adapt_trains_the_queries_of_borrowing_layers_only(tiny_with_tokenizer, 
     ckpt = run_convert(tiny_with_tokenizer, tmp_path / "pod", recipe="pod",
                        **{**pod_options, "recipe_options": {**pod_options["recipe_options"], "delta": 0.0}})
     settings = AdaptSettings(teacher=str(tiny_with_tokenizer), steps=2, batch_size=2, seq_len=80, num_samples=4,
-                             lr=1e-2, save_every=0)
+                             save_every=0)
     out = adapt(ckpt, tmp_path / "trained", settings, verify=False, progress=False)
     before, after = load_file(ckpt / "model.safetensors"), load_file(out / "model.safetensors")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     layers = range(1, 4)  # delta 0: every layer above 0 borrows both heads' distant keys from layer 0
-    assert changed and changed <= {f"model.layers.{i}.self_attn.q_proj.{w}" for i in layers for w in ("weight", "bias")}
+    allowed = {f"model.layers.{i}.self_attn.{p}.{w}" for i in layers for p in ("q_proj", "k_proj") for w in ("weight", "bias")}
+    assert changed and changed <= allowed
+    assert {name.split(".")[4] for name in changed} == {"q_proj", "k_proj"}
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["adapt"]["lr"] == 1e-2  # PoD's rate, not adapt's 1e-3

@@ -32,6 +32,7 @@ class Recipe:
     saves: ClassVar[str]
     calibration: ClassVar[CalibrationRequest | None] = None
     distill_alpha: ClassVar[float | None] = None  # weight of KL in `surgery adapt`, from the paper when it trains
+    adapt_lr: ClassVar[float | None] = None  # `surgery adapt`'s learning rate where the recipe needs its own
     renamed_options: ClassVar[dict[str, str | None]] = {}  # old recipe.yaml option -> new name (None: retired)
     milder: ClassVar[str] = ""  # what to try when the result is far from the source
     excludes: ClassVar[dict[str, str]] = {}  # recipes this one cannot be combined with, and why
