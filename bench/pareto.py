@@ -5,10 +5,15 @@ them all with `surgery compare` against the source model on the same tokens, and
 bench/results/pareto.png (KV bytes per token against held-out perplexity and against retrieval recall). Offline,
 CPU; the temporary checkpoints are removed afterwards. Later recipes add their name to RECIPES.
 
-    python bench/pareto.py [--samples 5]
+    python bench/pareto.py [--samples 5] [--recipes pod --reuse]
+
+Every run also writes bench/results/pareto.json (the points); `--reuse` keeps the points of recipes not measured
+this time from it, so a new recipe costs one conversion and one measurement (same plan and baseline: the
+baseline is measured again and must match).
 """
 
 import argparse
+import json
 import platform
 import shutil
 import subprocess
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from surgery.compare import ComparePlan, compare, plot, table
+from surgery.compare import ComparePlan, Point, compare, plot, table
 
 RESULTS = Path(__file__).parent / "results"
 RECIPES = ("kvsharer", "matryoshka", "pod", "snapkv", "pyramid", "zigzag", "dynamickv")
@@ -29,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=5, help="retrieval prompts per (task, length)")
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--reuse", action="store_true", help="keep the other recipes' points from pareto.json")
     args = parser.parse_args()
     recipes = [name for name in args.recipes.split(",") if name]
     work = Path(tempfile.mkdtemp(prefix="surgery-pareto-"))
@@ -46,6 +52,10 @@ def main() -> None:
         compare_minutes = (time.perf_counter() - started) / 60
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.reuse:
+        points = merged(points, recipes, args.samples)
+    (RESULTS / "pareto.json").write_text(json.dumps({"samples": args.samples, "points": [vars(p) for p in points]},
+                                                    indent=1) + "\n")
     plot(points, RESULTS / "pareto.png", ("perplexity", "retrieval"))
     quality = plan.quality
     lines = ["# Every recipe at its defaults on SmolLM2-135M-Instruct", "",
@@ -63,6 +73,19 @@ def main() -> None:
              *table(points, plan), "", "![Pareto plots](pareto.png)", ""]
     (RESULTS / "pareto.md").write_text("\n".join(lines))
     print(f"wrote {RESULTS / 'pareto.md'} and {RESULTS / 'pareto.png'}")
+
+
+def merged(points: list[Point], measured: list[str], samples: int) -> list[Point]:
+    """This run's points and the earlier run's points of the other recipes, in RECIPES order."""
+    earlier = json.loads((RESULTS / "pareto.json").read_text())
+    if earlier["samples"] != samples:
+        raise SystemExit(f"pareto.json was measured with --samples {earlier['samples']}; pass the same")
+    old = [Point(**p) for p in earlier["points"]]
+    if abs(old[0].perplexity - points[0].perplexity) > 1e-6 * old[0].perplexity:
+        raise SystemExit("the baseline measures differently from pareto.json's; run every recipe again")
+    by_name = {p.name: p for p in old[1:] if p.name not in measured} | {p.name: p for p in points[1:]}
+    order = [name for name in RECIPES if name in by_name] + [name for name in by_name if name not in RECIPES]
+    return [points[0]] + [by_name[name] for name in order]
 
 
 if __name__ == "__main__":
