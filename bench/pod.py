@@ -80,7 +80,8 @@ def quality(model, tokenizer, windows: dict[int, list[torch.Tensor]], prompts: d
         if all_flops:
             row[f"skipped_rows@{length}"] = skipped
             row[f"skipped_flops@{length}"] = flops / all_flops
-        row[f"niah@{length}"] = recall(model, tokenizer, prompts[length], "query-aware", None)
+        if getattr(model.config, "kv_distant_skip", None) is None:  # the skip rows: perplexity only
+            row[f"niah@{length}"] = recall(model, tokenizer, prompts[length], "query-aware", None)
     return row
 
 
@@ -108,7 +109,9 @@ def render(path: Path, state: dict) -> None:
              "- KV bytes per token: measured from the cache's tensors after the scored tokens (mean over windows); "
              "saved: against the source model at the same length.",
              "- Skip: share of (head, query) rows in PoD layers whose distant part was dropped, and the P·V "
-             "multiply-adds that saves as a share of all attention FLOPs (QK and PV, every layer).", ""]
+             "multiply-adds that saves as a share of all attention FLOPs (QK and PV, every layer). The skip runs the "
+             "log-sum-exp merge (float32 scores of both parts), several times slower on CPU, so its rows measure "
+             "perplexity only, no retrieval.", ""]
     if meta.get("groups"):
         lines += ["## Groups found", "", *[f"- {delta}: {text}" for delta, text in meta["groups"].items()], ""]
     if meta.get("adapt"):
@@ -122,8 +125,9 @@ def render(path: Path, state: dict) -> None:
         cells = [row["stage"], row["setting"]]
         for length in lengths:
             saved = 1 - row[f"kv@{length}"] / base[f"kv@{length}"] if base else float("nan")
+            niah = row.get(f"niah@{length}")
             cells += [f"{saved:.1%} ({row[f'kv@{length}']:,.0f} B/tok)", f"{row[f'ppl@{length}']:.2f}",
-                      f"{row[f'niah@{length}']:.0%}"]
+                      "-" if niah is None else f"{niah:.0%}"]
         skip = (f"{row[f'skipped_rows@{last}']:.1%} / {row[f'skipped_flops@{last}']:.1%}"
                 if f"skipped_flops@{last}" in row else "-")
         lines.append("| " + " | ".join(cells + [skip]) + " |")
@@ -146,14 +150,18 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.2, help="SnapKV's budget composed with PoD")
     parser.add_argument("--extra-deltas", default="0.8", help="other grouping thresholds measured before adapt")
     parser.add_argument("--work", type=Path, default=None, help="keep the checkpoints here (default: a temp dir)")
+    parser.add_argument("--skip-after", action="store_true", help="measure the distant skip after adapt too")
+    parser.add_argument("--resume", action="store_true", help="keep the rows pod.json has and measure the rest")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for pod.md and pod.json")
     args = parser.parse_args()
     recents = [int(r) for r in args.recents.split(",")]
     lengths = [int(n) for n in args.lengths.split(",")]
 
     state_path = args.results / "pod.json"
-    state = json.loads(state_path.read_text()) if args.stage == "after" and state_path.exists() else \
-        {"rows": [], "meta": {}}
+    state = json.loads(state_path.read_text()) if (args.stage == "after" or args.resume) and state_path.exists() \
+        else {"rows": [], "meta": {}}
+    if args.resume and state["meta"].get("samples", args.samples) != args.samples:
+        raise SystemExit(f"{state_path} was measured with --samples {state['meta']['samples']}; pass the same")
     state["meta"].update(samples=args.samples, lengths=lengths)
     source = resolve("demo")
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
@@ -167,9 +175,13 @@ def main() -> None:
     stages = ["before adapt", "after adapt"] if args.stage == "all" else [f"{args.stage} adapt"]
     extra = [f"before adapt: δ {d}, n_recent 256" for d in args.extra_deltas.split(",") if d]
     state["planned"] = (["-: source model"] if "before adapt" in stages else []) + \
-        [f"{stage}: {name}" for stage in stages for name, _ in settings] + (extra if "before adapt" in stages else [])
+        [f"{stage}: {name}" for stage in stages for name, options in settings
+         if stage == "before adapt" or "skip" not in options or args.skip_after] + \
+        (extra if "before adapt" in stages else [])
 
     def record(stage: str, name: str, model, options: dict) -> None:
+        if args.resume and any((r["stage"], r["setting"]) == (stage, name) for r in state["rows"]):
+            return
         if options:
             configure(model, **options)
         start = time.perf_counter()
@@ -219,7 +231,8 @@ def main() -> None:
                     f"{time.perf_counter() - start:.0f} s.")
             model, _ = load_model(str(trained))
             for name, options in settings:
-                record("after adapt", name, model, options)
+                if "skip" not in options or args.skip_after:
+                    record("after adapt", name, model, options)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
