@@ -8,7 +8,8 @@ Several views merge exactly by their row log-sum-exp: softmax over the union of 
 log-sum-exp-weighted mix of the partial outputs (how PoD joins near and distant tokens, and how split-KV works).
 
 The PyTorch path and the Triton path both implement it. A single dense view with plain causal attention keeps
-SDPA's fast path; the log-sum-exp is computed only when it is asked for.
+SDPA's fast path; the log-sum-exp is computed only when it is asked for, and several views that nothing needs the
+log-sum-exp of run as one SDPA call over their concatenation (the same softmax over the union).
 
 Shipped flat inside every checkpoint: imports torch, transformers' public attention registries and, behind a guard,
 the Triton kernels.
@@ -130,10 +131,6 @@ class ViewSkip:
         out = out.masked_fill(skip.transpose(1, 2)[..., None], 0.0)
         return out, lse.masked_fill(skip, float("-inf"))
 
-    def reset(self) -> None:
-        self.rows = self.skipped = 0
-        self.attention_flops = self.skipped_flops = 0.0
-
 
 @dataclass
 class Queries:
@@ -166,6 +163,10 @@ def allowed_slots(positions: torch.Tensor, view: KVView, window: int | None) -> 
     return allowed
 
 
+def mask_from_allowed(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def additive_mask(queries: Queries, view: KVView, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
     """The additive mask of a view, or None where plain causal attention over the slots is exact."""
     window_bites = window is not None and view.slots > window
@@ -176,8 +177,7 @@ def additive_mask(queries: Queries, view: KVView, window: int | None, dtype: tor
     key = None if view.layout is None else (view.layout, view.slots, window, band, dtype)
     if key is not None and key in queries.masks:
         return queries.masks[key]
-    allowed = allowed_slots(queries.positions, view, window)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    mask = mask_from_allowed(allowed_slots(queries.positions, view, window), dtype)
     if key is not None:
         queries.masks[key] = mask
     return mask
@@ -276,10 +276,7 @@ def attend_kernels(queries: Queries, view: KVView, scaling: float) -> tuple[torc
 def explicit_mask(queries: Queries, view: KVView, window: int | None, dtype: torch.dtype) -> torch.Tensor:
     """A view's additive mask, built even where plain causal attention would not need one."""
     mask = additive_mask(queries, view, window, dtype)
-    if mask is None:
-        allowed = allowed_slots(queries.positions, view, window)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask
+    return mask if mask is not None else mask_from_allowed(allowed_slots(queries.positions, view, window), dtype)
 
 
 def attend_union(queries: Queries, views: list[KVView], scaling: float, window: int | None,
