@@ -55,10 +55,13 @@ def test_two_views_merge_exactly_by_log_sum_exp(path, dtype):
     query_positions = torch.arange(18, 24)
     distant = KVView(keys[:, :, :16], values[:, :, :16], positions[None, None, :16])
     near = KVView(keys[:, :, 16:], values[:, :, 16:], positions[None, None, 16:])
-    out, lse = attend(Queries(query, query_positions[None], newest=False), [distant, near], 16**-0.5, path)
+    out, lse = attend(Queries(query, query_positions[None], newest=False), [distant, near], 16**-0.5, path,
+                      need_lse=True)
     expected, expected_lse = reference(query, keys, values, query_positions, positions)
     assert (out.double() - expected).abs().max() < TOLERANCE[dtype]
     assert (lse.double() - expected_lse).abs().max() < TOLERANCE[dtype] * 10
+    joined, _ = attend(Queries(query, query_positions[None], newest=False), [distant, near], 16**-0.5, path)
+    assert (joined.double() - expected).abs().max() < TOLERANCE[dtype]  # sdpa: one call over both views
     union, _ = attend(Queries(query, query_positions[None], newest=False), [KVView(keys, values)], 16**-0.5, path)
     assert (out.double() - union.double()).abs().max() < TOLERANCE[dtype]
 
