@@ -31,8 +31,6 @@ from .recipes import recipes_from_record
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LR = 1e-3  # AdamW's learning rate unless the recipe or --lr says otherwise
-
 STATE_FILE = "adapt_progress.json"
 
 
@@ -117,7 +115,8 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
     alpha = settings.alpha
     if alpha is None:
         alpha = next((r.distill_alpha for r in recipes if r.distill_alpha is not None), 0.5)
-    lr = settings.lr or next((r.adapt_lr for r in recipes if r.adapt_lr is not None), DEFAULT_LR)
+    settings = settings.for_recipes(recipes)
+    lr = settings.lr
     precision = settings.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -201,6 +200,10 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
                     teacher_logits = teacher(ids, use_cache=False).logits
                 student_logits = model(ids, use_cache=False).logits
                 loss = distillation_loss(student_logits, teacher_logits, ids, alpha)
+                for recipe in recipes:
+                    extra = recipe.regulariser(accelerator.unwrap_model(model))
+                    if extra is not None:
+                        loss = loss + extra
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and settings.max_grad_norm:
                     accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)

@@ -1,6 +1,6 @@
 """The options of `surgery adapt`, apart from the trainer so that `surgery adapt --help` imports no torch."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .ranges import check_ranges
 
@@ -12,8 +12,8 @@ class AdaptSettings:
     teacher: str
     data: str | None = field(default=None, metadata={"help": "training text, as convert's --calib [stdlib-docstrings]"})
     steps: int = field(default=200, metadata={"help": "optimizer steps", "min": 1})
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch (per process)", "min": 1})
-    seq_len: int = field(default=128, metadata={"help": "tokens per sequence", "min": 2})
+    batch_size: int | None = field(default=None, metadata={"help": "sequences per micro-batch (per process) (default: the recipe's, else 8)", "min": 1})
+    seq_len: int | None = field(default=None, metadata={"help": "tokens per sequence (default: the recipe's, else 128)", "min": 2})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
     num_samples: int = field(default=256, metadata={"help": "training sequences drawn from the data", "min": 1})
     lr: float | None = field(default=None, metadata={"help": "AdamW learning rate (default: the recipe's, else 1e-3)", "above": 0})
@@ -32,3 +32,15 @@ class AdaptSettings:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+
+    def for_recipes(self, recipes: list) -> "AdaptSettings":
+        """These settings with what the user left unset taken from the first recipe that needs its own value, else
+        adapt's defaults."""
+        resolved = {}
+        for name, default in FALLBACKS.items():
+            if getattr(self, name) is None:
+                resolved[name] = next((r.adapt_defaults[name] for r in recipes if name in r.adapt_defaults), default)
+        return replace(self, **resolved)
+
+
+FALLBACKS = {"lr": 1e-3, "batch_size": 8, "seq_len": 128}  # adapt's defaults where neither user nor recipe says

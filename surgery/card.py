@@ -94,6 +94,7 @@ def _model_index(results: dict[str, Any]) -> list[EvalResult]:
 METRICS = (
     ("perplexity", "perplexity (held-out)", "{:.3f}"),
     ("kv_bytes_per_token", "KV-cache bytes per token (measured)", "{:,.0f}"),
+    ("tokens_kept", "tokens kept per layer and KV head", "{:.1%}"),
     ("greedy_agreement", "greedy agreement with base", "{:.1%}"),
     ("prefill_tokens_per_s", "prefill tokens/s", "{:.1f}"),
     ("decode_tokens_per_s", "decode tokens/s", "{:.1f}"),

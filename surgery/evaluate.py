@@ -124,14 +124,16 @@ def eval_segments(ids: torch.Tensor, settings: EvalSettings) -> list[torch.Tenso
 def compressed_quality(model, segments: list[torch.Tensor], settings: EvalSettings) -> dict[str, float]:
     """Perplexity of the scored tokens after each compressed prompt, and the KV bytes per token the cache holds
     at the end (prompt + scored tokens), averaged over segments."""
-    nll, count, kv_bytes = 0.0, 0, []
+    nll, count, kv_bytes, kept = 0.0, 0, [], []
     for segment in segments:
         prompt, targets = segment[:, : settings.prompt_len], segment[:, settings.prompt_len:]
         logits, cache = continuation_logits(model, prompt, targets, **prefill_options(model, settings.keep))
         nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         count += targets.numel()
         kv_bytes.append(cache_kv_bytes_per_token(cache))
-    return {"perplexity": math.exp(nll / count), "kv_bytes_per_token": sum(kv_bytes) / len(kv_bytes)}
+        kept.append(cache.kept_fraction() if hasattr(cache, "kept_fraction") else 1.0)
+    return {"perplexity": math.exp(nll / count), "kv_bytes_per_token": sum(kv_bytes) / len(kv_bytes),
+            "tokens_kept": sum(kept) / len(kept)}
 
 
 @torch.no_grad()

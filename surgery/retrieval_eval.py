@@ -90,7 +90,9 @@ def retrieval_report(model, tokenizer, haystack_text: str, tasks: Iterable[str],
     evicts, and the baseline; every setting answers the same prompts."""
     haystack = Haystack(tokenizer, haystack_text)
     evicts = getattr(model.config, "kv_policy", None) is not None
-    settings = [(protocol, model, keep) for protocol in (protocols if evicts else ["full cache"])]
+    # a causal gate's flags of context tokens never depend on the question: both protocols are the same run
+    alone = "gated" if getattr(model.config, "kv_gate_heads", None) else "full cache"
+    settings = [(protocol, model, keep) for protocol in (protocols if evicts else [alone])]
     if evicts:
         settings.append(("full cache", model, 1.0))
     if baseline is not None:
@@ -100,7 +102,7 @@ def retrieval_report(model, tokenizer, haystack_text: str, tasks: Iterable[str],
     bar = tqdm(total=len(settings) * len(prompts) * samples, desc="retrieval", unit="prompt", disable=not progress)
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for name, runner, budget in settings:
-        protocol = "query-aware" if name in ("full cache", "baseline") else name
+        protocol = "query-aware" if name in ("full cache", "baseline", "gated") else name
         for (task, length), batch in prompts.items():
             score = recall(runner, tokenizer, batch, protocol, budget, prompt_format)
             scores.setdefault(name, {}).setdefault(task, {})[str(length)] = round(score, 4)

@@ -67,6 +67,11 @@ class KVView:
     projection: reduced-width bases the keys and values are stored in (see projection_surgery.KVProjection).
     layout: a key naming where positions and valid come from, so layers reading the same layout share one mask.
     band: the tokens by distance these slots serve (PoD's proximal and distant views); None: all of them.
+    until: (batch, kv_heads|1, slots) the last query position that may read each slot (a token flagged for
+        eviction is read by its own query only); None: every later query.
+    weights: (batch, kv_heads, slots) multiplicative weights on each slot's unnormalised attention for the queries
+        after it (a learned gate's straight-through keep flags, training only; the slot's own query sees it at
+        weight 1); None: weight 1.
     """
 
     keys: torch.Tensor
@@ -76,20 +81,27 @@ class KVView:
     projection: object | None = None
     layout: tuple | None = None
     band: Band | None = None
+    until: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
     @property
     def slots(self) -> int:
         return self.keys.shape[-2]
+
+    @property
+    def masked(self) -> bool:
+        """Whether anything besides plain causality limits which slots a query reads."""
+        return any(t is not None for t in (self.positions, self.valid, self.band, self.until, self.weights))
 
     def head(self, head: int, key_range: slice, value_range: slice) -> "KVView":
         """One KV head's part of a packed view (its column blocks), for per-head attention."""
         def pick(tensor):
             return None if tensor is None else tensor[:, head : head + 1] if tensor.shape[1] > 1 else tensor
 
-        per_head = any(t is not None and t.shape[1] > 1 for t in (self.positions, self.valid))
+        per_head = any(t is not None and t.shape[1] > 1 for t in (self.positions, self.valid, self.until))
         layout = (*self.layout, "head", head) if self.layout is not None and per_head else self.layout
         return KVView(self.keys[..., key_range], self.values[..., value_range], pick(self.positions), pick(self.valid),
-                      layout=layout, band=self.band)
+                      layout=layout, band=self.band, until=pick(self.until), weights=pick(self.weights))
 
 
 @dataclass
@@ -146,11 +158,16 @@ class Queries:
     masks: dict = field(default_factory=dict)  # additive masks already built this forward, by view layout
 
 
+def slot_positions(view: KVView, device: torch.device) -> torch.Tensor:
+    """(batch|1, kv_heads|1, slots): the token position of every slot."""
+    if view.positions is not None:
+        return view.positions
+    return torch.arange(view.slots, device=device)[None, None]
+
+
 def allowed_slots(positions: torch.Tensor, view: KVView, window: int | None) -> torch.Tensor:
     """(batch|1, kv_heads|1, q, slots) bool: causal and windowed by position, and only valid slots."""
-    key_positions = view.positions
-    if key_positions is None:
-        key_positions = torch.arange(view.slots, device=positions.device)[None, None]
+    key_positions = slot_positions(view, positions.device)
     query = positions[:, None, :, None]
     keys = key_positions[:, :, None, :]
     allowed = keys <= query
@@ -160,6 +177,8 @@ def allowed_slots(positions: torch.Tensor, view: KVView, window: int | None) -> 
         allowed = allowed & view.valid[:, :, None, :]
     if view.band is not None:
         allowed = allowed & view.band.allows(query, keys)
+    if view.until is not None:
+        allowed = allowed & (query <= view.until[:, :, None, :])
     return allowed
 
 
@@ -170,11 +189,11 @@ def mask_from_allowed(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 def additive_mask(queries: Queries, view: KVView, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
     """The additive mask of a view, or None where plain causal attention over the slots is exact."""
     window_bites = window is not None and view.slots > window
-    if view.positions is None and view.valid is None and view.band is None and not window_bites and queries.newest and (
+    if not view.masked and not window_bites and queries.newest and (
             queries.states.shape[2] == 1 or queries.states.shape[2] == view.slots):
         return None
     band = None if view.band is None else view.band.key
-    key = None if view.layout is None else (view.layout, view.slots, window, band, dtype)
+    key = None if view.layout is None else (view.layout, view.slots, window, band, view.until is not None, dtype)
     if key is not None and key in queries.masks:
         return queries.masks[key]
     mask = mask_from_allowed(allowed_slots(queries.positions, view, window), dtype)
@@ -198,7 +217,7 @@ def attend_dense(queries: Queries, query: torch.Tensor, view: KVView, scaling: f
     heads, q_len = query.shape[1], query.shape[2]
     n_rep = heads // view.keys.shape[1]
     mask = _expand_heads(additive_mask(queries, view, window, query.dtype), heads)
-    if need_lse or implementation == "eager":
+    if need_lse or implementation == "eager" or view.weights is not None:
         keys = view.keys.repeat_interleave(n_rep, dim=1)
         values = view.values.repeat_interleave(n_rep, dim=1)
         precise = torch.promote_types(query.dtype, torch.float32)  # softmax statistics in fp32 or better
@@ -208,14 +227,34 @@ def attend_dense(queries: Queries, query: torch.Tensor, view: KVView, scaling: f
         elif q_len > 1:
             causal = torch.ones(q_len, view.slots, dtype=torch.bool, device=scores.device).tril(view.slots - q_len)
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = F.dropout(torch.exp(scores - lse[..., None]).to(query.dtype), p=dropout)
-        out = torch.matmul(probs, values)
+        if view.weights is not None:
+            probs, lse = weighted_softmax(scores, slot_weights(queries, view, heads))
+        else:
+            lse = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - lse[..., None])
+        out = torch.matmul(F.dropout(probs.to(query.dtype), p=dropout), values)
         return out.transpose(1, 2), lse if need_lse else None
     is_causal = mask is None and q_len > 1
     out = F.scaled_dot_product_attention(query, view.keys, view.values, attn_mask=mask, dropout_p=dropout,
                                          is_causal=is_causal, scale=scaling, enable_gqa=n_rep > 1)
     return out.transpose(1, 2), None
+
+
+def slot_weights(queries: Queries, view: KVView, heads: int) -> torch.Tensor:
+    """(batch, heads, q, slots): each slot's weight for each query row; a slot's own query sees it at weight 1."""
+    own = queries.positions[:, None, :, None] == slot_positions(view, queries.positions.device)[:, :, None, :]
+    weights = torch.where(own, torch.ones_like(view.weights[:, :, None, :]), view.weights[:, :, None, :])
+    return _expand_heads(weights, heads)
+
+
+def weighted_softmax(scores: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p_j = w_j·exp(s_j) / Σ_k w_k·exp(s_k) and its log-normaliser. With 0/1 weights this is the masked softmax;
+    with straight-through weights (hard forward, soft backward) a zero-weight slot still passes a gradient to its
+    weight: ∂p/∂w_j = exp(s_j − lse)·(...), which is how an evicted token can learn to come back."""
+    peak = scores.amax(-1, keepdim=True).detach()
+    mass = torch.exp(scores - peak) * weights
+    total = mass.sum(-1, keepdim=True)
+    return mass / total, (peak + torch.log(total))[..., 0]
 
 
 def merge(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]):
@@ -245,7 +284,7 @@ def attend_view(queries: Queries, view: KVView, scaling: float, implementation: 
     """Attention over one view, on the Triton kernels where they apply, else in PyTorch."""
     query = queries.states
     window_bites = window is not None and view.slots > window
-    if use_kernels(implementation, query) and not window_bites:
+    if use_kernels(implementation, query) and not window_bites and view.weights is None:  # kernels have no backward
         return attend_kernels(queries, view, scaling)
     if view.projection is not None:
         return view.projection.attend(queries, view, scaling, implementation, window, dropout, need_lse)
@@ -260,7 +299,7 @@ def attend_kernels(queries: Queries, view: KVView, scaling: float) -> tuple[torc
     kv_heads = view.keys.shape[1]
     valid = kernel_valid(view, kv_heads)
     if query.shape[2] == 1 and queries.newest:  # every cached slot precedes the newest token
-        if view.band is not None:  # one query: its proximal or distant slots are a plain mask
+        if view.band is not None or view.until is not None:  # one query: what it may read is a plain mask
             allowed = allowed_slots(queries.positions[:, -1:], view, None)[:, :, 0]
             valid = allowed.expand(query.shape[0], kv_heads, -1)
         out, lse = decode_attention(query[:, :, 0], view.keys, view.values, scaling, valid=valid, return_lse=True)
@@ -269,7 +308,7 @@ def attend_kernels(queries: Queries, view: KVView, scaling: float) -> tuple[torc
     by_position = not queries.newest or view.positions is not None
     out, lse = prefill_attention(query, view.keys, view.values, scaling, valid=valid,
                                  query_positions=queries.positions if by_position else None,
-                                 key_positions=view.positions, band=view.band)
+                                 key_positions=view.positions, band=view.band, key_until=view.until)
     return out.transpose(1, 2), lse
 
 

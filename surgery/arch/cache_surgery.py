@@ -10,13 +10,15 @@ import torch
 from transformers.cache_utils import Cache
 
 from .attention_surgery import KVView, ViewSkip
+from .gate_surgery import GatedKVLayer
 from .kvlayer_surgery import SharedKVSlot, SurgeryKVLayer
 from .pod_surgery import PodKVLayer
 
 
 class SurgeryCache(Cache):
     """A `transformers.Cache` laid out by the plan: one K/V layer per K/V-owning layer (a PoD layer where some of
-    its heads borrow keys), a `SharedKVSlot` for layers that read another layer's cache.
+    its heads borrow keys, a `GatedKVLayer` where an Attention-Gate evicts), a `SharedKVSlot` for layers that read
+    another layer's cache.
 
     slack: extra recent keys PoD layers keep past their window until the next forward (a scoring probe that is
     dropped again, as in `compress_context`, must not shorten the window).
@@ -24,7 +26,7 @@ class SurgeryCache(Cache):
     """
 
     def __init__(self, kv_source: list[int], key_source: list[list[int]] | None = None, sinks: int = 0,
-                 recent: int = 0, distant_skip: float | None = None):
+                 recent: int = 0, distant_skip: float | None = None, gated_heads: int | None = None):
         self.kv_source = list(kv_source)
         self.key_source = key_source
         self.slack = 0
@@ -36,14 +38,17 @@ class SurgeryCache(Cache):
                 layers.append(SharedKVSlot(source))
             elif borrowed:
                 layers.append(PodKVLayer(len(key_source[layer]), borrowed, sinks, recent))
+            elif gated_heads:
+                layers.append(GatedKVLayer(gated_heads))
             else:
                 layers.append(SurgeryKVLayer())
         super().__init__(layers=layers)
 
     @classmethod
     def for_config(cls, config) -> "SurgeryCache":
+        gated = config.num_key_value_heads if config.kv_gate_heads else None
         return cls(config.kv_source, config.kv_key_source, config.kv_sink_tokens, config.kv_recent_tokens,
-                   config.kv_distant_skip)
+                   config.kv_distant_skip, gated)
 
     def views(self, layer_idx: int, padding: torch.Tensor | None = None, projection=None) -> list[KVView]:
         """What `layer_idx` attends to, already updated for this step: its own or its source layer's cache."""
@@ -60,7 +65,7 @@ class SurgeryCache(Cache):
 
     def drop_last(self, count: int) -> None:
         for layer in self.layers:
-            if isinstance(layer, SurgeryKVLayer):
+            if isinstance(layer, (SurgeryKVLayer, GatedKVLayer)):
                 layer.drop_last(count)
 
     def settle(self) -> None:
@@ -77,6 +82,15 @@ class SurgeryCache(Cache):
         """Bytes held by the cache's K/V tensors, counted from the tensors themselves."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.stored_tensors())
 
+    def kept_fraction(self) -> float:
+        """Of the (token, KV head) pairs each K/V-owning layer has seen, the share it still holds (eviction, gates)."""
+        held, seen = 0, 0
+        for layer in self.layers:
+            if not isinstance(layer, SharedKVSlot) and layer.values is not None:
+                layer_held, layer_seen = layer.held_tokens()
+                held, seen = held + layer_held, seen + layer_seen
+        return held / seen if seen else 1.0
+
     def kv_bytes_per_token(self) -> float:
         """Measured K/V bytes per token seen (batch × sequence): evicted, shared or projected parts are absent."""
         owner = self.layers[self.kv_source[0]]
@@ -84,4 +98,4 @@ class SurgeryCache(Cache):
             return 0.0
         return self.kv_bytes() / (owner.values.shape[0] * self.get_seq_length())
 
-__all__ = ["SurgeryCache", "SurgeryKVLayer", "SharedKVSlot", "PodKVLayer"]
+__all__ = ["SurgeryCache", "SurgeryKVLayer", "SharedKVSlot", "PodKVLayer", "GatedKVLayer"]

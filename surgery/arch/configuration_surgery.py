@@ -43,6 +43,10 @@ class SurgeryConfig(PreTrainedConfig):
     kv_distant_skip (`float`, *optional*):
         PoD's optional skip τ: a query row (per head) whose proximal attention mass is at least τ ignores the
         distant tokens. `None` (the default) never skips.
+    kv_gate_heads, kv_gate_width, kv_gate_threshold (*optional*):
+        Attention-Gate: every K/V-owning layer has a causal gate of `kv_gate_heads` heads of width `kv_gate_width`
+        over its input; a token whose keep probability for a KV head is below `kv_gate_threshold` is read by its
+        own query only and leaves that head's cache. `None` heads means no gate.
     surgery_format (`int`):
         The checkpoint layout version (`SURGERY_FORMAT` of the code that wrote it).
     surgery_recipes (`list[str]`):
@@ -93,6 +97,9 @@ class SurgeryConfig(PreTrainedConfig):
     kv_sink_tokens: int = 16
     kv_recent_tokens: int = 256
     kv_distant_skip: float | None = None
+    kv_gate_heads: int | None = None
+    kv_gate_width: int | None = None
+    kv_gate_threshold: float = 0.5
     surgery_recipes: list[str] | None = None
     surgery_format: int = SURGERY_FORMAT
     source_model_type: str | None = None
@@ -134,6 +141,8 @@ class SurgeryConfig(PreTrainedConfig):
             self._validate_key_source()
         elif self.kv_distant_skip is not None:
             raise ValueError("kv_distant_skip needs PoD's kv_key_source: only PoD layers have a distant part")
+        if self.kv_gate_heads is not None:
+            self._validate_gate()
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
 
@@ -154,6 +163,15 @@ class SurgeryConfig(PreTrainedConfig):
             raise ValueError("kv_sink_tokens must be at least 0 and kv_recent_tokens at least 1")
         if self.kv_distant_skip is not None and not 0.0 < self.kv_distant_skip <= 1.0:
             raise ValueError(f"kv_distant_skip must lie in (0, 1], got {self.kv_distant_skip}")
+
+    def _validate_gate(self) -> None:
+        """Attention-Gate: a small gate, with nothing else evicting the same cache."""
+        if self.kv_gate_heads < 1 or self.kv_gate_width is None or self.kv_gate_width < 1:
+            raise ValueError("kv_gate_heads and kv_gate_width must be at least 1")
+        if not 0.0 < self.kv_gate_threshold < 1.0:
+            raise ValueError(f"kv_gate_threshold must lie in (0, 1), got {self.kv_gate_threshold}")
+        if self.kv_policy is not None or self.kv_key_source is not None:
+            raise ValueError("an Attention-Gate evicts on its own: it cannot be combined with kv_policy or kv_key_source")
 
     def borrowed_heads(self, layer: int) -> dict[int, int]:
         """PoD: {KV head: layer whose keys it reads for distant tokens} for the heads of `layer` that borrow."""

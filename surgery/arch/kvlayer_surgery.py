@@ -138,6 +138,12 @@ class SurgeryKVLayer(DynamicLayer):
         """The tensors this layer holds for its tokens, for measuring the cache's bytes."""
         return tuple(t for t in (self.keys, self.values) if isinstance(t, torch.Tensor))
 
+    def held_tokens(self) -> tuple[int, int]:
+        """(token, KV head) pairs held and seen."""
+        heads = len(self.widths[1]) if self.widths is not None else self.values.shape[1]
+        seen = self.values.shape[0] * heads * self.seen
+        return (int(self.valid.sum()) if self.valid is not None else seen), seen
+
     def views(self, layer_idx: int, padding: torch.Tensor | None, projection, cache) -> list[KVView]:
         """What this layer's queries attend to: its K/V with original positions and kept slots after eviction,
         else the padding mask (batch, slots) of a dense cache."""

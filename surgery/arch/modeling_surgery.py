@@ -3,8 +3,9 @@
 With an empty plan it computes exactly what the source family (llama, mistral, qwen2, qwen3) computes. It reads
 like transformers' `modeling_llama.py`: project, RoPE, cache, attend, output. What the plan changes lives in flat
 modules beside it: the cache layout (`cache_surgery.py`: sharing layers hold nothing), the attention over cache
-views (`attention_surgery.py`), reduced-width K/V (`projection_surgery.py`), and token eviction after prefill
-(`budget_surgery.py` and one file per policy). There is one attention path and one cache for every plan.
+views (`attention_surgery.py`), reduced-width K/V (`projection_surgery.py`), token eviction after prefill
+(`budget_surgery.py` and one file per policy), and learned eviction by a gate (`gate_surgery.py`). There is one
+attention path and one cache for every plan.
 
 Shipped flat inside every converted checkpoint, so it imports only torch and the public API of transformers.
 """
@@ -30,6 +31,7 @@ from .projection_surgery import KVProjection
 # Every bundled module is named here once. transformers before 5.23 copies into its module cache only the files
 # that a checkpoint's main module imports itself, not the files those import in turn.
 from .dynamickv_surgery import DynamicKV  # noqa: E402,F401
+from .gate_surgery import AttentionGate  # noqa: E402
 from .kvlayer_surgery import SurgeryKVLayer  # noqa: E402,F401
 from .pod_surgery import PodKVLayer  # noqa: E402,F401
 from .pyramid_surgery import PyramidKV  # noqa: E402,F401
@@ -154,6 +156,8 @@ class SurgeryAttention(nn.Module):
                 self.k_norm = SurgeryRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             ranks = config.projected_ranks(layer_idx)
             self.kv_projection = KVProjection(self.head_dim, *ranks) if ranks else None
+            self.gate = AttentionGate(config.hidden_size, self.num_kv_heads, config.kv_gate_heads, config.kv_gate_width,
+                                      config.kv_gate_threshold) if config.kv_gate_heads else None
 
     @property
     def owns_kv(self) -> bool:
@@ -177,6 +181,10 @@ class SurgeryAttention(nn.Module):
 
         projection = context.projections[self.kv_source]
         if self.owns_kv:
+            retention = None
+            if self.gate is not None:
+                retention = self.gate(hidden_states, context.cache.layers[self.layer_idx], context.positions,
+                                      context.padding)
             key = self._heads(self.k_proj(hidden_states))
             value = self._heads(self.v_proj(hidden_states))
             if self.config.qk_norm:
@@ -186,7 +194,7 @@ class SurgeryAttention(nn.Module):
             if projection is not None:
                 key, value = projection.compress(key, value)
                 widths = projection.widths
-            context.cache.update(key, value, self.layer_idx, widths=widths)
+            context.cache.update(key, value, self.layer_idx, widths=widths, retention=retention)
         views = context.cache.views(self.layer_idx, context.padding, projection)
 
         queries = Queries(query, context.positions, newest=True, masks=context.masks)

@@ -95,7 +95,7 @@ class KVProjection(nn.Module):
         else:
             out, lse = prefill_attention(reduced, view.keys, view.values, scaling, valid, *self.widths,
                                          query_positions=None if queries.newest else queries.positions,
-                                         key_positions=view.positions)
+                                         key_positions=view.positions, key_until=view.until)
         heads_out = [out[:, h * group : (h + 1) * group, :, : basis.rank] @ basis().T + self.value_mean[h]
                      for h, basis in enumerate(self.value_bases)]
         return torch.cat(heads_out, dim=1).transpose(1, 2), lse

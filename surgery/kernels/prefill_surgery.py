@@ -27,19 +27,19 @@ except ImportError:
 
 
 def _prefill_kernel_source(
-    Q, K, V, Valid, QPos, KPos, First, Out, Lse,
+    Q, K, V, Valid, QPos, KPos, First, Until, Out, Lse,
     k_offsets, k_widths, v_offsets, v_widths,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_mb, stride_mh,
-    stride_qpb, stride_kpb, stride_kph,
+    stride_qpb, stride_kpb, stride_kph, stride_ub, stride_uh,
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh,
     q_len, slots, scale, sinks, recent,
     HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_VALID: tl.constexpr, HAS_POSITIONS: tl.constexpr,
-    BAND: tl.constexpr,
+    BAND: tl.constexpr, HAS_UNTIL: tl.constexpr,
 ):
     block_m = tl.program_id(0)
     pid = tl.program_id(1)
@@ -84,6 +84,9 @@ def _prefill_kernel_source(
             first = tl.load(First + batch)
             proximal = ((col_positions[None, :] - first) < sinks) | (col_positions[None, :] > row_positions[:, None] - recent)
             allowed = allowed & (proximal if BAND == 1 else (proximal == 0))
+        if HAS_UNTIL:  # a slot flagged for eviction is read by its own query only
+            until = tl.load(Until + batch * stride_ub + head * stride_uh + cols, mask=col_ok, other=0)
+            allowed = allowed & (row_positions[:, None] <= until[None, :])
         scores = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         v = tl.load(V + batch * stride_vb + head * stride_vh + cols[:, None] * stride_vt + v_off + vdims[None, :],
                     mask=col_ok[:, None] & (vdims[None, :] < v_width), other=0.0).to(tl.float32)
@@ -144,7 +147,8 @@ def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
                       valid: torch.Tensor | None = None, key_widths: list[int] | None = None,
                       value_widths: list[int] | None = None, block_m: int = 16, block_n: int = 32,
                       query_positions: torch.Tensor | None = None,
-                      key_positions: torch.Tensor | None = None, band=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      key_positions: torch.Tensor | None = None, band=None,
+                      key_until: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention; returns ((batch, heads, q_len, value width), lse float32).
 
     query: (batch, heads, q_len, width), projected and zero-padded per head for a reduced-width cache.
@@ -152,6 +156,7 @@ def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     query_positions (batch|1, q_len) and key_positions (batch|1, kv_heads|1, slots): token indices; by default the
     queries are the newest q_len slots and slot i holds token i.
     band: PoD's `Band` (sinks, recent, distant, first): each query sees only its proximal or its distant tokens.
+    key_until (batch, kv_heads|1, slots): the last query position that may read each slot (a gate's eviction).
     """
     batch, heads, q_len, _ = query.shape
     kv_heads = len(key_widths) if key_widths is not None else keys.shape[1]
@@ -177,21 +182,26 @@ def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
         first = first.to(torch.int32).expand(batch).contiguous()
     else:
         first = mask  # dummy pointer
+    if key_until is not None:
+        until = key_until.clamp(max=torch.iinfo(torch.int32).max).to(torch.int32).expand(batch, kv_heads, -1).contiguous()
+    else:
+        until = mask  # dummy pointer
     grid = (triton.cdiv(q_len, block_m), batch * heads)
     _prefill_kernel[grid](
-        query, keys, values, mask, query_positions, key_positions, first, out, lse, k_off, k_w, v_off, v_w,
+        query, keys, values, mask, query_positions, key_positions, first, until, out, lse, k_off, k_w, v_off, v_w,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), k_stride, keys.stride(2),
         values.stride(0), v_stride, values.stride(2),
         mask.stride(0) if valid is not None else 0, mask.stride(1) if valid is not None else 0,
         query_positions.stride(0) if has_positions else 0, key_positions.stride(0) if has_positions else 0,
         key_positions.stride(1) if has_positions else 0,
+        until.stride(0) if key_until is not None else 0, until.stride(1) if key_until is not None else 0,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         q_len, slots, scale, band.sinks if band else 0, band.recent if band else 0,
         HEADS=heads, GROUP=heads // kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(width_k),
         BLOCK_DV=_pow2(width_v), HAS_VALID=valid is not None, HAS_POSITIONS=has_positions,
-        BAND=0 if band is None else 2 if band.distant else 1,
+        BAND=0 if band is None else 2 if band.distant else 1, HAS_UNTIL=key_until is not None,
     )
     return out[..., :width_v].to(query.dtype), lse
 

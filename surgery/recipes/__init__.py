@@ -1,6 +1,7 @@
 """The recipe registry: an explicit table, one file per recipe."""
 
 from ..errors import SurgeryError
+from .attention_gate import AttentionGateRecipe
 from .base import CalibrationRequest, Recipe
 from .dynamickv import DynamicKV
 from .kvsharer import KVSharer
@@ -13,7 +14,8 @@ from .zigzag import ZigZagKV
 
 # Registry order is composition order: sharing first, then projections, then key sharing, then token eviction.
 RECIPES: dict[str, type[Recipe]] = {
-    recipe.name: recipe for recipe in (Identity, KVSharer, MatryoshkaKV, PoD, SnapKV, PyramidKV, ZigZagKV, DynamicKV)
+    recipe.name: recipe for recipe in (Identity, KVSharer, MatryoshkaKV, PoD, AttentionGateRecipe, SnapKV, PyramidKV,
+                                       ZigZagKV, DynamicKV)
 }
 
 

@@ -32,7 +32,7 @@ class Recipe:
     saves: ClassVar[str]
     calibration: ClassVar[CalibrationRequest | None] = None
     distill_alpha: ClassVar[float | None] = None  # weight of KL in `surgery adapt`, from the paper when it trains
-    adapt_lr: ClassVar[float | None] = None  # `surgery adapt`'s learning rate where the recipe needs its own
+    adapt_defaults: ClassVar[dict[str, Any]] = {}  # `surgery adapt` settings the recipe needs (lr, seq_len, ...)
     renamed_options: ClassVar[dict[str, str | None]] = {}  # old recipe.yaml option -> new name (None: retired)
     milder: ClassVar[str] = ""  # what to try when the result is far from the source
     excludes: ClassVar[dict[str, str]] = {}  # recipes this one cannot be combined with, and why
@@ -74,6 +74,10 @@ class Recipe:
 
     def before_step(self, model, generator) -> None:
         """Before each micro-batch, with a generator seeded by (seed, step), so a resumed run replays it exactly."""
+
+    def regulariser(self, model):
+        """A loss term added to the distillation loss after each student forward (a tensor), or None."""
+        return None
 
     def finish_training(self, model) -> None:
         """After training: undo what prepare_training did, leaving plain weights to export."""

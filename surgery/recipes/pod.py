@@ -106,7 +106,7 @@ class PoD(Recipe):
     calibration = CalibrationRequest(num_samples=8, seq_len=1024)
     milder = "a higher --delta (fewer layers share), a longer --recent, or `surgery adapt` afterwards"
     distill_alpha = 1.0  # the paper post-trains with the LM loss on 5B tokens; here we distil into the source
-    adapt_lr = 1e-2  # a short adaptation of few parameters: 10× adapt's default (see is_trainable's numbers)
+    adapt_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-2}  # few parameters: 10× adapt's lr (see is_trainable)
     excludes: ClassVar[dict[str, str]] = {
         "kvsharer": "PoD shares keys of distant tokens, KVSharer whole caches; a layer cannot do both",
         "matryoshka": "PoD's borrowed keys are full width; projected caches would not line up across layers",
