@@ -5,10 +5,10 @@ to SnapKV and DynamicKV at the same measured keep rate.
 Writes bench/results/attention_gate.md (and attention_gate.json, the rows measured so far; `--resume` keeps them).
 Offline, CPU:
 
-    python bench/attention_gate.py [--rates 0.3,0.5,0.2] [--steps 150] [--samples 10] [--work DIR]
+    python bench/attention_gate.py [--rates 0.3,0.5,0.2] [--steps 100] [--lr 2e-2] [--samples 10] [--work DIR]
 
 Each rate is `surgery convert demo --recipe attention-gate --target-keep R`, then `surgery adapt` (the recipe's
-defaults: batch 1 × 1,024 tokens of the calibration corpus, lr 1e-2, base frozen). Rates run in the order given;
+defaults: batch 1 × 1,024 tokens of the calibration corpus, base frozen; lr 2e-2 here). Rates run in the order given;
 a run cut short keeps the rates it finished, and the table says which did not run.
 """
 
@@ -98,8 +98,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="0.3,0.5,0.2", help="target keep rates, trained in this order")
     parser.add_argument("--lengths", default="2048,4096")
-    parser.add_argument("--steps", type=int, default=150, help="adapt steps per rate")
+    parser.add_argument("--steps", type=int, default=100, help="adapt steps per rate")
     parser.add_argument("--seq-len", type=int, default=1024, help="adapt tokens per step")
+    parser.add_argument("--lr", type=float, default=2e-2, help="adapt learning rate")
     parser.add_argument("--samples", type=int, default=10, help="retrieval prompts per length")
     parser.add_argument("--work", type=Path, default=None, help="keep the checkpoints here (default: a temp dir)")
     parser.add_argument("--resume", action="store_true", help="keep the rows attention_gate.json has")
@@ -143,13 +144,14 @@ def main() -> None:
                 if not ckpt.exists():
                     convert(ConvertRequest(model="demo", recipes=[AttentionGateRecipe(target_keep=float(rate))],
                                            out=ckpt, verify=False, progress=False))
-                settings = AdaptSettings(teacher="demo", steps=args.steps, seq_len=args.seq_len,
+                settings = AdaptSettings(teacher="demo", steps=args.steps, seq_len=args.seq_len, lr=args.lr,
                                          num_samples=args.steps, save_every=25)
                 start = time.perf_counter()
                 resume = latest_state(state_folder(trained)) is not None  # a run cut short goes on from its state
                 adapt(ckpt, trained, settings, verify=False, progress=True, resume=resume)
                 state["meta"].setdefault("training", {})[rate] = (
-                    f"`surgery adapt --steps {args.steps} --seq-len {args.seq_len}` (batch 1, lr 1e-2, "
+                    f"`surgery adapt --steps {args.steps} --seq-len {args.seq_len} --lr {args.lr}` (batch 1, λ "
+                    f"{AttentionGateRecipe.rate_weight}, "
                     f"{args.steps * args.seq_len:,} tokens of the calibration corpus, only the gates train) took "
                     f"{time.perf_counter() - start:.0f} s.")
             model, _ = load_model(str(trained))

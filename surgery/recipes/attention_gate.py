@@ -13,6 +13,8 @@ Choices where the paper leaves room or where this project deviates:
   gate cannot see, and keep-all makes the untrained checkpoint equal to the source (a test checks it).
 - The regulariser is λ·(rate − target)² per layer, averaged over layers. The paper's is linear in the keep rate,
   which has no minimum at the target: it pushes towards evicting everything until distillation pushes back.
+  λ = 10 by default: at λ = 1 on the demo model, 75 steps of distillation held the gates near keeping everything
+  (97.7% kept, measured at 1k tokens), as the KL of evicting outweighed the regulariser.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class AttentionGateRecipe(Recipe):
     gate_heads: int = field(default=1, metadata={"help": "attention heads of each gate", "min": 1})
     gate_width: int | None = field(default=None, metadata={"help": "width of each gate head (default: head_dim / 8)", "min": 1})
     gate_threshold: float = field(default=0.5, metadata={"help": "a token is kept when its keep probability is at least this", "above": 0, "below": 1})
-    rate_weight: float = field(default=1.0, metadata={"help": "λ of the regulariser λ·(keep rate − target)²", "min": 0})
+    rate_weight: float = field(default=10.0, metadata={"help": "λ of the regulariser λ·(keep rate − target)²", "min": 0})
     open_bias: float = field(default=1.0, metadata={"help": "initial gate logit: σ(bias) ≥ threshold keeps every token", "above": 0})
 
     def __post_init__(self) -> None:
