@@ -202,7 +202,7 @@ class GatedKVLayer:
         self.real = torch.ones(batch, q, dtype=torch.bool, device=values.device) if padding is None else \
             padding[:, self.seen - q : self.seen].bool()
         until = retention.until(torch.arange(self.seen - q, self.seen, device=values.device).expand_as(retention.keep))
-        layout = ("gated", layer_idx)
+        layout = None  # each gated layer has its own flags: a mask no other layer could reuse is not kept
         if self.heads is None:  # the first forward: its tokens are the whole cache, read in place
             valid = None if padding is None else padding[:, None, : self.seen]
             return [KVView(keys, values, None, valid, projection, layout, until=until, weights=retention.weights)]
