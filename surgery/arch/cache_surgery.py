@@ -1,8 +1,9 @@
 """The one KV cache of the surgery decoder.
 
 It stores K/V only for the layers that own them. A sharing layer (KVSharer) gets a placeholder slot that holds
-nothing and reads its source layer's tensors instead, and a PoD layer keeps the keys of its borrowing heads only
-for proximal tokens, so the memory a plan saves is absent from the cache's tensors, not masked. Shipped flat
+nothing and reads its source layer's tensors instead, a PoD layer keeps the keys of its borrowing heads only
+for proximal tokens, and a gated layer keeps per head only the tokens its gate kept, so the memory a plan saves is
+absent from the cache's tensors, not masked. Shipped flat
 inside every checkpoint: imports torch and public transformers API only.
 """
 
