@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .attention_surgery import KVView, Queries, attend
+from .kvlayer_surgery import PlainCacheLayer
 
 NEVER = torch.iinfo(torch.long).max  # `until` of a kept slot: every later query reads it
 
@@ -121,19 +122,13 @@ def _pad_slots(tensor: torch.Tensor, width: int, fill) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_full((tensor.shape[0], missing, *tensor.shape[2:]), fill)], dim=1)
 
 
-class GatedKVLayer:
+class GatedKVLayer(PlainCacheLayer):
     """A gated layer's cache: per KV head exactly the tokens its gate kept (no head is padded to another's count),
     the tokens of the forward in progress, and the gate's own keys and values (every token: the gate reads them
     to flag later tokens). The attention reads one view assembled from these, a transient copy of one layer.
 
     Keys of a MatryoshkaKV layer arrive packed (batch, 1, seq, Σ rank); `widths` says how wide each head's block is.
     """
-
-    is_initialized = True
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-    supports_early_init = False
 
     def __init__(self, kv_heads: int):
         self.kv_heads = kv_heads
@@ -293,9 +288,6 @@ class GatedKVLayer:
 
     def reset(self) -> None:
         self.__init__(self.kv_heads)
-
-    def offload(self) -> None: ...
-    def prefetch(self) -> None: ...
 
 
 __all__ = ["AttentionGate", "GatedKVLayer", "HeadSlots", "Retention"]

@@ -9,14 +9,23 @@ from transformers.cache_utils import DynamicLayer
 from .attention_surgery import KVView
 
 
-class SharedKVSlot:
-    """Placeholder for a layer that reads another layer's K/V: stores nothing, every cache operation is a no-op."""
+class PlainCacheLayer:
+    """The attributes transformers reads on a cache layer, for our layers that are not one of its layer types."""
 
     is_initialized = True
     is_compileable = False
-    is_croppable = True
+    is_croppable = False
     is_sliding = False
     supports_early_init = False
+
+    def offload(self) -> None: ...
+    def prefetch(self) -> None: ...
+
+
+class SharedKVSlot(PlainCacheLayer):
+    """Placeholder for a layer that reads another layer's K/V: stores nothing, every cache operation is a no-op."""
+
+    is_croppable = True
 
     def __init__(self, source_layer: int):
         self.source_layer = source_layer
@@ -44,8 +53,6 @@ class SharedKVSlot:
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None: ...
     def batch_repeat_interleave(self, repeats: int) -> None: ...
     def batch_select_indices(self, indices: torch.Tensor) -> None: ...
-    def offload(self) -> None: ...
-    def prefetch(self) -> None: ...
 
 
 class SurgeryKVLayer(DynamicLayer):
@@ -202,4 +209,4 @@ class SurgeryKVLayer(DynamicLayer):
         self.seen, self.valid, self.positions = 0, None, None
 
 
-__all__ = ["SharedKVSlot", "SurgeryKVLayer"]
+__all__ = ["PlainCacheLayer", "SharedKVSlot", "SurgeryKVLayer"]
