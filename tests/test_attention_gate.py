@@ -69,7 +69,7 @@ def test_recipe_defaults_fill_what_the_user_left_unset():
     assert AdaptSettings(teacher="demo").for_recipes([]).seq_len == 128
 
 
-def test_the_regulariser_is_squared_distance_to_the_target():
+def test_the_regulariser_is_squared_distance_to_the_target_per_layer_and_head():
     class Gate:
         def __init__(self, rate):
             self.rate = torch.tensor(rate)
@@ -78,9 +78,9 @@ def test_the_regulariser_is_squared_distance_to_the_target():
         def __init__(self, rate):
             self.self_attn = type("A", (), {"gate": Gate(rate)})()
 
-    model = type("M", (), {"model": type("B", (), {"layers": [Layer(0.9), Layer(0.3), Layer(0.0)]})()})()
+    model = type("M", (), {"model": type("B", (), {"layers": [Layer([0.9, 0.3]), Layer([0.3, 0.0])]})()})()
     recipe = AttentionGateRecipe(target_keep=0.3, rate_weight=2.0)
-    assert float(recipe.regulariser(model)) == pytest.approx(2.0 * (0.6**2 + 0 + 0.3**2) / 3)
+    assert float(recipe.regulariser(model)) == pytest.approx(2.0 * (0.6**2 + 0 + 0 + 0.3**2) / 4)  # per (layer, head)
 
 
 def test_composes_with_kvsharer(tiny_llama, tmp_path):

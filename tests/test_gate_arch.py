@@ -1,5 +1,5 @@
 """Attention-Gate in the decoder and the cache, against a plain float64 reference written from the rule: layer L's
-gate (causal attention over L's input, then σ) flags token p for KV head h; query t then sees token p <= t when
+gate (causal attention over L's input plus the token's own gate value, then σ) flags token p for KV head h; query t then sees token p <= t when
 p == t or the flag of (p, h) in the layer whose cache L reads says keep. One softmax over what it sees."""
 
 import pytest
@@ -59,7 +59,7 @@ def reference(model, ids, first=None):
             scores = gq @ gk.transpose(2, 3) * gate.width**-0.5
             seen = (torch.arange(n)[None, :] <= torch.arange(n)[:, None])[None, None]
             seen = seen & (torch.arange(n)[None, None, None, :] >= first[:, None, None, None])
-            mixed = scores.masked_fill(~seen, float("-inf")).softmax(-1).nan_to_num(0.0) @ gv
+            mixed = scores.masked_fill(~seen, float("-inf")).softmax(-1).nan_to_num(0.0) @ gv + gv  # + own value
             logits = gate.out(mixed.transpose(1, 2).reshape(batch, n, -1)).transpose(1, 2)
             flags[index] = torch.sigmoid(logits) >= gate.threshold
             k = apply_rope(attention._heads(attention.k_proj(x)), cos, sin)
@@ -171,7 +171,32 @@ def test_training_flags_are_hard_forward_and_soft_backward():
     trained.square().mean().backward()
     gate = model.model.layers[0].self_attn.gate
     assert gate.out.weight.grad.abs().sum() > 0 and gate.query.weight.grad.abs().sum() > 0
-    assert 0 < float(gate.rate.detach()) < 1
+    assert gate.rate.shape == (2,) and bool(((gate.rate >= 0) & (gate.rate <= 1)).all())
+
+
+def test_training_noise_samples_each_flag_with_its_keep_probability():
+    """With logistic noise of scale 1 and τ = 0.5, token p is kept with probability σ(logit_p): over many seeds the
+    kept share of each (token, head) matches σ, and one seed always draws the same flags (gradient checkpointing
+    runs the forward twice)."""
+    from surgery.arch.gate_surgery import GatedKVLayer
+
+    model = gated_model()
+    model.model.layers[0].self_attn.gate.out.bias.data.fill_(0.0)
+    gate = model.model.layers[0].self_attn.gate
+    hidden = torch.randn(1, 10, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    positions = torch.arange(10)[None]
+
+    def flags(seed: int | None) -> torch.Tensor:
+        gate.noise, gate.noise_seed = 1.0, seed
+        return gate(hidden, GatedKVLayer(model.config.num_key_value_heads), positions, None)
+
+    gate.train()
+    probability = flags(None).probability
+    kept = torch.stack([flags(seed).keep for seed in range(2000)]).double().mean(0)
+    assert (kept - probability).abs().max() < 0.05  # 2000 Bernoulli draws: 4.5 standard deviations at p = 0.5
+    assert torch.equal(flags(3).keep, flags(3).keep) and not torch.equal(flags(3).keep, flags(4).keep)
+    gate.eval()
+    assert torch.equal(flags(3).keep, probability >= 0.5)  # evaluation ignores the noise
 
 
 def test_a_zero_weight_slot_still_gets_a_gradient():

@@ -47,7 +47,10 @@ class Retention:
 
 class AttentionGate(nn.Module):
     """One layer's gate: causal attention with `heads` heads of width `width` over the layer's input hidden states
-    (no RoPE: the hidden states already carry position), then one logit per KV head.
+    (no RoPE: the hidden states already carry position) plus a residual, the token's own gate value, then one logit
+    per KV head. Without the residual an untrained gate attends uniformly, so its output is a running mean of the
+    prefix in which the token itself weighs 1/position: trained so, the gates switched whole heads on or off rather
+    than choosing tokens.
 
     Initialised to keep everything: the output weight is zero and its bias `open_bias` > 0, so a freshly converted
     model computes exactly what the source computes, and training starts from there.
@@ -63,7 +66,9 @@ class AttentionGate(nn.Module):
         self.out = nn.Linear(heads * width, kv_heads, bias=True)
         nn.init.zeros_(self.out.weight)
         nn.init.constant_(self.out.bias, open_bias)
-        self.rate: torch.Tensor | None = None  # training: this forward's mean straight-through keep rate
+        self.rate: torch.Tensor | None = None  # training: this forward's straight-through keep rate per KV head
+        self.noise_seed: int | None = None  # training: seeds this step's flag noise (set before each step)
+        self.noise = 0.0  # training: scale of the logistic noise on the logits (0: deterministic flags)
 
     def _heads(self, projected: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = projected.shape
@@ -71,20 +76,33 @@ class AttentionGate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, store: "GatedKVLayer", positions: torch.Tensor,
                 padding: torch.Tensor | None) -> Retention:
-        keys, values = store.update_gate(self._heads(self.key(hidden_states)), self._heads(self.value(hidden_states)))
+        own = self._heads(self.value(hidden_states))
+        keys, values = store.update_gate(self._heads(self.key(hidden_states)), own)
         valid = None if padding is None else padding[:, None, : keys.shape[2]]
         queries = Queries(self._heads(self.query(hidden_states)), positions)
         out, _ = attend(queries, [KVView(keys, values, None, valid)], self.width**-0.5, "sdpa")
+        out = out + own.transpose(1, 2)  # the residual: a token's own features, not diluted by its prefix
         logits = self.out(out.reshape(*hidden_states.shape[:-1], -1)).transpose(1, 2)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # flags decided in fp32 or better
         probability = torch.sigmoid(logits)
         keep = probability >= self.threshold
         weights = None
         if self.training:
+            if self.noise and self.noise_seed is not None:
+                keep = logits + self.noise * self._logistic_noise(logits) >= torch.logit(logits.new_tensor(self.threshold))
             weights = keep.to(probability.dtype) + (probability - probability.detach())  # exactly 0 or 1 forward
-            real = torch.ones_like(weights) if padding is None else padding[:, None, -weights.shape[-1]:].to(weights.dtype)
-            self.rate = (weights * real).sum() / (real.sum() * weights.shape[1] / real.shape[1])
+            real = weights.new_ones(weights.shape[0], 1, weights.shape[-1]) if padding is None else \
+                padding[:, None, -weights.shape[-1]:].to(weights.dtype)
+            self.rate = (weights * real).sum((0, 2)) / real.sum()  # per KV head
         return Retention(keep, probability, weights)
+
+    def _logistic_noise(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logistic(0, 1) noise from this step's seed: the same draw when gradient checkpointing runs the forward
+        again. With noise 1 and τ = 0.5 a token is kept with probability exactly σ(logit)."""
+        generator = torch.Generator(device=logits.device).manual_seed(self.noise_seed)
+        uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+        uniform = uniform.clamp(torch.finfo(logits.dtype).tiny, 1 - torch.finfo(logits.dtype).eps)
+        return torch.log(uniform) - torch.log1p(-uniform)
 
 
 @dataclass
@@ -229,13 +247,14 @@ class GatedKVLayer(PlainCacheLayer):
         (and left padding) leave the cache's tensors."""
         if self.fresh is None:
             return
-        fresh = self._fresh_heads(kept_only=True)
+        fresh = [head.compact() for head in self._fresh_heads(kept_only=True)]
         if self.heads is None:
             merged = fresh
         else:
             merged = [HeadSlots(*(torch.cat(pair, dim=1) for pair in zip(old.tensors(), new.tensors())))
                       for old, new in zip(self.heads, fresh)]
-        self.heads = [head.compact() for head in merged]
+        # holes remain only where the sequences of a batch kept different counts (one sequence: never)
+        self.heads = [head if bool(head.valid.all()) else head.compact() for head in merged]
         self.fresh = None
 
     def kept_slots(self) -> torch.Tensor:

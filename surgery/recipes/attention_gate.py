@@ -53,6 +53,7 @@ class AttentionGateRecipe(Recipe):
     gate_width: int | None = field(default=None, metadata={"help": "width of each gate head (default: head_dim / 8)", "min": 1})
     gate_threshold: float = field(default=0.5, metadata={"help": "a token is kept when its keep probability is at least this", "above": 0, "below": 1})
     rate_weight: float = field(default=10.0, metadata={"help": "λ of the regulariser λ·(keep rate − target)²", "min": 0})
+    flag_noise: float = field(default=1.0, metadata={"help": "training only: scale of the logistic noise added to the gate logits before the threshold (0: none)", "min": 0})
     open_bias: float = field(default=1.0, metadata={"help": "initial gate logit: σ(bias) ≥ threshold keeps every token", "above": 0})
 
     def __post_init__(self) -> None:
@@ -114,10 +115,23 @@ class AttentionGateRecipe(Recipe):
         """Only the gates; the base model stays frozen."""
         return GATE_MODULE in name
 
+    def before_step(self, model, generator: torch.Generator) -> None:
+        """Each gate draws this step's flag noise from its own seed (so a resumed run replays it exactly)."""
+        for gate in self._gates(model):
+            gate.noise = self.flag_noise
+            gate.noise_seed = int(torch.randint(2**62, (1,), generator=generator))
+
+    def finish_training(self, model) -> None:
+        for gate in self._gates(model):
+            gate.noise, gate.noise_seed = 0.0, None
+
+    @staticmethod
+    def _gates(model) -> list:
+        return [layer.self_attn.gate for layer in model.model.layers if getattr(layer.self_attn, "gate", None) is not None]
+
     def regulariser(self, model):
         """λ·mean over gated layers of (straight-through keep rate − target)²."""
-        rates = [layer.self_attn.gate.rate for layer in model.model.layers
-                 if getattr(layer.self_attn, "gate", None) is not None and layer.self_attn.gate.rate is not None]
+        rates = [gate.rate for gate in self._gates(model) if gate.rate is not None]
         if not rates:
             return None
-        return self.rate_weight * torch.stack([(rate - self.target_keep) ** 2 for rate in rates]).mean()
+        return self.rate_weight * (torch.cat([rate.reshape(-1) for rate in rates]) - self.target_keep).square().mean()
