@@ -11,10 +11,14 @@ Choices where the paper leaves room or where this project deviates:
 - Initialisation keeps everything (output weight 0, bias +1: p = 0.73 ≥ τ for every token), rather than imitating
   a heuristic such as SnapKV: SnapKV scores a token by the attention of queries that come after it, which a causal
   gate cannot see, and keep-all makes the untrained checkpoint equal to the source (a test checks it).
-- The regulariser is λ·(rate − target)² per layer, averaged over layers. The paper's is linear in the keep rate,
+- The regulariser is λ·(rate − target)² per (layer, KV head), averaged: per layer, a 3-head layer met the target
+  by switching one head off. The paper's is linear in the keep rate,
   which has no minimum at the target: it pushes towards evicting everything until distillation pushes back.
   λ = 10 by default: at λ = 1 on the demo model, 75 steps of distillation held the gates near keeping everything
   (97.7% kept, measured at 1k tokens), as the KL of evicting outweighed the regulariser.
+- In training the flags are drawn, not thresholded: keep = logit + u ≥ logit(τ), u ~ Logistic(0, 1) (`flag_noise`),
+  so a token is kept with probability σ(logit) at τ = 0.5. Deterministic flags of a fresh gate (one logit for every
+  token) made whole layers cross the threshold together. The README has the numbers.
 """
 
 from __future__ import annotations
