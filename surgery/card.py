@@ -95,6 +95,8 @@ METRICS = (
     ("perplexity", "perplexity (held-out)", "{:.3f}"),
     ("kv_bytes_per_token", "KV-cache bytes per token (measured)", "{:,.0f}"),
     ("tokens_kept", "tokens kept per layer and KV head", "{:.1%}"),
+    ("tokens_skipped", "tokens skipping each routed layer", "{:.1%}"),
+    ("flops_per_token", "projection and MLP FLOPs per token", "{:,.0f}"),
     ("greedy_agreement", "greedy agreement with base", "{:.1%}"),
     ("prefill_tokens_per_s", "prefill tokens/s", "{:.1f}"),
     ("decode_tokens_per_s", "decode tokens/s", "{:.1f}"),

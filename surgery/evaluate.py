@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .calibration import heldout_text, read_text
 from .card import METRICS
+from .compute import measured_compute, reset_counts
 from .errors import SurgeryError
 from .loading import check_same_vocabulary, load_source_model, load_tokenizer, read_checkpoint_config
 from .sources import resolve
@@ -125,6 +126,7 @@ def compressed_quality(model, segments: list[torch.Tensor], settings: EvalSettin
     """Perplexity of the scored tokens after each compressed prompt, and the KV bytes per token the cache holds
     at the end (prompt + scored tokens), averaged over segments."""
     nll, count, kv_bytes, kept = 0.0, 0, [], []
+    reset_counts(model)
     for segment in segments:
         prompt, targets = segment[:, : settings.prompt_len], segment[:, settings.prompt_len:]
         logits, cache = continuation_logits(model, prompt, targets, **prefill_options(model, settings.keep))
@@ -132,8 +134,10 @@ def compressed_quality(model, segments: list[torch.Tensor], settings: EvalSettin
         count += targets.numel()
         kv_bytes.append(cache_kv_bytes_per_token(cache))
         kept.append(cache.kept_fraction() if hasattr(cache, "kept_fraction") else 1.0)
+    compute = measured_compute(model) or {}
     return {"perplexity": math.exp(nll / count), "kv_bytes_per_token": sum(kv_bytes) / len(kv_bytes),
-            "tokens_kept": sum(kept) / len(kept)}
+            "tokens_kept": sum(kept) / len(kept),
+            **{key: compute[key] for key in ("tokens_skipped", "flops_per_token") if key in compute}}
 
 
 @torch.no_grad()

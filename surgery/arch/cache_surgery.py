@@ -2,9 +2,9 @@
 
 It stores K/V only for the layers that own them. A sharing layer (KVSharer) gets a placeholder slot that holds
 nothing and reads its source layer's tensors instead, a PoD layer keeps the keys of its borrowing heads only
-for proximal tokens, and a gated layer keeps per head only the tokens its gate kept, so the memory a plan saves is
-absent from the cache's tensors, not masked. Shipped flat
-inside every checkpoint: imports torch and public transformers API only.
+for proximal tokens, a gated layer keeps per head only the tokens its gate kept, and a routed layer only the
+tokens it routed, so the memory a plan saves is absent from the cache's tensors, not masked. Shipped flat inside
+every checkpoint: imports torch and public transformers API only.
 """
 
 import torch
@@ -14,6 +14,7 @@ from .attention_surgery import KVView, ViewSkip
 from .gate_surgery import GatedKVLayer
 from .kvlayer_surgery import SharedKVSlot, SurgeryKVLayer
 from .pod_surgery import PodKVLayer
+from .routing_surgery import RoutedKVLayer
 
 
 class SurgeryCache(Cache):
@@ -27,7 +28,8 @@ class SurgeryCache(Cache):
     """
 
     def __init__(self, kv_source: list[int], key_source: list[list[int]] | None = None, sinks: int = 0,
-                 recent: int = 0, distant_skip: float | None = None, gated_heads: int | None = None):
+                 recent: int = 0, distant_skip: float | None = None, gated_heads: int | None = None,
+                 routed: list[int] | None = None):
         self.kv_source = list(kv_source)
         self.key_source = key_source
         self.slack = 0
@@ -39,6 +41,8 @@ class SurgeryCache(Cache):
                 layers.append(SharedKVSlot(source))
             elif borrowed:
                 layers.append(PodKVLayer(len(key_source[layer]), borrowed, sinks, recent))
+            elif routed and layer in routed:
+                layers.append(RoutedKVLayer())
             elif gated_heads:
                 layers.append(GatedKVLayer(gated_heads))
             else:
@@ -49,7 +53,7 @@ class SurgeryCache(Cache):
     def for_config(cls, config) -> "SurgeryCache":
         gated = config.num_key_value_heads if config.kv_gate_heads else None
         return cls(config.kv_source, config.kv_key_source, config.kv_sink_tokens, config.kv_recent_tokens,
-                   config.kv_distant_skip, gated)
+                   config.kv_distant_skip, gated, config.mod_layers)
 
     def views(self, layer_idx: int, padding: torch.Tensor | None = None, projection=None) -> list[KVView]:
         """What `layer_idx` attends to, already updated for this step: its own or its source layer's cache."""
@@ -66,7 +70,7 @@ class SurgeryCache(Cache):
 
     def drop_last(self, count: int) -> None:
         for layer in self.layers:
-            if isinstance(layer, (SurgeryKVLayer, GatedKVLayer)):
+            if isinstance(layer, (SurgeryKVLayer, GatedKVLayer, RoutedKVLayer)):
                 layer.drop_last(count)
 
     def settle(self) -> None:
@@ -94,9 +98,9 @@ class SurgeryCache(Cache):
 
     def kv_bytes_per_token(self) -> float:
         """Measured K/V bytes per token seen (batch × sequence): evicted, shared or projected parts are absent."""
-        owner = self.layers[self.kv_source[0]]
-        if owner.values is None or owner.values.numel() == 0:
+        batch = next((layer.values.shape[0] for layer in self.layers if layer.values is not None), 0)
+        if batch == 0 or self.get_seq_length() == 0:
             return 0.0
-        return self.kv_bytes() / (owner.values.shape[0] * self.get_seq_length())
+        return self.kv_bytes() / (batch * self.get_seq_length())
 
-__all__ = ["SurgeryCache", "SurgeryKVLayer", "SharedKVSlot", "PodKVLayer", "GatedKVLayer"]
+__all__ = ["SurgeryCache", "SurgeryKVLayer", "SharedKVSlot", "PodKVLayer", "GatedKVLayer", "RoutedKVLayer"]

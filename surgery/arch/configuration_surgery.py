@@ -47,6 +47,10 @@ class SurgeryConfig(PreTrainedConfig):
         Attention-Gate: every K/V-owning layer has a causal gate of `kv_gate_heads` heads of width `kv_gate_width`
         over its input; a token whose keep probability for a KV head is below `kv_gate_threshold` is read by its
         own query only and leaves that head's cache. `None` heads means no gate.
+    mod_layers, mod_threshold (*optional*):
+        MoDification: the routed layers, each with a router g = σ(w·x̂ + b) over its normalised input; a token with
+        g ≥ `mod_threshold` goes through the layer (its update scaled by g / stopgrad(g), 1 in value), any other
+        token skips it and leaves no K/V in its cache. `None` means no layer is routed.
     surgery_format (`int`):
         The checkpoint layout version (`SURGERY_FORMAT` of the code that wrote it).
     surgery_recipes (`list[str]`):
@@ -100,6 +104,8 @@ class SurgeryConfig(PreTrainedConfig):
     kv_gate_heads: int | None = None
     kv_gate_width: int | None = None
     kv_gate_threshold: float = 0.5
+    mod_layers: list[int] | None = None
+    mod_threshold: float = 0.5
     surgery_recipes: list[str] | None = None
     surgery_format: int = SURGERY_FORMAT
     source_model_type: str | None = None
@@ -143,6 +149,8 @@ class SurgeryConfig(PreTrainedConfig):
             raise ValueError("kv_distant_skip needs PoD's kv_key_source: only PoD layers have a distant part")
         if self.kv_gate_heads is not None:
             self._validate_gate()
+        if self.mod_layers is not None:
+            self._validate_routing()
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
 
@@ -172,6 +180,22 @@ class SurgeryConfig(PreTrainedConfig):
             raise ValueError(f"kv_gate_threshold must lie in (0, 1), got {self.kv_gate_threshold}")
         if self.kv_policy is not None or self.kv_key_source is not None:
             raise ValueError("an Attention-Gate evicts on its own: it cannot be combined with kv_policy or kv_key_source")
+
+    def _validate_routing(self) -> None:
+        """MoDification: routed layers own their K/V, which no other layer reads, and nothing else evicts."""
+        if not self.mod_layers or sorted(set(self.mod_layers)) != self.mod_layers or not all(
+                0 <= layer < self.num_hidden_layers for layer in self.mod_layers):
+            raise ValueError(f"mod_layers must list distinct layers in 0..{self.num_hidden_layers - 1} in order")
+        if not 0.0 < self.mod_threshold < 1.0:
+            raise ValueError(f"mod_threshold must lie in (0, 1), got {self.mod_threshold}")
+        shared = {source for layer, source in enumerate(self.kv_source) if source != layer}
+        for layer in self.mod_layers:
+            if self.kv_source[layer] != layer or layer in shared:
+                raise ValueError(f"routed layer {layer} may not share K/V (KVSharer): its cache holds only the "
+                                 "tokens it routed")
+        if self.kv_policy is not None or self.kv_key_source is not None or self.kv_gate_heads is not None:
+            raise ValueError("routed layers (mod_layers) cannot be combined with kv_policy, kv_key_source or an "
+                             "Attention-Gate")
 
     def borrowed_heads(self, layer: int) -> dict[int, int]:
         """PoD: {KV head: layer whose keys it reads for distant tokens} for the heads of `layer` that borrow."""

@@ -10,7 +10,7 @@ attention path and one cache for every plan.
 Shipped flat inside every converted checkpoint, so it imports only torch and the public API of transformers.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from .projection_surgery import KVProjection
 # that a checkpoint's main module imports itself, not the files those import in turn.
 from .dynamickv_surgery import DynamicKV  # noqa: E402,F401
 from .gate_surgery import AttentionGate  # noqa: E402
+from .routing_surgery import Route, Router  # noqa: E402
 from .kvlayer_surgery import SurgeryKVLayer  # noqa: E402,F401
 from .pod_surgery import PodKVLayer  # noqa: E402,F401
 from .pyramid_surgery import PyramidKV  # noqa: E402,F401
@@ -112,6 +113,8 @@ class LayerContext:
     projections: each layer's KV projection (MatryoshkaKV) or None, indexed by the owner layer.
     policy: the KV budget policy when this forward is a prefill that evicts; it scores every owner layer.
     masks: additive masks built this forward, shared by the layers that read the same cache layout.
+    newest: whether the query rows are the newest tokens in order (False inside a routed layer: a subset).
+    route: inside a routed layer (MoDification), the tokens it runs; None elsewhere.
     """
 
     cache: SurgeryCache
@@ -121,6 +124,16 @@ class LayerContext:
     policy: BudgetPolicy | None = None
     prompt_padding: torch.Tensor | None = None
     masks: dict = field(default_factory=dict)
+    newest: bool = True
+    route: Route | None = None
+
+    def real_tokens(self) -> torch.Tensor | None:
+        """(batch, q) bool: this forward's tokens that are not left padding; None when nothing is padded."""
+        return None if self.padding is None else self.padding[:, self.positions[0]]
+
+    def routed(self, route: Route) -> "LayerContext":
+        """The context of a routed layer's run over the tokens it routed (their positions; its own masks)."""
+        return replace(self, positions=route.positions, masks={}, newest=False, route=route)
 
 
 def attention_implementation(config: SurgeryConfig) -> str:
@@ -194,10 +207,10 @@ class SurgeryAttention(nn.Module):
             if projection is not None:
                 key, value = projection.compress(key, value)
                 widths = projection.widths
-            context.cache.update(key, value, self.layer_idx, widths=widths, retention=retention)
+            context.cache.update(key, value, self.layer_idx, widths=widths, retention=retention, route=context.route)
         views = context.cache.views(self.layer_idx, context.padding, projection)
 
-        queries = Queries(query, context.positions, newest=True, masks=context.masks)
+        queries = Queries(query, context.positions, newest=context.newest, masks=context.masks)
         dropout = self.config.attention_dropout if self.training else 0.0
         out, lse = attend(queries, views, self.scaling, attention_implementation(self.config), self.sliding_window,
                           dropout, skip=context.cache.distant_skip)
@@ -226,8 +239,22 @@ class SurgeryDecoderLayer(nn.Module):
         self.mlp = SurgeryMLP(config)
         self.input_layernorm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        routed = config.mod_layers is not None and layer_idx in config.mod_layers
+        self.router = Router(config.hidden_size, config.mod_threshold) if routed else None
 
     def forward(self, hidden_states, position_embeddings, context: LayerContext) -> torch.Tensor:
+        if self.router is None:
+            return self.block(hidden_states, position_embeddings, context)
+        route = self.router(self.input_layernorm(hidden_states), context.positions, context.real_tokens())
+        if route.empty:  # no sequence routed a token: the layer computes nothing
+            context.cache.layers[self.self_attn.layer_idx].pass_over(route.tokens)
+            return hidden_states
+        cos, sin = position_embeddings
+        routed = route.gather(hidden_states)
+        out = self.block(routed, (route.gather(cos), route.gather(sin)), context.routed(route))
+        return route.scatter(hidden_states, out - routed)
+
+    def block(self, hidden_states, position_embeddings, context: LayerContext) -> torch.Tensor:
         hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, context)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 

@@ -6,16 +6,18 @@ from .base import CalibrationRequest, Recipe
 from .dynamickv import DynamicKV
 from .kvsharer import KVSharer
 from .matryoshka import MatryoshkaKV
+from .modification import MoDification
 from .none import Identity
 from .pod import PoD
 from .pyramid import PyramidKV
 from .snapkv import SnapKV
 from .zigzag import ZigZagKV
 
-# Registry order is composition order: sharing first, then projections, then key sharing, then token eviction.
+# Registry order is composition order: sharing first, then projections, then key sharing, learned eviction,
+# routing, then token eviction.
 RECIPES: dict[str, type[Recipe]] = {
-    recipe.name: recipe for recipe in (Identity, KVSharer, MatryoshkaKV, PoD, AttentionGateRecipe, SnapKV, PyramidKV,
-                                       ZigZagKV, DynamicKV)
+    recipe.name: recipe for recipe in (Identity, KVSharer, MatryoshkaKV, PoD, AttentionGateRecipe, MoDification, SnapKV,
+                                       PyramidKV, ZigZagKV, DynamicKV)
 }
 
 
