@@ -23,7 +23,7 @@ test: install
 # The arch tests against the oldest transformers pyproject.toml allows, in a venv that shares everything else.
 OLDEST_TRANSFORMERS = 5.4.0
 ARCH_TESTS = tests/test_identity.py tests/test_attention_core.py tests/test_matryoshka_arch.py tests/test_kvbudget.py tests/test_pod_arch.py \
-             tests/test_gate_arch.py
+             tests/test_gate_arch.py tests/test_routing_arch.py
 test-oldest: install
 	$(PYTHON) -m venv --system-site-packages .venv-oldest
 	.venv-oldest/bin/python -m pip install -q "transformers==$(OLDEST_TRANSFORMERS)"
