@@ -28,13 +28,16 @@ def layer_matmul_flops(config) -> int:
 
 def measured_compute(model) -> dict[str, Any] | None:
     """Since the last `reset_counts`: the share of (token, routed layer) passes skipped, per routed layer and
-    overall, and the projection and MLP FLOPs per token over all layers. None for a model without routers."""
+    overall, and the projection and MLP FLOPs per token over all layers, from the tokens each layer actually ran
+    (a batch whose rows route different counts runs padding too). None for a model without routers."""
     found = routers(model)
     if not found or not any(router.seen_tokens for router in found.values()):
         return None
     config = model.config
     skipped = {layer: 1 - router.routed_tokens / router.seen_tokens for layer, router in found.items()}
-    passes = config.num_hidden_layers - sum(skipped.values())
+    # what the routed layers ran, per token seen: routed tokens plus the padding of batch rows that routed fewer
+    computed = sum(router.computed_tokens / router.seen_tokens for router in found.values())
+    passes = config.num_hidden_layers - len(found) + computed
     return {"tokens_skipped": sum(skipped.values()) / len(skipped),
             "skipped_per_layer": skipped,
             "flops_per_token": passes * layer_matmul_flops(config),

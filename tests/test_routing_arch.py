@@ -107,6 +107,11 @@ def test_incremental_decoding_equals_the_full_forward(path):
     assert (stepwise - model(ids, use_cache=False).logits).abs().max() < PATHS[path][1]
     _, routed = reference(model, ids)
     for layer, goes in routed.items():  # the cache holds exactly the routed tokens of each sequence, in order
+        router = model.model.layers[layer].router
+        router.reset_counts()
+        model(ids, use_cache=False)
+        assert (router.seen_tokens, router.routed_tokens) == (ids.numel(), int(goes.sum()))
+        assert router.computed_tokens == ids.shape[0] * int(goes.sum(-1).max())  # rows padded to the longest
         slots = cache.layers[layer]
         assert torch.equal(slots.valid[:, 0].sum(-1), goes.sum(-1))
         for b in range(ids.shape[0]):

@@ -60,7 +60,7 @@ class Router(nn.Module):
     """g = σ(w·x̂ + b), one per token; routed where g ≥ `threshold`.
 
     Initialised to route every token (w = 0, σ(b) ≥ threshold), so the converted model computes what the source
-    computes. Counts the tokens it saw and routed (the compute a benchmark reports as skipped); in training it
+    computes. Counts the tokens it saw, routed, and ran (routed plus padding: what the layer computed); in training it
     keeps this forward's routed fraction F (hard, straight-through to the mean g) and mean g, for the regularisers.
     """
 
@@ -70,6 +70,7 @@ class Router(nn.Module):
         self.threshold = threshold
         self.seen_tokens = 0
         self.routed_tokens = 0
+        self.computed_tokens = 0  # routed tokens plus the padding of rows that routed fewer: what the layer ran
         self.fraction: torch.Tensor | None = None
         self.mean: torch.Tensor | None = None
 
@@ -86,6 +87,7 @@ class Router(nn.Module):
         scale = (gate / gate.detach()).gather(1, index).to(normed.dtype)
         self.seen_tokens += int(real.sum())
         self.routed_tokens += int(routed.sum())
+        self.computed_tokens += index.numel()
         if self.training:
             count = real.sum().clamp(min=1)
             mean = (gate * real).sum() / count
@@ -94,7 +96,7 @@ class Router(nn.Module):
         return Route(index, valid, scale, positions.expand_as(routed).gather(1, index), normed.shape[1])
 
     def reset_counts(self) -> None:
-        self.seen_tokens = self.routed_tokens = 0
+        self.seen_tokens = self.routed_tokens = self.computed_tokens = 0
 
 
 class RoutedKVLayer(PlainCacheLayer):
