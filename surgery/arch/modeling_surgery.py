@@ -131,8 +131,14 @@ class LayerContext:
         """(batch, q) bool: this forward's tokens that are not left padding; None when nothing is padded."""
         return None if self.padding is None else self.padding[:, self.positions[0]]
 
-    def routed(self, route: Route) -> "LayerContext":
-        """The context of a routed layer's run over the tokens it routed (their positions; its own masks)."""
+    def routed(self, route: Route, first_slot: int | None) -> "LayerContext":
+        """The context of a routed layer's run over the tokens it routed, with its own masks. Queries carry the
+        tokens' positions; or, when `first_slot` is given (the layer's cache and this route have no holes, and no
+        sliding window applies), the slot indices first_slot, first_slot + 1, ...: the routed tokens are then the
+        newest slots in order, so plain causal attention over the slots is exact and needs no mask."""
+        if first_slot is not None:
+            slots = torch.arange(first_slot, first_slot + route.index.shape[1], device=route.index.device)[None]
+            return replace(self, positions=slots, masks={}, newest=True, route=route)
         return replace(self, positions=route.positions, masks={}, newest=False, route=route)
 
 
@@ -251,7 +257,9 @@ class SurgeryDecoderLayer(nn.Module):
             return hidden_states
         cos, sin = position_embeddings
         routed = route.gather(hidden_states)
-        out = self.block(routed, (route.gather(cos), route.gather(sin)), context.routed(route))
+        store = context.cache.layers[self.self_attn.layer_idx]
+        first_slot = store.first_slot(route, windowed=self.self_attn.sliding_window is not None)
+        out = self.block(routed, (route.gather(cos), route.gather(sin)), context.routed(route, first_slot))
         return route.scatter(hidden_states, out - routed)
 
     def block(self, hidden_states, position_embeddings, context: LayerContext) -> torch.Tensor:

@@ -112,6 +112,7 @@ class RoutedKVLayer(PlainCacheLayer):
         self.keys = self.values = self.positions = self.valid = None
         self.widths = None
         self.last = (0, 0)  # (slots, tokens) the last forward appended
+        self.by_slot = False  # this forward's queries carry slot indices (see first_slot)
 
     def __repr__(self) -> str:
         return f"RoutedKVLayer(seen={self.seen}, slots={0 if self.values is None else self.values.shape[-2]})"
@@ -134,6 +135,16 @@ class RoutedKVLayer(PlainCacheLayer):
         self.seen += tokens
         self.last = (0, tokens)
 
+    def first_slot(self, route: Route, windowed: bool) -> int | None:
+        """The slot the route's first token will take when this forward can attend by slot index: the slots stay
+        contiguous (every sequence of the batch routed the same count, before and now: no padding slot anywhere) and
+        no sliding window counts positions. Else None, and this forward's view carries the slots' positions."""
+        holes = not bool(route.valid.all()) or (self.valid is not None and not bool(self.valid.all()))
+        self.by_slot = not holes and not windowed
+        if not self.by_slot:
+            return None
+        return 0 if self.values is None else self.values.shape[-2]
+
     def get_seq_length(self) -> int:
         return self.seen
 
@@ -141,6 +152,9 @@ class RoutedKVLayer(PlainCacheLayer):
         return -1
 
     def views(self, layer_idx: int, padding: torch.Tensor | None, projection, cache) -> list[KVView]:
+        """Slots with their positions; without holes, plain slots (the queries then carry slot indices)."""
+        if self.by_slot:
+            return [KVView(self.keys, self.values, None, None, projection, ("routed", layer_idx))]
         return [KVView(self.keys, self.values, self.positions, self.valid, projection, ("routed", layer_idx))]
 
     def settle(self, slack: int) -> None:
