@@ -4,8 +4,9 @@ With an empty plan it computes exactly what the source family (llama, mistral, q
 like transformers' `modeling_llama.py`: project, RoPE, cache, attend, output. What the plan changes lives in flat
 modules beside it: the cache layout (`cache_surgery.py`: sharing layers hold nothing), the attention over cache
 views (`attention_surgery.py`), reduced-width K/V (`projection_surgery.py`), token eviction after prefill
-(`budget_surgery.py` and one file per policy), and learned eviction by a gate (`gate_surgery.py`). There is one
-attention path and one cache for every plan.
+(`budget_surgery.py` and one file per policy), learned eviction by a gate (`gate_surgery.py`), and mixture-of-depths
+routing (`routing_surgery.py`: a routed layer runs only the tokens its router sends through). There is one attention
+path and one cache for every plan.
 
 Shipped flat inside every converted checkpoint, so it imports only torch and the public API of transformers.
 """
