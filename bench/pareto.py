@@ -59,10 +59,15 @@ def main() -> None:
         compare_minutes = (time.perf_counter() - started) / 60
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    runs = [{"minutes": minutes, "trained": trained, "compare_minutes": round(compare_minutes, 1)}]
     if args.reuse:
         points = merged(points, [*recipes, *trained], args.samples)
-    (RESULTS / "pareto.json").write_text(json.dumps({"samples": args.samples, "points": [vars(p) for p in points]},
-                                                    indent=1) + "\n")
+        runs = json.loads((RESULTS / "pareto.json").read_text()).get("runs", []) + runs
+    (RESULTS / "pareto.json").write_text(json.dumps({"samples": args.samples, "points": [vars(p) for p in points],
+                                                     "runs": runs}, indent=1) + "\n")
+    minutes = {name: value for run in runs for name, value in run["minutes"].items()}
+    trained = {name: path for run in runs for name, path in run["trained"].items()}
+    compare_text = " + ".join(f"{run['compare_minutes']:.1f}" for run in runs)
     plot(points, RESULTS / "pareto.png", ("perplexity", "retrieval"))
     quality = plan.quality
     lines = ["# Every recipe at its defaults on SmolLM2-135M-Instruct", "",
@@ -70,7 +75,7 @@ def main() -> None:
              f"{torch.get_num_threads()} threads, torch {torch.__version__}, float32, CPU. Each checkpoint is "
              "`surgery convert demo --recipe NAME` with default options, untrained (conversion minutes: "
              + ", ".join(f"{name} {value:.1f}" for name, value in minutes.items())
-             + f"); `surgery compare` measured all of them in {compare_minutes:.1f} min."
+             + f"); `surgery compare` measured them in {compare_text} min (one term per run; `--reuse` adds points)."
              + ("".join(f" `{name}`: {path} (trained with `surgery adapt`; see its recipe.yaml)."
                         for name, path in trained.items())), "",
              f"Perplexity: {quality.segments} prompts of {quality.prompt_len} tokens of held-out prose "
