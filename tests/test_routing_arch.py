@@ -205,3 +205,17 @@ def test_bad_routing_plans_are_refused(bad, message):
                       num_key_value_heads=2, head_dim=8, mod_layers=ROUTED), **bad}
     with pytest.raises((ValueError, StrictDataclassClassValidationError), match=message):
         SurgeryConfig(**options).validate_architecture()
+
+
+def test_batch_edits_of_the_cache_keep_each_sequences_routed_tokens():
+    """Beam search and batch edits act on every tensor of a routed layer: after selecting rows, decoding goes on
+    as a full forward of those sequences alone."""
+    model = routed_model()
+    ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(9))
+    cache = model(ids[:, :11], use_cache=True).past_key_values
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    cache.batch_repeat_interleave(2)  # rows 2, 2, 0, 0
+    cache.reorder_cache(torch.tensor([2, 0]))  # rows 0, 2
+    chosen = ids[[0, 2]]
+    step = model(chosen[:, 11:], past_key_values=cache, use_cache=True).logits[:, -1]
+    assert (step - model(chosen, use_cache=False).logits[:, -1]).abs().max() < 1e-10

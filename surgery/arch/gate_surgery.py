@@ -293,15 +293,6 @@ class GatedKVLayer(PlainCacheLayer):
         if self.gate_keys is not None:
             self.gate_keys, self.gate_values = fn(self.gate_keys), fn(self.gate_values)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._each_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._each_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._each_batch(lambda t: t[indices])
-
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("cannot crop a gated cache: evicted tokens are gone")
 

@@ -21,6 +21,18 @@ class PlainCacheLayer:
     def offload(self) -> None: ...
     def prefetch(self) -> None: ...
 
+    def _each_batch(self, fn) -> None:
+        """Apply `fn` to every tensor this layer holds whose first dim is the batch (none here)."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._each_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._each_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._each_batch(lambda t: t[indices])
+
 
 class SharedKVSlot(PlainCacheLayer):
     """Placeholder for a layer that reads another layer's K/V: stores nothing, every cache operation is a no-op."""
@@ -50,9 +62,6 @@ class SharedKVSlot(PlainCacheLayer):
     def settle(self, slack: int) -> None: ...
     def reset(self) -> None: ...
     def crop(self, tokens_to_remove: int) -> None: ...
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None: ...
-    def batch_repeat_interleave(self, repeats: int) -> None: ...
-    def batch_select_indices(self, indices: torch.Tensor) -> None: ...
 
 
 class SurgeryKVLayer(DynamicLayer):

@@ -191,15 +191,6 @@ class RoutedKVLayer(PlainCacheLayer):
             self.keys, self.values, self.positions, self.valid = map(fn, (self.keys, self.values, self.positions,
                                                                           self.valid))
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._each_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._each_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._each_batch(lambda t: t[indices])
-
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("cannot crop a routed layer's cache: it holds only the tokens it routed")
 
