@@ -66,3 +66,19 @@ def assert_clean_failure(result, *needles, code: int | None = None):
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
+
+
+def widened_surgery_model(implementation: str, seed: int = 0, **options):
+    """A tiny float64 surgery model (4 layers, 4 query and 2 KV heads of width 8) with every weight drawn from
+    N(0, 0.3): attention far from uniform, so gates and routers decide differently per token."""
+    from surgery.arch import SurgeryConfig, SurgeryForCausalLM
+
+    torch.manual_seed(seed)
+    config = SurgeryConfig(**{**dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), **options})
+    config._attn_implementation = implementation
+    model = SurgeryForCausalLM(config).double().eval()
+    for parameter in model.parameters():
+        parameter.data.normal_(0, 0.3)
+    return model

@@ -6,7 +6,7 @@ import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
 
-from helpers import decode_stepwise
+from helpers import decode_stepwise, widened_surgery_model
 from surgery.arch import SurgeryConfig, SurgeryForCausalLM
 from surgery.arch.attention_surgery import weighted_softmax
 from surgery.arch.modeling_surgery import apply_rope
@@ -22,17 +22,9 @@ def path(request) -> str:
 
 
 def gated_model(path: str = "eager", seed: int = 0, **overrides) -> SurgeryForCausalLM:
-    torch.manual_seed(seed)
-    options = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, kv_gate_heads=1, kv_gate_width=4)
-    options.update(overrides)
-    config = SurgeryConfig(**options)
-    config._attn_implementation = path
-    model = SurgeryForCausalLM(config).double().eval()
-    for parameter in model.parameters():  # widen the random init: attention far from uniform, flags mixed
-        parameter.data.normal_(0, 0.3)
-    for layer in model.model.layers:
+    model = widened_surgery_model(path, seed, **{"num_hidden_layers": LAYERS, "kv_gate_heads": 1, "kv_gate_width": 4,
+                                                 **overrides})
+    for layer in model.model.layers:  # flags mixed
         if getattr(layer.self_attn, "gate", None) is not None:
             layer.self_attn.gate.out.bias.data.fill_(0.1)
     return model.to(PATHS[path][0])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
 
-from helpers import decode_stepwise
+from helpers import decode_stepwise, widened_surgery_model
 from surgery.arch import SurgeryConfig, SurgeryForCausalLM
 from surgery.arch.modeling_surgery import apply_rope
 
@@ -22,17 +22,8 @@ def path(request) -> str:
 
 
 def routed_model(path: str = "eager", seed: int = 0, bias: float = 0.0, **overrides) -> SurgeryForCausalLM:
-    torch.manual_seed(seed)
-    options = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, mod_layers=ROUTED)
-    options.update(overrides)
-    config = SurgeryConfig(**options)
-    config._attn_implementation = path
-    model = SurgeryForCausalLM(config).double().eval()
-    for parameter in model.parameters():  # widen the random init: attention far from uniform, routing mixed
-        parameter.data.normal_(0, 0.3)
-    for layer in model.model.layers:
+    model = widened_surgery_model(path, seed, **{"mod_layers": ROUTED, **overrides})
+    for layer in model.model.layers:  # routing mixed
         if layer.router is not None:
             layer.router.proj.bias.data.fill_(bias)
     return model.to(PATHS[path][0])
