@@ -57,7 +57,8 @@ def measure(model, tokenizer, windows: dict, prompts: dict) -> dict:
         reset_counts(model)
         row[f"ppl@{length}"], row[f"kv@{length}"], _ = window_quality(model, segments)
         compute = measured_compute(model)
-        row[f"flops@{length}"] = compute["flops_per_token"] if compute else 30 * layer_matmul_flops(model.config)
+        row[f"flops@{length}"] = (compute["flops_per_token"] if compute else
+                                  model.config.num_hidden_layers * layer_matmul_flops(model.config))
         row[f"skip@{length}"] = compute["tokens_skipped"] if compute else 0.0
         if compute:
             row[f"layers@{length}"] = {str(k): v for k, v in compute["skipped_per_layer"].items()}

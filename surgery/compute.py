@@ -40,5 +40,4 @@ def measured_compute(model) -> dict[str, Any] | None:
     passes = config.num_hidden_layers - len(found) + computed
     return {"tokens_skipped": sum(skipped.values()) / len(skipped),
             "skipped_per_layer": skipped,
-            "flops_per_token": passes * layer_matmul_flops(config),
-            "dense_flops_per_token": config.num_hidden_layers * layer_matmul_flops(config)}
+            "flops_per_token": passes * layer_matmul_flops(config)}

@@ -107,6 +107,7 @@ def test_other_eviction_is_refused(tiny_models, tmp_path, recipes, needle):
     (("--gate-threshold", "1.5"), "--gate-threshold"),
     (("--target-keep", "0"), "--target-keep"),
     (("--open-bias", "-1"), "--open-bias"),
+    (("--flag-noise", "-1"), "--flag-noise"),
     (("--gate-threshold", "0.9"), "--open-bias"),  # σ(1.0) = 0.73: every token would start evicted
 ])
 def test_bad_gate_options_fail_cleanly(tiny_models, tmp_path, options, needle):

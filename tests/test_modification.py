@@ -114,6 +114,8 @@ def test_sharing_and_eviction_are_refused(tiny_models, tmp_path, recipes, needle
     (("--route-layers", "7"), "--route-layers"),
     (("--route-threshold", "1.5"), "--route-threshold"),
     (("--skip", "1"), "--skip"),
+    (("--skip-weight", "-1"), "--skip-weight"),
+    (("--aux-alpha", "-0.5"), "--aux-alpha"),
     (("--router-bias", "0.1", "--route-threshold", "0.9"), "--router-bias"),
 ])
 def test_bad_routing_options_fail_cleanly(tiny_models, tmp_path, options, needle):

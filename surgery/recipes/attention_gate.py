@@ -12,8 +12,8 @@ Choices where the paper leaves room or where this project deviates:
   a heuristic such as SnapKV: SnapKV scores a token by the attention of queries that come after it, which a causal
   gate cannot see, and keep-all makes the untrained checkpoint equal to the source (a test checks it).
 - The regulariser is λ·(rate − target)² per (layer, KV head), averaged: per layer, a 3-head layer met the target
-  by switching one head off. The paper's is linear in the keep rate,
-  which has no minimum at the target: it pushes towards evicting everything until distillation pushes back.
+  by switching one head off. The paper's is linear in the keep rate, which has no minimum at the target: it pushes
+  towards evicting everything until distillation pushes back.
   λ = 10 by default: at λ = 1 on the demo model, 75 steps of distillation held the gates near keeping everything
   (97.7% kept, measured at 1k tokens), as the KL of evicting outweighed the regulariser.
 - In training the flags are drawn, not thresholded: keep = logit + u ≥ logit(τ), u ~ Logistic(0, 1) (`flag_noise`),

@@ -118,13 +118,11 @@ class MoDification(Recipe):
         """Only the routers; the base model stays frozen."""
         return ROUTER_MODULE in name
 
-    @staticmethod
-    def _routers(model) -> list:
-        return [layer.router for layer in model.model.layers if getattr(layer, "router", None) is not None]
-
     def regulariser(self, model):
         """α·Σ_j F_j·G_j (the paper's) + λ·mean_j(skip_j − target)², over the routers that ran this forward."""
-        routers = [router for router in self._routers(model) if router.fraction is not None]
+        from ..compute import routers as routers_of
+
+        routers = [router for router in routers_of(model).values() if router.fraction is not None]
         if not routers:
             return None
         fractions = torch.stack([router.fraction for router in routers])
