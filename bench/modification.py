@@ -10,7 +10,8 @@ Offline, CPU:
 
 Each run is `surgery convert demo --recipe modification` (routers on layers 1, 3, ..., 29) with `--skip S` (run
 `skipS`) or `--skip-weight 0` (run `paper`: α·Σ F·G alone), then `surgery adapt` with the recipe's defaults (batch 2
-× 512 tokens of the calibration corpus, lr 1e-2, only the routers train). Runs go in the order given; a run cut
+× 512 tokens of the calibration corpus, lr 1e-2 for the routers and 1e-4 for the routed layers, which train
+with them: `--train layers`, the default). Runs go in the order given; a run cut
 short keeps the runs it finished, and the table says which did not run.
 """
 
@@ -176,9 +177,11 @@ def main() -> None:
                 resume = latest_state(state_folder(trained)) is not None  # a run cut short goes on from its state
                 adapt(ckpt, trained, settings, verify=False, progress=True, resume=resume)
                 recipe = recipe_for(run)
+                trains = (f"the routers and the routed layers (lr × {recipe.layer_lr_scale})" if recipe.train == "layers"
+                          else "only the routers")
                 state["meta"].setdefault("training", {})[run] = (
                     f"`surgery adapt --steps {args.steps}` (batch 2 × 512 tokens, lr 1e-2: {args.steps * 1024:,} tokens "
-                    f"of the calibration corpus; only the routers train; skip target {recipe.skip}, λ "
+                    f"of the calibration corpus; trains {trains}; skip target {recipe.skip}, λ "
                     f"{recipe.skip_weight}, α {recipe.aux_alpha}) took {time.perf_counter() - start:.0f} s.")
             model, _ = load_model(str(trained))
             name = f"modification, {run}"

@@ -34,13 +34,15 @@ log = logging.getLogger(__name__)
 STATE_FILE = "adapt_progress.json"
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                       alpha: float) -> torch.Tensor:
-    """α·KL(teacher ‖ student) + (1 − α)·CE, per token, on next-token predictions."""
+    """α·KL(teacher ‖ student) + (1 − α)·CE, per token, on next-token predictions (no teacher logits: α = 0)."""
     student = student_logits[:, :-1].float().log_softmax(-1)
+    ce = F.nll_loss(student.flatten(0, 1), labels[:, 1:].flatten())
+    if teacher_logits is None:
+        return ce
     teacher = teacher_logits[:, :-1].float().log_softmax(-1)
     kl = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
-    ce = F.nll_loss(student.flatten(0, 1), labels[:, 1:].flatten())
     return alpha * kl + (1 - alpha) * ce
 
 
@@ -151,12 +153,14 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
         recipe.prepare_training(model)
     if lora_targets:
         add_lora(model, lora_targets, settings.lora_rank, settings.lora_alpha or 2.0 * settings.lora_rank)
-    trainable = []
+    trainable, groups = [], {}
     for name, parameter in model.named_parameters():
         train = is_lora_parameter(name) or any(recipe.is_trainable(name, config) for recipe in recipes)
         parameter.requires_grad_(train and ".base_layer." not in name)
         if parameter.requires_grad:
             trainable.append(parameter)
+            scale = next((recipe.lr_scale(name) for recipe in recipes if recipe.is_trainable(name, config)), 1.0)
+            groups.setdefault(scale, []).append(parameter)
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
 
@@ -167,7 +171,8 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
     data = calibration_ids(CalibrationSettings(text, settings.num_samples, settings.seq_len, settings.seed),
                            tokenizer, teacher)
 
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW([{"params": params, "lr": lr * scale} for scale, params in groups.items()],
+                                  lr=lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     teacher = teacher.to(accelerator.device).eval()
@@ -196,8 +201,8 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
             for recipe in recipes:
                 recipe.before_step(accelerator.unwrap_model(model), step_generator(settings.seed, step, micro))
             with accelerator.accumulate(model), accelerator.autocast():
-                with torch.no_grad():
-                    teacher_logits = teacher(ids, use_cache=False).logits
+                with torch.no_grad():  # α = 0 (continual pre-training): the loss is plain cross-entropy
+                    teacher_logits = teacher(ids, use_cache=False).logits if alpha > 0 else None
                 student_logits = model(ids, use_cache=False).logits
                 loss = distillation_loss(student_logits, teacher_logits, ids, alpha)
                 for recipe in recipes:

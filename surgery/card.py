@@ -1,5 +1,6 @@
 """recipe.yaml and the model card (README.md) of a converted checkpoint."""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,7 @@ def render_card(folder: Path, model_id: str | None = None) -> str:
         lm_eval=all_results.get("lm-eval"),
         lm_eval_rows=_lm_eval_rows(all_results.get("lm-eval")),
         recipes=recipes,
+        family=_plain_family(folder),
         eval_rows=_eval_rows(results),
         eval_note=results.get("note", ""),
         command=record.get("command", ""),
@@ -162,3 +164,11 @@ def render_card(folder: Path, model_id: str | None = None) -> str:
     text = str(card)
     (folder / "README.md").write_text(text)
     return text
+
+
+def _plain_family(folder: Path) -> str | None:
+    """The family of a plain checkpoint (depth growth alone writes one), None for a surgery checkpoint."""
+    config_path = Path(folder) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return None if model_type in (None, "surgery") else model_type

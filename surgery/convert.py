@@ -20,7 +20,7 @@ from .card import EVAL_FILE, render_card
 from .corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from .errors import SurgeryError
 from .export import DTYPES, check_source_tensors, finish_checkpoint, write_weights
-from .families import surgery_config_from_source
+from .families import grown_family_config, surgery_config_from_source
 from .layer_runner import LayerRunner
 from .loading import has_tokenizer, load_tokenizer
 from .memory import available_memory
@@ -144,11 +144,14 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
     Every recipe calibrates on a LayerRunner (one decoder layer in memory) that builds the layers as the
     recipes before it planned them. The whole model is loaded only to sample self-generated calibration text.
     """
-    if settings is None:
-        with torch.no_grad():
-            plans = [recipe.plan(None, None, request.seed, request.progress) for recipe in request.recipes]
-        for recipe, plan in zip(request.recipes, plans):
-            recipe.apply(config, plan)
+    if settings is None:  # no calibration: each recipe still reads the weights as the recipes before it left them
+        plans = []
+        for done, recipe in enumerate(request.recipes):
+            runner = LayerRunner(source.folder, config, None, request.calib_batch_size, torch.float32,
+                                 request.progress, plan=tensor_plan(request.recipes[:done]))
+            with torch.no_grad():
+                plans.append(recipe.plan(runner, None, request.seed, request.progress))
+            recipe.apply(config, plans[-1])
         return plans
     torch.manual_seed(request.seed)
     tokenizer = load_tokenizer(source.folder, request.trust_remote_code)
@@ -257,7 +260,8 @@ def _convert(request: ConvertRequest, source: Source, out: Path) -> Path:
             write_weights(source.folder, config, folder, dtype, request.max_shard_size, request.progress,
                           tensor_plan(request.recipes))
         with stage("config, code, tokenizer" + (" and verify" if request.verify else "")):
-            finish_checkpoint(folder, config, dtype, source.folder,
+            plain = all(recipe.keeps_family for recipe in request.recipes)  # depth growth alone: no remote code
+            finish_checkpoint(folder, grown_family_config(source.config, config) if plain else config, dtype, source.folder,
                               recipe_record(request, source, settings, plans, dtype), request.verify,
                               request.trust_remote_code)
         if request.evaluate:

@@ -43,10 +43,17 @@ def bundle_remote_code(folder: Path) -> list[str]:
     return names
 
 
-def expected_tensors(config: SurgeryConfig) -> dict[str, tuple[int, ...]]:
+def is_surgery(config) -> bool:
+    """A surgery checkpoint (remote code) rather than a plain one of the source family (depth growth alone)."""
+    return config.model_type == SurgeryConfig.model_type
+
+
+def expected_tensors(config) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors the converted model owns, from a model built on the meta device."""
+    from .loading import family_model_class
+
     with torch.device("meta"):
-        model = SurgeryForCausalLM(config)
+        model = SurgeryForCausalLM(config) if is_surgery(config) else family_model_class(config.model_type)(config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
@@ -76,10 +83,15 @@ def write_weights(source_folder: Path, config: SurgeryConfig, folder: Path, dtyp
     return report
 
 
-def write_config(config: SurgeryConfig, folder: Path, dtype: torch.dtype) -> None:
-    config.auto_map = dict(AUTO_MAP)
-    config.surgery_format = SURGERY_FORMAT
-    config.architectures = ["SurgeryForCausalLM"]
+def write_config(config, folder: Path, dtype: torch.dtype) -> None:
+    if is_surgery(config):
+        config.auto_map = dict(AUTO_MAP)
+        config.surgery_format = SURGERY_FORMAT
+        config.architectures = ["SurgeryForCausalLM"]
+    else:
+        from .loading import family_model_class
+
+        config.architectures = [family_model_class(config.model_type).__name__]
     config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(folder)
 
@@ -103,7 +115,7 @@ def carry_files(source_folder: Path, folder: Path, trust_remote_code: bool = Fal
     return carried
 
 
-def write_state_dict(state: dict[str, torch.Tensor], config: SurgeryConfig, folder: Path, dtype: torch.dtype,
+def write_state_dict(state: dict[str, torch.Tensor], config, folder: Path, dtype: torch.dtype,
                      max_shard_size: int) -> None:
     """Write an in-memory model's weights (after `surgery adapt`), one tensor for tied embeddings."""
     expected = expected_tensors(config)
@@ -117,16 +129,18 @@ def write_state_dict(state: dict[str, torch.Tensor], config: SurgeryConfig, fold
     writer.finish()
 
 
-def finish_checkpoint(folder: Path, config: SurgeryConfig, dtype: torch.dtype, files_from: Path, record: dict,
+def finish_checkpoint(folder: Path, config, dtype: torch.dtype, files_from: Path, record: dict,
                       verify: bool, trust_remote_code: bool = False) -> None:
-    """Everything but the weights: config with auto_map, flat remote code, tokenizer files, recipe.yaml; verify."""
+    """Everything but the weights: config (with auto_map and the flat remote code, unless the checkpoint is of the
+    source family), tokenizer files, recipe.yaml; verify."""
     from .card import write_recipe
     from .verify import verify_checkpoint
 
     write_config(config, folder, dtype)
-    bundle_remote_code(folder)
+    if is_surgery(config):
+        bundle_remote_code(folder)
     carry_files(files_from, folder, trust_remote_code)
     write_recipe(folder, record)
     if verify:
         log.info("verifying the checkpoint in a fresh interpreter without surgery")
-        verify_checkpoint(folder)
+        verify_checkpoint(folder, remote_code=is_surgery(config))

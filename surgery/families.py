@@ -137,3 +137,14 @@ def surgery_config_from_source(config_dict: dict[str, Any]) -> SurgeryConfig:
         return SurgeryConfig(**kwargs)
     except Exception as error:  # strict dataclass validation raises its own types
         raise SurgeryError(f"config.json cannot be converted: {first_line(error)}", hint="fix config.json of the source model") from None
+
+
+def grown_family_config(config_dict: dict[str, Any], grown: SurgeryConfig):
+    """The source family's config for a model that depth growth deepened (and nothing else changed): the source's
+    fields with the new layer count, per-layer types, and `grown_layers`, the new layers' indices."""
+    fields = dict(config_dict)
+    fields["num_hidden_layers"] = grown.num_hidden_layers
+    if fields.get("layer_types") is not None:
+        fields["layer_types"] = list(grown.layer_types)
+    fields["grown_layers"] = list(grown.grown_layers or [])
+    return source_config(fields)

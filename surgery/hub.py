@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .card import RECIPE_FILE, render_card
 from .errors import SurgeryError, first_line
+from .loading import read_json
 from .verify import verify_checkpoint
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,11 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
     if not dry_run:
         _check_can_upload(token)
     if verify:
-        if not trust_remote_code:
+        config = read_json(folder / "config.json")
+        remote_code = not isinstance(config, dict) or config.get("model_type") == "surgery"  # else a plain family one
+        if remote_code and not trust_remote_code:
             check_own_code(folder)
-        verify_checkpoint(folder)
+        verify_checkpoint(folder, remote_code=remote_code)
     render_card(folder, model_id=repo_id)  # the usage snippet names the Hub repo
     files = checkpoint_files(folder)
     if dry_run:

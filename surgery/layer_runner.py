@@ -41,7 +41,7 @@ class RunState:
 class LayerRunner:
     """Runs calibration token batches through the source checkpoint's decoder, one layer at a time."""
 
-    def __init__(self, folder: Path, config: SurgeryConfig, ids: torch.Tensor, batch_size: int,
+    def __init__(self, folder: Path, config: SurgeryConfig, ids: torch.Tensor | None, batch_size: int,
                  dtype: torch.dtype = torch.float32, progress: bool = False, device: str = "cpu",
                  plan: TensorPlan | None = None):
         self.reader = LazyCheckpoint(folder)
@@ -50,7 +50,7 @@ class LayerRunner:
         self.device = torch.device(device)
         self.ids = ids
         self.batch_size = batch_size
-        self.batches = [batch.to(self.device) for batch in ids.split(batch_size)]
+        self.batches = [] if ids is None else [batch.to(self.device) for batch in ids.split(batch_size)]
         self.dtype = dtype
         self.progress = progress
         self.plan = plan or TensorPlan()

@@ -44,7 +44,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 STANDARD_FAST_TOKENIZER = "PreTrainedTokenizerFast"
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -58,7 +58,7 @@ def has_tokenizer(folder: Path) -> bool:
 def _names_remote_tokenizer(folder: Path, tokenizer_config: dict) -> bool:
     """Whether the tokenizer points at code outside transformers: an auto_map, or a class transformers lacks."""
     model_config = Path(folder) / "config.json"
-    model_auto_map = _read_json(model_config).get("auto_map", {}) if model_config.is_file() else {}
+    model_auto_map = read_json(model_config).get("auto_map", {}) if model_config.is_file() else {}
     tokenizer_class = tokenizer_config.get("tokenizer_class")
     unknown_class = isinstance(tokenizer_class, str) and not hasattr(transformers, tokenizer_class)
     return "auto_map" in tokenizer_config or "AutoTokenizer" in (model_auto_map or {}) or unknown_class
@@ -72,7 +72,7 @@ def write_tokenizer_files(source: Path, target: Path, trust_remote_code: bool = 
     standard fast tokenizer.
     """
     source, target = Path(source), Path(target)
-    tokenizer_config = _read_json(source / TOKENIZER_CONFIG) if (source / TOKENIZER_CONFIG).is_file() else {}
+    tokenizer_config = read_json(source / TOKENIZER_CONFIG) if (source / TOKENIZER_CONFIG).is_file() else {}
     if not isinstance(tokenizer_config, dict):
         raise SurgeryError(f"{source / TOKENIZER_CONFIG} is not a JSON object", hint="fix or re-download the file")
     remote = _names_remote_tokenizer(source, tokenizer_config)
@@ -102,7 +102,7 @@ def clean_tokenizer_config(tokenizer_config: dict, source: Path) -> dict:
     clean = {k: v for k, v in tokenizer_config.items() if k not in LOCAL_KEYS}
     length = clean.get("model_max_length")
     if isinstance(length, (int, float)) and length > UNSET_MAX_LENGTH:
-        config = _read_json(source / "config.json") if (source / "config.json").is_file() else {}
+        config = read_json(source / "config.json") if (source / "config.json").is_file() else {}
         context = config.get("max_position_embeddings") if isinstance(config, dict) else None
         if isinstance(context, int):
             clean["model_max_length"] = context
@@ -136,7 +136,7 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     with tempfile.TemporaryDirectory() as clean:
         write_tokenizer_files(folder, Path(clean), trust_remote_code)
         model_config = folder / "config.json"
-        config = _read_json(model_config) if model_config.is_file() else None
+        config = read_json(model_config) if model_config.is_file() else None
         if isinstance(config, dict) and config.get("model_type") in transformers.CONFIG_MAPPING:
             # lets AutoTokenizer infer the class when tokenizer_config.json names none; no auto_map
             clean_config = {k: v for k, v in config.items() if k != "auto_map"}
@@ -152,7 +152,7 @@ def read_checkpoint_config(folder: Path) -> SurgeryConfig:
     """The config of a surgery checkpoint, refused when its format is newer than this package or its plan is invalid."""
     from . import __version__
 
-    raw = _read_json(Path(folder) / "config.json")
+    raw = read_json(Path(folder) / "config.json")
     found = raw.get("surgery_format", 1) if isinstance(raw, dict) else None
     if isinstance(found, bool) or not isinstance(found, int) or found < 1:
         raise SurgeryError(f"{folder}/config.json has an invalid surgery_format {found!r}",

@@ -7,7 +7,8 @@ Each recipe says, tensor by tensor, what changes (`TensorPlan`):
 - add: a tensor the recipe computed itself (MatryoshkaKV's bases);
 - drop: a source tensor the new model does not hold. Anything the new model does not expect is dropped anyway
   (a sharing layer's k_proj); `drop` makes it explicit in the report.
-Every tensor the new model expects and no rule names is copied under its own name.
+Every tensor the new model expects and no rule names is copied under its own name; a rule for a tensor it does not
+hold (one a later recipe removed, as KVSharer removes a grown layer's k_proj) lapses.
 
 Source tensors are read one at a time, shard by shard. A derived tensor waits until all its inputs have been
 read, is computed, and its inputs are freed, so the stage holds at most the tensors in flight, the inputs of
@@ -114,9 +115,6 @@ def rewrite(source_folder: Path, expected: dict[str, tuple[int, ...]], plan: Ten
     for new in expected:
         for source in plan.sources_of(new):
             consumers.setdefault(source, []).append(new)
-    unknown = sorted(name for name in {*plan.renamed, *plan.derived, *plan.added} if name not in expected)
-    if unknown:
-        raise SurgeryError(f"a recipe writes {unknown[0]}, which the planned model does not hold")
 
     report = RewriteReport()
     waiting: dict[str, dict[str, torch.Tensor]] = {new: {} for new in plan.derived if new in expected}
@@ -152,8 +150,9 @@ def rewrite(source_folder: Path, expected: dict[str, tuple[int, ...]], plan: Ten
                     emit(new, derivation.build(*(inputs[source] for source in derivation.inputs)))
             report.peak_held_bytes = max(report.peak_held_bytes, held + _pending(writer))
         release_freed_memory()
-    for new, tensor in plan.added.items():
-        emit(new, tensor)
+    for new, tensor in plan.added.items():  # rules for tensors a later recipe removed (a sharer's k_proj) lapse
+        if new in expected:
+            emit(new, tensor)
     missing = sorted(set(expected) - set(report.written))
     if missing:
         source = plan.sources_of(missing[0])

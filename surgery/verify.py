@@ -25,7 +25,8 @@ max_memory = int(sys.argv[2]) if len(sys.argv) > 2 else 0  # bytes to keep resid
 kwargs = {}
 if max_memory:  # larger than memory: accelerate keeps what fits and reads the rest from disk, layer by layer
     kwargs = dict(device_map="auto", max_memory={"cpu": max_memory}, offload_folder=sys.argv[3])
-model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs).eval()
+remote_code = sys.argv[4] == "1"  # a plain family checkpoint must load without it
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=remote_code, **kwargs).eval()
 ids = torch.tensor([[model.config.bos_token_id or 1, 11, 12, 13, 14, 15]])
 with torch.no_grad():
     logits = model(ids).logits
@@ -57,14 +58,15 @@ def offload_budget(folder: Path) -> int:
     return available // 4
 
 
-def verify_checkpoint(folder: Path, timeout: int = 1800, max_memory: int | None = None) -> dict:
+def verify_checkpoint(folder: Path, timeout: int = 1800, max_memory: int | None = None, remote_code: bool = True) -> dict:
     """Forward and a short generate in a subprocess without surgery; raise SurgeryError if either fails.
-    `max_memory` (bytes; default: from the free memory) bounds what the child keeps resident."""
+    `max_memory` (bytes; default: from the free memory) bounds what the child keeps resident; `remote_code`
+    False loads with stock transformers classes only (a plain family checkpoint)."""
     folder = Path(folder).resolve()
     budget = offload_budget(folder) if max_memory is None else max_memory
     with tempfile.TemporaryDirectory() as modules_cache, tempfile.TemporaryDirectory() as offload:
         result = subprocess.run(
-            [sys.executable, "-c", VERIFY_SCRIPT, str(folder), str(budget), offload],
+            [sys.executable, "-c", VERIFY_SCRIPT, str(folder), str(budget), offload, "1" if remote_code else "0"],
             capture_output=True, text=True, timeout=timeout, cwd=folder, env=isolated_env(modules_cache),
         )
     if result.returncode != 0:

@@ -1,5 +1,5 @@
-"""The MoDification recipe: conversion equals the source, training moves only the routers towards the target skip
-rate and the skipped compute is measured, composition, bad input."""
+"""The MoDification recipe: conversion equals the source, training moves the routers (and, if asked, the routed
+layers) towards the target skip rate and the skipped compute is measured, composition, bad input."""
 
 import json
 
@@ -31,7 +31,8 @@ def test_adapt_trains_only_the_routers_and_the_skipped_compute_is_measured(tiny_
     from surgery.adapt import adapt
     from surgery.adapt_settings import AdaptSettings
 
-    ckpt = run_convert(tiny_with_tokenizer, tmp_path / "mod", recipe="modification", recipe_options={"skip": 0.5})
+    ckpt = run_convert(tiny_with_tokenizer, tmp_path / "mod", recipe="modification",
+                       recipe_options={"skip": 0.5, "train": "routers"})
     settings = AdaptSettings(teacher=str(tiny_with_tokenizer), steps=12, seq_len=64, num_samples=4, lr=0.3,
                              warmup_steps=0, save_every=0)
     out = adapt(ckpt, tmp_path / "trained", settings, verify=False, progress=False)
@@ -57,6 +58,30 @@ def test_adapt_trains_only_the_routers_and_the_skipped_compute_is_measured(tiny_
     skipped_passes = results["tokens_skipped"] * len(routed)
     assert results["flops_per_token"] == pytest.approx((layers - skipped_passes) * layer_matmul_flops(model.config))
     assert "tokens skipping each routed layer" in quality.output
+
+
+def test_train_layers_moves_only_routers_and_routed_layers_at_their_scaled_rate(tiny_with_tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    from surgery.adapt import adapt
+    from surgery.adapt_settings import AdaptSettings
+    from surgery.recipes.growth import layer_of
+
+    ckpt = run_convert(tiny_with_tokenizer, tmp_path / "mod", recipe="modification",
+                       recipe_options={"train": "layers", "layer_lr_scale": 0.01})
+    steps, lr = 4, 0.3
+    settings = AdaptSettings(teacher=str(tiny_with_tokenizer), steps=steps, seq_len=32, num_samples=2, batch_size=2,
+                             lr=lr, warmup_steps=0, save_every=0)
+    out = adapt(ckpt, tmp_path / "trained", settings, verify=False, progress=False)
+    before, after = load_file(ckpt / "model.safetensors"), load_file(out / "model.safetensors")
+    routed = set(json.loads((out / "config.json").read_text())["mod_layers"])
+    moved = {name: (after[name] - before[name]).abs().max().item() for name in before}
+    changed = {name for name, step in moved.items() if step > 0}
+    assert changed and all(layer_of(name) in routed for name in changed)
+    layer_weights = [name for name in changed if ".router." not in name]
+    assert {layer_of(name) for name in layer_weights} == routed  # every routed layer trains
+    # Adam moves a weight by about lr per step (exactly lr on the first): at lr × 0.01 the routed layers move < 0.3.
+    assert max(moved[name] for name in layer_weights) <= 1.5 * steps * lr * 0.01
 
 
 def test_layer_flops_are_the_projection_and_mlp_multiply_adds(tiny_models):
@@ -116,6 +141,8 @@ def test_sharing_and_eviction_are_refused(tiny_models, tmp_path, recipes, needle
     (("--skip", "1"), "--skip"),
     (("--skip-weight", "-1"), "--skip-weight"),
     (("--aux-alpha", "-0.5"), "--aux-alpha"),
+    (("--train", "everything"), "--train"),
+    (("--layer-lr-scale", "0"), "--layer-lr-scale"),
     (("--router-bias", "0.1", "--route-threshold", "0.9"), "--router-bias"),
 ])
 def test_bad_routing_options_fail_cleanly(tiny_models, tmp_path, options, needle):

@@ -51,6 +51,9 @@ class SurgeryConfig(PreTrainedConfig):
         MoDification: the routed layers, each with a router g = σ(w·x̂ + b) over its normalised input; a token with
         g ≥ `mod_threshold` goes through the layer (its update scaled by g / stopgrad(g), 1 in value), any other
         token skips it and leaves no K/V in its cache. `None` means no layer is routed.
+    grown_layers (`list[int]`, *optional*):
+        Depth growth (LESA, LLaMA-Pro, SOLAR): the layers added to the source, which `surgery adapt` trains. They
+        are ordinary layers; the field only records which are new.
     surgery_format (`int`):
         The checkpoint layout version (`SURGERY_FORMAT` of the code that wrote it).
     surgery_recipes (`list[str]`):
@@ -106,6 +109,7 @@ class SurgeryConfig(PreTrainedConfig):
     kv_gate_threshold: float = 0.5
     mod_layers: list[int] | None = None
     mod_threshold: float = 0.5
+    grown_layers: list[int] | None = None
     surgery_recipes: list[str] | None = None
     surgery_format: int = SURGERY_FORMAT
     source_model_type: str | None = None

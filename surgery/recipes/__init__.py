@@ -3,8 +3,10 @@
 from ..errors import SurgeryError
 from .attention_gate import AttentionGateRecipe
 from .base import CalibrationRequest, Recipe
+from .depth_up import DepthUp
 from .dynamickv import DynamicKV
 from .kvsharer import KVSharer
+from .lesa import LESA
 from .matryoshka import MatryoshkaKV
 from .modification import MoDification
 from .none import Identity
@@ -13,11 +15,11 @@ from .pyramid import PyramidKV
 from .snapkv import SnapKV
 from .zigzag import ZigZagKV
 
-# Registry order is composition order: sharing first, then projections, then key sharing, learned eviction,
-# routing, then token eviction.
+# Registry order is composition order: depth growth first (later recipes plan on the grown model), then sharing,
+# projections, key sharing, learned eviction, routing, then token eviction.
 RECIPES: dict[str, type[Recipe]] = {
-    recipe.name: recipe for recipe in (Identity, KVSharer, MatryoshkaKV, PoD, AttentionGateRecipe, MoDification, SnapKV,
-                                       PyramidKV, ZigZagKV, DynamicKV)
+    recipe.name: recipe for recipe in (Identity, LESA, DepthUp, KVSharer, MatryoshkaKV, PoD, AttentionGateRecipe,
+                                       MoDification, SnapKV, PyramidKV, ZigZagKV, DynamicKV)
 }
 
 

@@ -36,6 +36,7 @@ class Recipe:
     renamed_options: ClassVar[dict[str, str | None]] = {}  # old recipe.yaml option -> new name (None: retired)
     milder: ClassVar[str] = ""  # what to try when the result is far from the source
     excludes: ClassVar[dict[str, str]] = {}  # recipes this one cannot be combined with, and why
+    keeps_family: ClassVar[bool] = False  # True: alone, its output is a plain checkpoint of the source family
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -45,7 +46,8 @@ class Recipe:
 
     def plan(self, runner, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
         """Decide what to change, from calibration tokens run through the source one layer at a time (`runner`, a
-        LayerRunner; None when the recipe asks for no calibration). Small and serialisable."""
+        LayerRunner; over no tokens when no recipe asks for calibration, but its `tensor` still reads the weights as
+        the recipes before left them). Small and serialisable."""
         return {}
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
@@ -68,6 +70,11 @@ class Recipe:
     def is_trainable(self, name: str, config: SurgeryConfig) -> bool:
         """Whether `surgery adapt` trains this parameter of a checkpoint made with this recipe."""
         return False
+
+    def lr_scale(self, name: str) -> float:
+        """This trainable parameter's learning rate as a multiple of adapt's --lr: new parts (routers, gates) and
+        pretrained weights that train beside them want rates orders of magnitude apart."""
+        return 1.0
 
     def prepare_training(self, model) -> None:
         """Before training: e.g. parametrisations that keep trained weights valid."""

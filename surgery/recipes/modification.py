@@ -17,8 +17,9 @@ Choices where the paper leaves room or where this project deviates:
   `--aux-alpha`, 0.01), plus λ·mean_j(skip_j − target)² towards `--skip` (λ = `--skip-weight`). A third-party
   reproduction found R alone drowned by the language-model loss (the model drifted back to dense); the bounded
   target penalty does not depend on that balance. skip_j's gradient is straight-through, that of 1 − G_j.
-- Only the routers train: the routed layers keep the source weights, so the converted model stays a compressed
-  source model, and training is cheap.
+- What trains (`--train`): `routers` (the base frozen: the converted model stays a compressed source model, and
+  training is cheap), or `layers`, the routers and every weight of the routed layers, at `--layer-lr-scale` × the
+  routers' rate, so that a layer learns to work from the subset of tokens it keeps.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import SurgeryError
 from ..lazy import lazy_import
 from .base import Recipe
+from .growth import layer_of
 
 torch = lazy_import("torch")
 
@@ -60,6 +62,8 @@ class MoDification(Recipe):
     skip: float = field(default=0.25, metadata={"help": "training: share of tokens each routed layer should skip", "min": 0, "below": 1})
     skip_weight: float = field(default=10.0, metadata={"help": "λ of the penalty λ·(skip rate − --skip)² (0: the paper's regulariser alone)", "min": 0})
     aux_alpha: float = field(default=0.01, metadata={"help": "α of the paper's regulariser α·Σ F·G (0: off)", "min": 0})
+    train: str = field(default="layers", metadata={"help": "what `surgery adapt` trains: routers, or the routers and the routed layers' weights", "choices": ("routers", "layers")})
+    layer_lr_scale: float = field(default=0.01, metadata={"help": "with --train layers: the routed layers' learning rate as a multiple of the routers'", "above": 0})
     router_bias: float = field(default=1.0, metadata={"help": "initial router logit: σ(bias) ≥ --route-threshold routes every token", "above": 0})
 
     def __post_init__(self) -> None:
@@ -115,8 +119,11 @@ class MoDification(Recipe):
                 "untrained, the routers route every token"]
 
     def is_trainable(self, name: str, config: SurgeryConfig) -> bool:
-        """Only the routers; the base model stays frozen."""
-        return ROUTER_MODULE in name
+        """The routers, and with --train layers every weight of a routed layer."""
+        return ROUTER_MODULE in name or (self.train == "layers" and layer_of(name) in (config.mod_layers or ()))
+
+    def lr_scale(self, name: str) -> float:
+        return 1.0 if ROUTER_MODULE in name else self.layer_lr_scale
 
     def regulariser(self, model):
         """α·Σ_j F_j·G_j (the paper's) + λ·mean_j(skip_j − target)², over the routers that ran this forward."""

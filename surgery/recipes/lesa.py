@@ -1,0 +1,158 @@
+"""LESA (Yang et al., LESA: Learnable LLM Layer Scaling-Up, arXiv 2502.13794): new layers whose weights a small
+network predicts from their neighbours', in the latent space of one SVD over all layers.
+
+For each projection type (q, k, v, o, gate, up, down): W_cat = [W_0 … W_{L−1}] (concatenated along the input
+dimension) = U·S·Vᵀ, and Vᵀ splits into one block B_l (rank × in) per layer, W_l = U·S·B_l. An MLP
+(2·in → 256 → 256 → in) learns row j of B_i from rows j of B_{i−1} and B_{i+1}, on every triplet of adjacent
+layers but one, held out to measure its error; a new layer between layers i and i + 1 is U·S·f(B_i, B_{i+1}).
+Training as in the official setting: AdamW, lr 1e-3, 10 epochs, batch 64, loss 0.9995·MSE + 0.0005·MSE of the
+row norms.
+
+Choices where the paper leaves room or where this project deviates:
+- Norms: the official code copies layer 0's RMSNorm weights into every new layer; here the mean of the two
+  neighbours' (`--norms first` gives the official choice; bench/results/lesa.md compares the two). Biases and
+  per-head q/k norms, which the SVD does not cover, are the neighbours' mean too.
+- The blocks are scaled by √L before training (their rows have norm ≈ 1/√L), so the MLP's default
+  initialisation fits their scale; predictions are scaled back. The MLP uses ReLU.
+- The predictor's held-out error is reported beside that of the plain neighbour mean (B_i + B_{i+1}) / 2, in
+  weight space (‖U·S·(f − B)‖ / ‖W‖), so the number says what the predictor adds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import SurgeryError
+from ..lazy import lazy_import
+from .growth import NORMS, GrowthRecipe, layer_name, neighbour_mean
+
+torch = lazy_import("torch")
+
+if TYPE_CHECKING:
+    from ..rewrite import TensorPlan
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+NORM_CHOICES = ("neighbours", "first")
+
+
+@dataclass
+class LESA(GrowthRecipe):
+    name: ClassVar[str] = "lesa"
+    paper: ClassVar[str] = "Yang et al., LESA: Learnable LLM Layer Scaling-Up (arXiv 2502.13794)"
+    saves: ClassVar[str] = "nothing: grows the model in depth, with new layers predicted from their neighbours"
+    excludes: ClassVar[dict[str, str]] = {"depth-up": "both grow the model; grow it once"}
+
+    norms: str = field(default="neighbours", metadata={"help": "new layers' RMSNorm weights: neighbours (their mean) or first (layer 0's, as the official code)", "choices": NORM_CHOICES})
+    epochs: int = field(default=10, metadata={"help": "predictor training epochs", "min": 1})
+    hidden: int = field(default=256, metadata={"help": "predictor hidden width", "min": 1})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.predicted: dict[str, torch.Tensor] = {}
+
+    def validate(self, config) -> None:
+        super().validate(config)
+        if config.num_hidden_layers < 4 and self.target(config.num_hidden_layers) > config.num_hidden_layers:
+            raise SurgeryError(f"LESA learns from triplets of adjacent layers, one held out: {config.num_hidden_layers} "
+                               "layers are too few", hint="use --recipe depth-up on a model this shallow")
+
+    def plan(self, runner, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        plan = super().plan(runner, calibration_ids, seed, progress)
+        layout = [tuple(slot) for slot in plan["layout"]]
+        num_layers = runner.config.num_hidden_layers
+        self.predicted, errors = {}, {}
+        if not plan["new_layers"]:
+            return {**plan, "predictor": errors}
+        held_out = min(max(num_layers - num_layers // 4, 1), num_layers - 2)  # a middle layer of the upper half
+        for projection in tqdm(PROJECTIONS, desc="LESA predictors", unit="projection", disable=not progress):
+            weights = [runner.tensor(layer_name(layer, f"{projection}.weight")).float() for layer in range(num_layers)]
+            basis, blocks = latent_blocks(weights)
+            predictor, errors[projection] = fit_predictor(basis, blocks, weights, held_out, self.epochs, self.hidden,
+                                                          seed)
+            for index, (kind, lower) in enumerate(layout):
+                if kind == "new":
+                    with torch.no_grad():
+                        block = predict(predictor, blocks[lower], blocks[lower + 1])
+                    self.predicted[layer_name(index, f"{projection}.weight")] = basis @ block
+        return {**plan, "predictor": errors, "held_out_layer": held_out}
+
+    def build_new_layer(self, plan: TensorPlan, index: int, lower: int, suffix: str) -> None:
+        name = layer_name(index, suffix)
+        if name in self.predicted:
+            plan.add(name, self.predicted[name])
+        elif suffix in NORMS and self.norms == "first":
+            plan.rename(name, layer_name(0, suffix))
+        else:
+            plan.derive(name, [layer_name(lower, suffix), layer_name(lower + 1, suffix)], neighbour_mean)
+
+    def describe(self, plan: dict[str, Any]) -> list[str]:
+        lines = super().describe(plan)
+        errors = plan.get("predictor") or {}
+        if errors:
+            mean = sum(e["predictor"] for e in errors.values()) / len(errors)
+            baseline = sum(e["neighbour_mean"] for e in errors.values()) / len(errors)
+            lines.append(f"predicted from their neighbours (held-out layer {plan['held_out_layer']}: relative weight "
+                         f"error {mean:.3f}, against {baseline:.3f} for the neighbours' mean)")
+        return lines
+
+
+def latent_blocks(weights: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """U·S (out × rank) and each layer's block of Vᵀ (rank × in), from one SVD of the weights side by side."""
+    u, s, vh = torch.linalg.svd(torch.cat(weights, dim=1), full_matrices=False)
+    return u * s, list(vh.split(weights[0].shape[1], dim=1))
+
+
+def make_predictor(width: int, hidden: int) -> torch.nn.Module:
+    """2·in → hidden → hidden → in."""
+    return torch.nn.Sequential(torch.nn.Linear(2 * width, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
+                               torch.nn.ReLU(), torch.nn.Linear(hidden, width))
+
+
+def predict(predictor: torch.nn.Module, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """Block rows of the layer between `lower` and `upper`, from theirs (blocks in their SVD scale)."""
+    scale = predictor.scale
+    return predictor(torch.cat([lower, upper], dim=1) * scale) / scale
+
+
+def lesa_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0.9995·MSE + 0.0005·MSE of the row norms (the official weighting)."""
+    norms = torch.nn.functional.mse_loss(predicted.norm(dim=1), target.norm(dim=1))
+    return 0.9995 * torch.nn.functional.mse_loss(predicted, target) + 0.0005 * norms
+
+
+def fit_predictor(basis: torch.Tensor, blocks: list[torch.Tensor], weights: list[torch.Tensor], held_out: int,
+                  epochs: int, hidden: int, seed: int, batch_size: int = 64, lr: float = 1e-3
+                  ) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Train the predictor on the triplets (i − 1, i, i + 1), one row of the blocks per sample, all but the triplet
+    centred on `held_out`; return it with its held-out relative weight error and the neighbour mean's."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = math.sqrt(len(blocks))
+    middles = [i for i in range(1, len(blocks) - 1) if i != held_out]
+    inputs = torch.cat([torch.cat([blocks[i - 1], blocks[i + 1]], dim=1) for i in middles]) * scale
+    targets = torch.cat([blocks[i] for i in middles]) * scale
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        predictor = make_predictor(blocks[0].shape[1], hidden)
+    predictor.scale = scale
+    optimizer = torch.optim.AdamW(predictor.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(len(inputs), generator=generator)
+            for batch in order.split(batch_size):
+                loss = lesa_loss(predictor(inputs[batch]), targets[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    predictor.eval()
+    with torch.no_grad():
+        lower, upper, truth = blocks[held_out - 1], blocks[held_out + 1], weights[held_out]
+        predicted = basis @ predict(predictor, lower, upper)
+        mean = basis @ ((lower + upper) / 2)
+        errors = {"predictor": float((predicted - truth).norm() / truth.norm()),
+                  "neighbour_mean": float((mean - truth).norm() / truth.norm())}
+    return predictor, errors
