@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -81,11 +82,13 @@ def state_folder(out: Path) -> Path:
 
 def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = False, overwrite: bool = False,
           verify: bool = True, progress: bool = True, stop_after: int | None = None,
-          allow_pickle: bool = False) -> Path:
+          allow_pickle: bool = False, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> Path:
     """Train `checkpoint`'s trainable parameters against `settings.teacher`, export to `out`.
 
     `--resume` continues from the saved state of this `--out` and never implies `--overwrite`.
     `stop_after` ends the run early after that many steps, leaving its periodic state behind (used to test resume).
+    `on_step(step, model)` runs after each optimizer step (and with step 0 before the first), on the unwrapped
+    model in train mode: a benchmark's learning curve.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     teacher_path = Path(settings.teacher).expanduser()
@@ -101,11 +104,13 @@ def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = F
         raise SurgeryError(f"no saved training state for {out} (looked in {state_folder(out)})",
                            hint="run without --resume to start from step 0")
     with exclusive(out):
-        return _adapt(checkpoint, out, settings, resume, overwrite, verify, progress, stop_after, allow_pickle, record)
+        return _adapt(checkpoint, out, settings, resume, overwrite, verify, progress, stop_after, allow_pickle, record,
+                      on_step)
 
 
 def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, overwrite: bool, verify: bool,
-           progress: bool, stop_after: int | None, allow_pickle: bool, record: dict) -> Path:
+           progress: bool, stop_after: int | None, allow_pickle: bool, record: dict,
+           on_step: Callable[[int, torch.nn.Module], None] | None = None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
     from transformers import get_cosine_schedule_with_warmup
@@ -192,6 +197,8 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
                disable=not progress or not accelerator.is_main_process)
     began, last_loss = time.perf_counter(), float("nan")
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
+    if on_step is not None and start == 0:
+        on_step(0, accelerator.unwrap_model(model))
     for step in range(start, end):
         for micro in range(settings.grad_accum):
             rank_slice = batch_indices(settings.seed, step, micro, settings.batch_size * accelerator.num_processes,
@@ -221,6 +228,8 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
         elapsed = time.perf_counter() - began
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_step * (done - start) / elapsed:.0f}")
+        if on_step is not None:
+            on_step(done, accelerator.unwrap_model(model))
         if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
             state = work_dir / f"step-{done}"
             accelerator.save_state(str(state))

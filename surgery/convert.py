@@ -130,11 +130,17 @@ def fits_twice(source: Source) -> bool:
 
 
 def load_calibration_model(source: Source, config: SurgeryConfig) -> SurgeryForCausalLM:
-    """The source weights in the surgery architecture with the identity plan, in float32 for calibration."""
-    model = SurgeryForCausalLM.from_pretrained(source.folder, config=copy.deepcopy(config), dtype=torch.float32).eval()
+    """The source weights in the surgery architecture with the identity plan, in float32 for calibration; read by
+    surgery name (`LazyCheckpoint`), so families that store their experts under other names load too."""
+    from .export import expected_tensors
+
+    model = SurgeryForCausalLM(copy.deepcopy(config)).to(torch.float32)
+    reader = LazyCheckpoint(source.folder)
+    model.load_state_dict({name: reader.get(name) for name in expected_tensors(config)}, strict=False)
+    model.tie_weights()
     for name, parameter in model.named_parameters():
         check_finite(name, parameter)
-    return model
+    return model.eval()
 
 
 def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
@@ -255,12 +261,12 @@ def _convert(request: ConvertRequest, source: Source, out: Path) -> Path:
         plans = plan_recipes(request, source, config, settings)
     config.surgery_recipes = [recipe.name for recipe in request.recipes]
 
+    plain = all(recipe.keeps_family for recipe in request.recipes)  # depth growth alone: no remote code
     with staging(out, request.overwrite) as folder:
         with stage("writing the weights"):
             write_weights(source.folder, config, folder, dtype, request.max_shard_size, request.progress,
-                          tensor_plan(request.recipes))
+                          tensor_plan(request.recipes), family=source.model_type if plain else None)
         with stage("config, code, tokenizer" + (" and verify" if request.verify else "")):
-            plain = all(recipe.keeps_family for recipe in request.recipes)  # depth growth alone: no remote code
             finish_checkpoint(folder, grown_family_config(source.config, config) if plain else config, dtype, source.folder,
                               recipe_record(request, source, settings, plans, dtype), request.verify,
                               request.trust_remote_code)

@@ -13,6 +13,7 @@ import torch
 from .arch.configuration_surgery import SURGERY_FORMAT, SurgeryConfig
 from .arch.modeling_surgery import SurgeryForCausalLM
 from .errors import SurgeryError
+from .layouts import family_name
 from .rewrite import RewriteReport, TensorPlan, rewrite
 from .tensor_io import LazyCheckpoint, ShardWriter
 
@@ -75,12 +76,33 @@ def check_source_tensors(source_folder: Path, config: SurgeryConfig) -> None:
 
 
 def write_weights(source_folder: Path, config: SurgeryConfig, folder: Path, dtype: torch.dtype | None,
-                  max_shard_size: int, progress: bool = True, plan: TensorPlan | None = None) -> RewriteReport:
-    """The rewrite stage into sharded safetensors: the source streamed shard by shard into the planned layout."""
+                  max_shard_size: int, progress: bool = True, plan: TensorPlan | None = None,
+                  family: str | None = None) -> RewriteReport:
+    """The rewrite stage into sharded safetensors: the source streamed shard by shard into the planned layout;
+    `family`: a plain checkpoint of that family, its tensors under the names the family saves."""
     writer = ShardWriter(folder, max_shard_size)
+    if family is not None:
+        writer = RenamingWriter(writer, lambda name: family_name(family, name))
     report = rewrite(source_folder, expected_tensors(config), plan or TensorPlan(), writer, dtype, progress)
     writer.finish()
     return report
+
+
+class RenamingWriter:
+    """A writer that stores each tensor under another name."""
+
+    def __init__(self, writer, rename):
+        self.writer, self.rename = writer, rename
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.writer.add(self.rename(name), tensor)
+
+    @property
+    def held_bytes(self) -> int:
+        return self.writer.held_bytes
+
+    def finish(self):
+        return self.writer.finish()
 
 
 def write_config(config, folder: Path, dtype: torch.dtype) -> None:

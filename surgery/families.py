@@ -1,7 +1,8 @@
-"""Translate a source `config.json` (llama, mistral, qwen2, qwen3) into the surgery architecture's config.
+"""Translate a source `config.json` (llama, mistral, qwen2, qwen3, and the MoE families mixtral, qwen2_moe, qwen3_moe)
+into the surgery architecture's config.
 
-The four families share one decoder and differ only in biases, the per-head q/k norm and sliding windows, so
-each family is a few lines of field mapping rather than a model class.
+The families share one decoder and differ only in biases, the per-head q/k norm, sliding windows and whether (and
+where) the MLP is a mixture of experts, so each family is a few lines of field mapping rather than a model class.
 """
 
 from typing import Any
@@ -11,7 +12,7 @@ from transformers import AutoConfig
 from .arch.configuration_surgery import SurgeryConfig
 from .errors import SurgeryError, first_line
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 _COMMON_FIELDS = (
     "vocab_size",
@@ -62,7 +63,32 @@ def _family_fields(model_type: str, source: Any) -> dict[str, Any]:
             "sliding_window": source.sliding_window,
             "layer_types": list(source.layer_types),
         }
+    if model_type == "mixtral":  # mistral's attention; every layer's MLP is 8 experts of intermediate_size
+        window = source.sliding_window
+        return {
+            "sliding_window": window,
+            "layer_types": ["sliding_attention" if window else "full_attention"] * source.num_hidden_layers,
+            **_experts(source, range(source.num_hidden_layers), source.intermediate_size, normalise=True),
+        }
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        sparse = [layer for layer in range(source.num_hidden_layers) if layer not in (source.mlp_only_layers or [])
+                  and source.num_experts > 0 and (layer + 1) % source.decoder_sparse_step == 0]
+        experts = _experts(source, sparse, source.moe_intermediate_size, normalise=source.norm_topk_prob)
+        if model_type == "qwen2_moe":
+            return {"attention_bias": source.qkv_bias, "sliding_window": source.sliding_window or None,
+                    "layer_types": list(source.layer_types), **experts,
+                    "moe_shared_intermediate_size": source.shared_expert_intermediate_size or None}
+        return {"attention_bias": source.attention_bias, "attention_out_bias": source.attention_bias, "qk_norm": True,
+                "sliding_window": source.sliding_window,
+                "layer_types": list(getattr(source, "layer_types", None) or ["full_attention"] * source.num_hidden_layers),
+                **experts}
     raise unsupported(model_type)
+
+
+def _experts(source: Any, layers, width: int, normalise: bool) -> dict[str, Any]:
+    """The MoE fields: which layers hold experts, how many, their width, top-k and its renormalisation."""
+    return {"moe_layers": list(layers), "moe_experts": source.num_experts, "moe_top_k": source.num_experts_per_tok,
+            "moe_intermediate_size": width, "moe_norm_topk": bool(normalise)}
 
 
 def unsupported(model_type: str | None) -> SurgeryError:
@@ -100,8 +126,8 @@ def _check_dimensions(config_dict: dict[str, Any]) -> None:
             raise SurgeryError(f"config.json has no {name}", hint="fix config.json of the source model")
         positive_int(name, config_dict[name])
     for name in _OPTIONAL_POSITIVE_INTS:
-        if config_dict.get(name) is not None:
-            positive_int(name, config_dict[name])
+        if config_dict.get(name) is not None and not (name == "sliding_window" and config_dict[name] == 0):
+            positive_int(name, config_dict[name])  # Qwen2-MoE writes sliding_window 0 for "none"
     heads, kv_heads = config_dict["num_attention_heads"], config_dict.get("num_key_value_heads") or config_dict["num_attention_heads"]
     if heads % kv_heads:
         raise SurgeryError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}",
@@ -147,4 +173,7 @@ def grown_family_config(config_dict: dict[str, Any], grown: SurgeryConfig):
     if fields.get("layer_types") is not None:
         fields["layer_types"] = list(grown.layer_types)
     fields["grown_layers"] = list(grown.grown_layers or [])
+    if grown.moe_layers is not None and fields.get("model_type") in ("qwen2_moe", "qwen3_moe"):
+        fields["decoder_sparse_step"] = 1  # the sparse layers, said explicitly: the grown stack breaks the step rule
+        fields["mlp_only_layers"] = [i for i in range(grown.num_hidden_layers) if i not in grown.moe_layers]
     return source_config(fields)

@@ -44,6 +44,15 @@ def describe(model: str, allow_pickle: bool = False) -> dict[str, str]:
     }
     if config.sharing_layers:
         info["sharing layers"] = ", ".join(f"{i}->{config.kv_source[i]}" for i in config.sharing_layers)
+    if config.moe_layers:
+        expert = 3 * config.hidden_size * config.moe_intermediate_size  # gate, up and down projections
+        idle = len(config.moe_layers) * (config.moe_experts - config.moe_top_k) * expert
+        info["experts"] = (f"{config.moe_experts} per layer on {len(config.moe_layers)} of {config.num_hidden_layers} "
+                           f"layers, top-{config.moe_top_k}" + (", plus a shared expert" if config.moe_shared_intermediate_size else ""))
+        info["active parameters per token"] = f"{(parameters - idle) / 1e6:.1f}M"
+    grown = config.grown_layers or source.config.get("grown_layers")  # a plain grown checkpoint keeps it in config.json
+    if grown:
+        info["new layers (depth growth)"] = ", ".join(map(str, grown))
     if config.surgery_recipes:
         info["recipes"] = ", ".join(config.surgery_recipes)
     return info

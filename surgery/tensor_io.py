@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import SurgeryError, first_line
+from .layouts import source_aliases
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -58,9 +59,17 @@ class LazyCheckpoint:
             if not shards:
                 raise SurgeryError(f"no .safetensors weights in {self.folder}", hint="convert from a safetensors model")
             weight_map = {name: shard.name for shard in shards for name in self._header_names(shard)}
-        self.weight_map: dict[str, str] = weight_map
         for shard in sorted(set(weight_map.values())):
             self._header_names(self.folder / shard)  # fail early on a missing or corrupt shard
+        # Names the surgery architecture reads under other names (Mixtral's experts, fused experts): see layouts.py
+        self.aliases = source_aliases(list(weight_map), lambda name: self._stored_shape(weight_map[name], name))
+        self.stored_map: dict[str, str] = weight_map  # stored name -> shard
+        stored_aliased = {alias.stored for alias in self.aliases.values()}
+        self.weight_map: dict[str, str] = {name: shard for name, shard in weight_map.items() if name not in stored_aliased}
+        self.weight_map.update({name: weight_map[alias.stored] for name, alias in self.aliases.items()})
+        self._views: dict[str, list[str]] = {}  # stored name -> the surgery names it holds
+        for name, alias in self.aliases.items():
+            self._views.setdefault(alias.stored, []).append(name)
 
     @staticmethod
     def _header_names(shard: Path) -> list[str]:
@@ -72,18 +81,26 @@ class LazyCheckpoint:
                 f"cannot read safetensors file {shard}: {error}", hint="re-download or re-export the source"
             ) from None
 
+    def _stored_shape(self, shard: str, name: str) -> tuple[int, ...]:
+        with safe_open(self.folder / shard, framework="pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
+
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from its shard."""
+        """One tensor, by its surgery name, read from its shard."""
+        alias = self.aliases.get(name)
         with safe_open(self.folder / self.weight_map[name], framework="pt") as handle:
-            return handle.get_tensor(name)
+            return handle.get_tensor(name) if alias is None else alias.take(handle.get_tensor(alias.stored))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor's shape, from the shard headers only."""
+        """Every tensor's shape (by surgery name), from the shard headers only."""
         shapes = {}
         for shard in self.shards():
             with safe_open(self.folder / shard, framework="pt") as handle:
-                for name in handle.keys():
-                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+                for stored in handle.keys():
+                    shape = tuple(handle.get_slice(stored).get_shape())
+                    for name in self._views.get(stored, [stored]):
+                        alias = self.aliases.get(name)
+                        shapes[name] = shape if alias is None else alias.shape(shape)
         return shapes
 
     def names(self) -> list[str]:
@@ -93,10 +110,13 @@ class LazyCheckpoint:
         return sorted(set(self.weight_map.values()))
 
     def iter_shard(self, shard: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield the tensors of one shard, one at a time."""
+        """Yield the tensors of one shard, one at a time, by surgery name (a fused tensor as each expert's part)."""
         with safe_open(self.folder / shard, framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
+            for stored in handle.keys():
+                tensor = handle.get_tensor(stored)
+                for name in self._views.get(stored, [stored]):
+                    alias = self.aliases.get(name)
+                    yield name, tensor if alias is None else alias.take(tensor)
 
     def dtype(self) -> torch.dtype:
         """The dtype of the floating tensors (the checkpoint's storage dtype)."""

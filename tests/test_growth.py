@@ -45,6 +45,10 @@ def test_llama_pro_equals_the_source_and_loads_without_remote_code(tiny8, tmp_pa
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 12 and "auto_map" not in config
     assert config["grown_layers"] == [4, 6, 8, 10]  # after source layers 3, 4, 5, 6: the upper half's gaps
     assert not list(out.glob("*.py"))
+    shown = cli("inspect", out)
+    assert shown.exit_code == 0, shown.output
+    assert any(line.startswith("new layers (depth growth)") and line.endswith(" 4, 6, 8, 10")
+               for line in shown.output.splitlines()), shown.output
     grown, source = load_reference(out), load_reference(tiny8)  # stock transformers, no trust_remote_code
     assert type(grown).__name__ == "LlamaForCausalLM"
     assert torch.allclose(logits(grown, IDS), logits(source, IDS), atol=1e-5)
@@ -140,7 +144,10 @@ def test_adapt_trains_new_layers_with_the_language_model_loss(tiny_with_tokenize
     ckpt = run_convert(tiny_with_tokenizer, tmp_path / "grown", recipe=recipe, recipe_options=options)
     settings = AdaptSettings(teacher=str(tiny_with_tokenizer), steps=2, seq_len=32, num_samples=2, batch_size=2,
                              save_every=0)
-    out = adapt(ckpt, tmp_path / "trained", settings, verify=False, progress=False)
+    steps = []
+    out = adapt(ckpt, tmp_path / "trained", settings, verify=False, progress=False,
+                on_step=lambda step, model: steps.append((step, model.training)))
+    assert steps == [(0, True), (1, True), (2, True)]  # before training, then after each optimizer step
     before, after = load_file(ckpt / "model.safetensors"), load_file(out / "model.safetensors")
     new = set(json.loads((out / "config.json").read_text())["grown_layers"])
     changed = {name for name in before if not torch.equal(before[name], after[name])}
@@ -174,3 +181,18 @@ def test_growth_composes_before_attention_recipes(tiny8, tmp_path):
 def test_bad_growth_options_fail_cleanly(tiny8, tmp_path, args, needle):
     assert_clean_failure(cli("convert", tiny8, *args, "--out", tmp_path / "x"), needle)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_llama_pro_grows_moe_models_exactly(tiny_models, tmp_path, family):
+    out = run_convert(tiny_models[family], tmp_path / "pro", recipe="depth-up",
+                      recipe_options={"method": "llama-pro", "target_layers": 6})
+    grown, source = load_reference(out), load_reference(tiny_models[family])
+    assert grown.config.num_hidden_layers == 6
+    assert torch.allclose(logits(grown, IDS), logits(source, IDS), atol=1e-5)
+    import yaml
+
+    layout = yaml.safe_load((out / "recipe.yaml").read_text())["recipes"][0]["plan"]["layout"]
+    source_sparse = {i for i, layer in enumerate(source.model.layers) if hasattr(layer.mlp, "experts")}
+    grown_sparse = [i for i, layer in enumerate(grown.model.layers) if hasattr(layer.mlp, "experts")]
+    assert grown_sparse == [i for i, (_, layer) in enumerate(layout) if layer in source_sparse]

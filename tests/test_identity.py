@@ -5,7 +5,7 @@ import torch
 
 from helpers import load_reference, load_remote, run_convert
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 def batch_with_left_padding(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

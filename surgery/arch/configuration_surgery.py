@@ -51,6 +51,11 @@ class SurgeryConfig(PreTrainedConfig):
         MoDification: the routed layers, each with a router g = σ(w·x̂ + b) over its normalised input; a token with
         g ≥ `mod_threshold` goes through the layer (its update scaled by g / stopgrad(g), 1 in value), any other
         token skips it and leaves no K/V in its cache. `None` means no layer is routed.
+    moe_layers, moe_experts, moe_top_k, moe_intermediate_size, moe_norm_topk, moe_shared_intermediate_size (*optional*):
+        Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): the layers whose MLP is `moe_experts` experts of width
+        `moe_intermediate_size`, of which a router picks `moe_top_k` per token (softmax over all logits, then top-k,
+        renormalised to sum 1 when `moe_norm_topk`); an optional shared expert (Qwen2-MoE) of width
+        `moe_shared_intermediate_size` runs for every token, scaled by σ(shared_expert_gate). `None` layers: dense.
     grown_layers (`list[int]`, *optional*):
         Depth growth (LESA, LLaMA-Pro, SOLAR): the layers added to the source, which `surgery adapt` trains. They
         are ordinary layers; the field only records which are new.
@@ -110,6 +115,12 @@ class SurgeryConfig(PreTrainedConfig):
     mod_layers: list[int] | None = None
     mod_threshold: float = 0.5
     grown_layers: list[int] | None = None
+    moe_layers: list[int] | None = None
+    moe_experts: int | None = None
+    moe_top_k: int = 2
+    moe_intermediate_size: int | None = None
+    moe_norm_topk: bool = True
+    moe_shared_intermediate_size: int | None = None
     surgery_recipes: list[str] | None = None
     surgery_format: int = SURGERY_FORMAT
     source_model_type: str | None = None
@@ -155,6 +166,8 @@ class SurgeryConfig(PreTrainedConfig):
             self._validate_gate()
         if self.mod_layers is not None:
             self._validate_routing()
+        if self.moe_layers is not None:
+            self._validate_experts()
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
 
@@ -184,6 +197,14 @@ class SurgeryConfig(PreTrainedConfig):
             raise ValueError(f"kv_gate_threshold must lie in (0, 1), got {self.kv_gate_threshold}")
         if self.kv_policy is not None or self.kv_key_source is not None:
             raise ValueError("an Attention-Gate evicts on its own: it cannot be combined with kv_policy or kv_key_source")
+
+    def _validate_experts(self) -> None:
+        if len(set(self.moe_layers)) != len(self.moe_layers) or not all(
+                0 <= layer < self.num_hidden_layers for layer in self.moe_layers):
+            raise ValueError(f"moe_layers must list distinct layers in 0..{self.num_hidden_layers - 1}")
+        if not self.moe_experts or not self.moe_intermediate_size or not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ValueError(f"a mixture of experts needs experts ≥ 1, a width, and 1 ≤ top-k ≤ experts "
+                             f"(got {self.moe_experts}, {self.moe_intermediate_size}, {self.moe_top_k})")
 
     def _validate_routing(self) -> None:
         """MoDification: routed layers own their K/V, which no other layer reads, and nothing else evicts."""

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -26,6 +25,7 @@ from .attention_surgery import TRITON_IMPLEMENTATION, Queries, attend, decode_at
 from .budget_surgery import BudgetPolicy
 from .cache_surgery import SurgeryCache
 from .configuration_surgery import SurgeryConfig
+from .mlp_surgery import layer_mlp
 from .policies_surgery import compress_context, policy_for_prefill
 from .projection_surgery import KVProjection
 
@@ -45,6 +45,11 @@ try:  # the kernels need triton; transformers skips imports inside try blocks wh
     from .prefill_surgery import prefill_attention  # noqa: F401
 except ImportError:
     pass
+
+
+# transformers 5.24 renamed `past_key_values` to `cache` (generate passes `cache=`, outputs carry `.cache`); both
+# forwards take either name and outputs use the installed version's field.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class SurgeryRMSNorm(nn.Module):
@@ -227,23 +232,11 @@ class SurgeryAttention(nn.Module):
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
 
 
-class SurgeryMLP(nn.Module):
-    def __init__(self, config: SurgeryConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
 class SurgeryDecoderLayer(nn.Module):
     def __init__(self, config: SurgeryConfig, layer_idx: int):
         super().__init__()
         self.self_attn = SurgeryAttention(config, layer_idx)
-        self.mlp = SurgeryMLP(config)
+        self.mlp = layer_mlp(config, layer_idx)
         self.input_layernorm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         routed = config.mod_layers is not None and layer_idx in config.mod_layers
@@ -286,7 +279,7 @@ class SurgeryPreTrainedModel(PreTrainedModel):
     config: SurgeryConfig
     base_model_prefix = "model"
     _no_split_modules = ["SurgeryDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_attention_backend = False
     supports_gradient_checkpointing = True
@@ -333,6 +326,7 @@ class SurgeryModel(SurgeryPreTrainedModel):
         kv_budget: float | None = None,
         kv_budget_tokens: int | None = None,
         kv_policy: BudgetPolicy | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -342,7 +336,7 @@ class SurgeryModel(SurgeryPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = bool(output_hidden_states)
 
-        cache = self._resolve_cache(past_key_values)
+        cache = self._resolve_cache(cache if cache is not None else past_key_values)
         past_length = cache.get_seq_length()
         batch, query_length = inputs_embeds.shape[:2]
         positions = torch.arange(past_length, past_length + query_length, device=inputs_embeds.device)[None]
@@ -384,8 +378,8 @@ class SurgeryModel(SurgeryPreTrainedModel):
 
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=cache if use_cache else None,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            **{CACHE_FIELD: cache if use_cache else None},
         )
 
     def _resolve_cache(self, past_key_values: Cache | None) -> SurgeryCache:
@@ -430,13 +424,14 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         kv_budget: float | None = None,
         kv_budget_tokens: int | None = None,
         kv_policy: BudgetPolicy | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -453,8 +448,8 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
 

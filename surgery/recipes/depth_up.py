@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from ..rewrite import TensorPlan
 
 METHODS = ("llama-pro", "solar", "copy")
-ZEROED = ("self_attn.o_proj.", "mlp.down_proj.")  # LLaMA-Pro: the two projections that write to the residual
+def writes_residual(suffix: str) -> bool:
+    """LLaMA-Pro zeroes what writes to the residual stream: o_proj and every down_proj (each expert's too)."""
+    return suffix.startswith("self_attn.o_proj.") or ".down_proj." in f".{suffix}"
 
 
 @dataclass
@@ -65,7 +67,7 @@ class DepthUp(GrowthRecipe):
 
     def build_new_layer(self, plan: TensorPlan, index: int, lower: int, suffix: str) -> None:
         source = layer_name(lower, suffix)
-        if self.method == "llama-pro" and suffix.startswith(ZEROED):
+        if self.method == "llama-pro" and writes_residual(suffix):
             plan.derive(layer_name(index, suffix), [source], zeros_like)
         else:
             plan.rename(layer_name(index, suffix), source)

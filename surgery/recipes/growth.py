@@ -69,19 +69,19 @@ class GrowthRecipe(Recipe):
     adapt_defaults: ClassVar[dict[str, Any]] = {"lr": 3e-4, "seq_len": 512, "batch_size": 4}
     milder: ClassVar[str] = "more `surgery adapt` steps"
 
-    target_layers: int | None = field(default=None, metadata={"help": "layers of the grown model (default: --ratio × the source's)", "min": 1})
-    ratio: float | None = field(default=None, metadata={"help": "grown layers / source layers, when --target-layers is not given [1.5]", "min": 1})
+    target_layers: int | None = field(default=None, metadata={"help": "layers of the grown model (default: --depth-ratio × the source's)", "min": 1})
+    depth_ratio: float | None = field(default=None, metadata={"help": "grown layers / source layers, when --target-layers is not given [1.5] (--ratio is KVSharer's)", "min": 1})
     insert_range: str | None = field(default=None, metadata={"help": "A:B: new layers go after source layers A..B-1, each between a layer and the next (default: the upper half)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.suffixes: list[str] = []
+        self.suffixes: dict[int, list[str]] = {}
         self.layout: Layout = []
 
     def target(self, num_layers: int) -> int:
         if self.target_layers is not None:
             return self.target_layers
-        return round(num_layers * (1.5 if self.ratio is None else self.ratio))
+        return round(num_layers * (1.5 if self.depth_ratio is None else self.depth_ratio))
 
     def gaps(self, num_layers: int) -> list[int]:
         """The source layers a new layer may follow (never the last: a new layer sits between two)."""
@@ -125,9 +125,14 @@ class GrowthRecipe(Recipe):
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
         from ..export import expected_tensors
 
-        self.suffixes = sorted({name.split(".", 3)[3] for name in expected_tensors(config) if layer_of(name) == 0})
+        self.suffixes = {}  # source layer -> its tensors' names within the layer (dense and MoE layers differ)
+        for name in expected_tensors(config):
+            if (layer := layer_of(name)) is not None:
+                self.suffixes.setdefault(layer, []).append(name.split(".", 3)[3])
         self.layout = [(kind, int(layer)) for kind, layer in plan["layout"]]
         config.layer_types = [config.layer_types[layer] for _, layer in self.layout]
+        if config.moe_layers is not None:  # a new layer has the MLP kind of the layer it is made from
+            config.moe_layers = [index for index, (_, layer) in enumerate(self.layout) if layer in config.moe_layers]
         config.num_hidden_layers = len(self.layout)
         config.kv_source = list(range(config.num_hidden_layers))
         config.grown_layers = list(plan["new_layers"])
@@ -135,7 +140,7 @@ class GrowthRecipe(Recipe):
 
     def rewrite(self, plan: TensorPlan) -> None:
         for index, (kind, layer) in enumerate(self.layout):
-            for suffix in self.suffixes:
+            for suffix in self.suffixes[layer]:
                 if kind == "keep":
                     plan.rename(layer_name(index, suffix), layer_name(layer, suffix))
                 else:

@@ -46,8 +46,8 @@ class LESA(GrowthRecipe):
     excludes: ClassVar[dict[str, str]] = {"depth-up": "both grow the model; grow it once"}
 
     norms: str = field(default="neighbours", metadata={"help": "new layers' RMSNorm weights: neighbours (their mean) or first (layer 0's, as the official code)", "choices": NORM_CHOICES})
-    epochs: int = field(default=10, metadata={"help": "predictor training epochs", "min": 1})
-    hidden: int = field(default=256, metadata={"help": "predictor hidden width", "min": 1})
+    predictor_epochs: int = field(default=10, metadata={"help": "epochs of the predictor's training", "min": 1})
+    predictor_width: int = field(default=256, metadata={"help": "the predictor's hidden width", "min": 1})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +55,9 @@ class LESA(GrowthRecipe):
 
     def validate(self, config) -> None:
         super().validate(config)
+        if config.moe_layers:
+            raise SurgeryError("LESA predicts dense layers' projections; this model's MLPs are experts",
+                               hint="grow it with --recipe depth-up")
         if config.num_hidden_layers < 4 and self.target(config.num_hidden_layers) > config.num_hidden_layers:
             raise SurgeryError(f"LESA learns from triplets of adjacent layers, one held out: {config.num_hidden_layers} "
                                "layers are too few", hint="use --recipe depth-up on a model this shallow")
@@ -72,8 +75,8 @@ class LESA(GrowthRecipe):
         for projection in tqdm(PROJECTIONS, desc="LESA predictors", unit="projection", disable=not progress):
             weights = [runner.tensor(layer_name(layer, f"{projection}.weight")).float() for layer in range(num_layers)]
             basis, blocks = latent_blocks(weights)
-            predictor, errors[projection] = fit_predictor(basis, blocks, weights, held_out, self.epochs, self.hidden,
-                                                          seed)
+            predictor, errors[projection] = fit_predictor(basis, blocks, weights, held_out, self.predictor_epochs,
+                                                          self.predictor_width, seed)
             for index, (kind, lower) in enumerate(layout):
                 if kind == "new":
                     with torch.no_grad():
