@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoTokenizer
 
 from longctx import METHOD, TASK, held_out_windows, needle_prompts, window_quality, work_folder
@@ -173,16 +174,17 @@ def main() -> None:
                 if not ckpt.exists():
                     convert(ConvertRequest(model="demo", recipes=[recipe_for(run)], out=ckpt, verify=False, progress=False))
                 settings = AdaptSettings(teacher="demo", steps=args.steps, num_samples=args.steps * 2, save_every=25)
-                start = time.perf_counter()
                 resume = latest_state(state_folder(trained)) is not None  # a run cut short goes on from its state
                 adapt(ckpt, trained, settings, verify=False, progress=True, resume=resume)
-                recipe = recipe_for(run)
+            if run not in state["meta"].setdefault("training", {}):  # from the trained checkpoint's own record
+                recipe, adapted = recipe_for(run), yaml.safe_load((trained / "recipe.yaml").read_text())["adapt"]
                 trains = (f"the routers and the routed layers (lr × {recipe.layer_lr_scale})" if recipe.train == "layers"
                           else "only the routers")
-                state["meta"].setdefault("training", {})[run] = (
-                    f"`surgery adapt --steps {args.steps}` (batch 2 × 512 tokens, lr 1e-2: {args.steps * 1024:,} tokens "
-                    f"of the calibration corpus; trains {trains}; skip target {recipe.skip}, λ "
-                    f"{recipe.skip_weight}, α {recipe.aux_alpha}) took {time.perf_counter() - start:.0f} s.")
+                state["meta"]["training"][run] = (
+                    f"`surgery adapt --steps {adapted['steps']}` (batch {adapted['batch_size']} × {adapted['seq_len']} "
+                    f"tokens, lr {adapted['lr']}: {adapted['tokens']:,} tokens of the calibration corpus; trains "
+                    f"{trains}; skip target {recipe.skip}, λ {recipe.skip_weight}, α {recipe.aux_alpha}) took "
+                    f"{adapted['wall_s']:.0f} s.")
             model, _ = load_model(str(trained))
             name = f"modification, {run}"
             record(name, model)

@@ -72,10 +72,10 @@ def _family_fields(model_type: str, source: Any) -> dict[str, Any]:
         }
     if model_type in ("qwen2_moe", "qwen3_moe"):
         sparse = [layer for layer in range(source.num_hidden_layers) if layer not in (source.mlp_only_layers or [])
-                  and source.num_experts > 0 and (layer + 1) % source.decoder_sparse_step == 0]
+                  and expert_count(source) > 0 and (layer + 1) % source.decoder_sparse_step == 0]
         experts = _experts(source, sparse, source.moe_intermediate_size, normalise=source.norm_topk_prob)
-        if model_type == "qwen2_moe":
-            return {"attention_bias": source.qkv_bias, "sliding_window": source.sliding_window or None,
+        if model_type == "qwen2_moe":  # qkv_bias: transformers before it was a field always biased q, k, v
+            return {"attention_bias": getattr(source, "qkv_bias", True), "sliding_window": source.sliding_window or None,
                     "layer_types": list(source.layer_types), **experts,
                     "moe_shared_intermediate_size": source.shared_expert_intermediate_size or None}
         return {"attention_bias": source.attention_bias, "attention_out_bias": source.attention_bias, "qk_norm": True,
@@ -85,9 +85,14 @@ def _family_fields(model_type: str, source: Any) -> dict[str, Any]:
     raise unsupported(model_type)
 
 
+def expert_count(source: Any) -> int:
+    """Experts per MoE layer; the field's name varies by family and transformers version."""
+    return getattr(source, "num_local_experts", None) or getattr(source, "num_experts", None) or 0
+
+
 def _experts(source: Any, layers, width: int, normalise: bool) -> dict[str, Any]:
     """The MoE fields: which layers hold experts, how many, their width, top-k and its renormalisation."""
-    return {"moe_layers": list(layers), "moe_experts": source.num_experts, "moe_top_k": source.num_experts_per_tok,
+    return {"moe_layers": list(layers), "moe_experts": expert_count(source), "moe_top_k": source.num_experts_per_tok,
             "moe_intermediate_size": width, "moe_norm_topk": bool(normalise)}
 
 
