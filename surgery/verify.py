@@ -25,7 +25,7 @@ max_memory = int(sys.argv[2]) if len(sys.argv) > 2 else 0  # bytes to keep resid
 kwargs = {}
 if max_memory:  # larger than memory: accelerate keeps what fits and reads the rest from disk, layer by layer
     kwargs = dict(device_map="auto", max_memory={"cpu": max_memory}, offload_folder=sys.argv[3])
-remote_code = sys.argv[4] == "1"  # a plain family checkpoint must load without it
+remote_code = len(sys.argv) < 5 or sys.argv[4] == "1"  # a plain family checkpoint must load without it
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=remote_code, **kwargs).eval()
 ids = torch.tensor([[model.config.bos_token_id or 1, 11, 12, 13, 14, 15]])
 with torch.no_grad():

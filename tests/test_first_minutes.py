@@ -36,9 +36,10 @@ def test_convert_help_lists_recipes_and_groups_their_options():
     text = cli("convert", "--help").output
     assert "--recipe [" + "|".join(RECIPES) + "][,...]" in " ".join(text.split())
     headings = [line for line in text.splitlines() if line.endswith("options:")]
-    assert headings[:2] == ["Calibration options:", "kvsharer options:"]
+    assert headings[:2] == ["Calibration options:", "lesa, depth-up options:"]
     position = {heading: text.index(heading) for heading in headings}
-    for flag, heading in [("--share-layers", "kvsharer options:"), ("--kv-fraction", "matryoshka options:"),
+    for flag, heading in [("--target-layers", "lesa, depth-up options:"), ("--norms", "lesa options:"),
+                          ("--share-layers", "kvsharer options:"), ("--kv-fraction", "matryoshka options:"),
                           ("--keep ", "snapkv, pyramid, zigzag, dynamickv options:"), ("--calibrated", "zigzag options:"),
                           ("--calib-batch-size", "Calibration options:")]:
         following = [h for h in headings if position[h] > position[heading]]
