@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,20 @@ def state_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.adapt-state"
 
 
+def load_student(source) -> tuple[torch.nn.Module, Any]:
+    """The model to train, always in the surgery architecture, and for a plain family checkpoint (depth growth,
+    upcycling) that family's config to export it under again: one training path, whose MoE blocks count and keep
+    their routing for the load-balancing loss, whatever the checkpoint's format."""
+    from .arch.configuration_surgery import SurgeryConfig
+    from .convert import load_calibration_model
+    from .families import source_config, surgery_config_from_source
+    from .loading import load_source_model
+
+    if source.model_type == SurgeryConfig.model_type:
+        return load_source_model(source), None
+    return load_calibration_model(source, surgery_config_from_source(source.config)), source_config(source.config)
+
+
 def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = False, overwrite: bool = False,
           verify: bool = True, progress: bool = True, stop_after: int | None = None,
           allow_pickle: bool = False, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> Path:
@@ -135,7 +150,7 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
     student_source = resolve(str(checkpoint))
     teacher_source = resolve(settings.teacher, allow_pickle=allow_pickle)
     check_same_vocabulary(student_source, teacher_source, "teacher")
-    model = load_source_model(student_source)
+    model, family = load_student(student_source)
     config = model.config
     trainable_names = {name for name, _ in model.named_parameters()
                        if any(recipe.is_trainable(name, config) for recipe in recipes)}
@@ -261,8 +276,9 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
 
         dtype = LazyCheckpoint(checkpoint).dtype()  # the checkpoint's storage dtype, whatever we trained in
         with staging(out, overwrite) as folder:
-            write_state_dict(weights, config, folder, dtype, 5 * 1024**3)
-            finish_checkpoint(folder, config, dtype, checkpoint, record, verify)
+            write_state_dict(weights, config, folder, dtype, 5 * 1024**3,
+                             family=family.model_type if family is not None else None)
+            finish_checkpoint(folder, family if family is not None else config, dtype, checkpoint, record, verify)
             render_card(folder, model_id=str(out))
         shutil.rmtree(work_dir, ignore_errors=True)
     return out

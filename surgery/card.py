@@ -97,6 +97,8 @@ METRICS = (
     ("kv_bytes_per_token", "KV-cache bytes per token (measured)", "{:,.0f}"),
     ("tokens_kept", "tokens kept per layer and KV head", "{:.1%}"),
     ("tokens_skipped", "tokens skipping each routed layer", "{:.1%}"),
+    ("experts_per_token", "true experts per token (measured)", "{:.2f}"),
+    ("mlp_flops_per_token", "MLP FLOPs per token", "{:,.0f}"),
     ("flops_per_token", "projection and MLP FLOPs per token", "{:,.0f}"),
     ("greedy_agreement", "greedy agreement with base", "{:.1%}"),
     ("prefill_tokens_per_s", "prefill tokens/s", "{:.1f}"),

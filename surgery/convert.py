@@ -20,7 +20,7 @@ from .card import EVAL_FILE, render_card
 from .corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from .errors import SurgeryError
 from .export import DTYPES, check_source_tensors, finish_checkpoint, write_weights
-from .families import grown_family_config, surgery_config_from_source
+from .families import plain_family_config, surgery_config_from_source
 from .layer_runner import LayerRunner
 from .loading import has_tokenizer, load_tokenizer
 from .memory import available_memory
@@ -261,13 +261,14 @@ def _convert(request: ConvertRequest, source: Source, out: Path) -> Path:
         plans = plan_recipes(request, source, config, settings)
     config.surgery_recipes = [recipe.name for recipe in request.recipes]
 
-    plain = all(recipe.keeps_family for recipe in request.recipes)  # depth growth alone: no remote code
+    # depth growth and upcycling alone: a plain checkpoint of a transformers family, no remote code
+    family = plain_family_config(source.config, config) if all(r.keeps_family for r in request.recipes) else None
     with staging(out, request.overwrite) as folder:
         with stage("writing the weights"):
             write_weights(source.folder, config, folder, dtype, request.max_shard_size, request.progress,
-                          tensor_plan(request.recipes), family=source.model_type if plain else None)
+                          tensor_plan(request.recipes), family=family.model_type if family is not None else None)
         with stage("config, code, tokenizer" + (" and verify" if request.verify else "")):
-            finish_checkpoint(folder, grown_family_config(source.config, config) if plain else config, dtype, source.folder,
+            finish_checkpoint(folder, family if family is not None else config, dtype, source.folder,
                               recipe_record(request, source, settings, plans, dtype), request.verify,
                               request.trust_remote_code)
         if request.evaluate:

@@ -24,6 +24,7 @@ from .sources import resolve
 log = logging.getLogger(__name__)
 
 TASKS = ("quality", "passkey", "retrieval", "lm-eval")
+COMPUTE_KEYS = ("tokens_skipped", "experts_per_token", "mlp_flops_per_token", "flops_per_token")  # measured, when counted
 
 
 @dataclass
@@ -137,7 +138,7 @@ def compressed_quality(model, segments: list[torch.Tensor], settings: EvalSettin
     compute = measured_compute(model) or {}
     return {"perplexity": math.exp(nll / count), "kv_bytes_per_token": sum(kv_bytes) / len(kv_bytes),
             "tokens_kept": sum(kept) / len(kept),
-            **{key: compute[key] for key in ("tokens_skipped", "flops_per_token") if key in compute}}
+            **{key: compute[key] for key in COMPUTE_KEYS if key in compute}}
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 from .arch.configuration_surgery import SURGERY_FORMAT, SurgeryConfig
 from .arch.modeling_surgery import SurgeryForCausalLM
 from .errors import SurgeryError
-from .layouts import family_name
+from .layouts import family_extras, family_name
 from .rewrite import RewriteReport, TensorPlan, rewrite
 from .tensor_io import LazyCheckpoint, ShardWriter
 
@@ -80,19 +80,27 @@ def write_weights(source_folder: Path, config: SurgeryConfig, folder: Path, dtyp
                   family: str | None = None) -> RewriteReport:
     """The rewrite stage into sharded safetensors: the source streamed shard by shard into the planned layout;
     `family`: a plain checkpoint of that family, its tensors under the names the family saves."""
-    writer = ShardWriter(folder, max_shard_size)
-    if family is not None:
-        writer = RenamingWriter(writer, lambda name: family_name(family, name))
+    writer = family_writer(ShardWriter(folder, max_shard_size), config, family, dtype)
     report = rewrite(source_folder, expected_tensors(config), plan or TensorPlan(), writer, dtype, progress)
     writer.finish()
     return report
 
 
-class RenamingWriter:
-    """A writer that stores each tensor under another name."""
+def family_writer(writer, config: SurgeryConfig, family: str | None, dtype: torch.dtype | None):
+    """`writer`, or for a plain checkpoint of `family` one that writes the family's names and, before the shards
+    close, the tensors the family holds beyond the surgery model."""
+    if family is None:
+        return writer
+    extras = {name: tensor.to(dtype) if dtype is not None else tensor
+              for name, tensor in family_extras(family, config).items()}
+    return RenamingWriter(writer, lambda name: family_name(family, name), extras)
 
-    def __init__(self, writer, rename):
-        self.writer, self.rename = writer, rename
+
+class RenamingWriter:
+    """A writer that stores each tensor under another name, and `extras` as they are when it finishes."""
+
+    def __init__(self, writer, rename, extras: dict[str, torch.Tensor] | None = None):
+        self.writer, self.rename, self.extras = writer, rename, extras or {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.writer.add(self.rename(name), tensor)
@@ -102,6 +110,8 @@ class RenamingWriter:
         return self.writer.held_bytes
 
     def finish(self):
+        for name, tensor in self.extras.items():
+            self.writer.add(name, tensor)
         return self.writer.finish()
 
 
@@ -138,13 +148,14 @@ def carry_files(source_folder: Path, folder: Path, trust_remote_code: bool = Fal
 
 
 def write_state_dict(state: dict[str, torch.Tensor], config, folder: Path, dtype: torch.dtype,
-                     max_shard_size: int) -> None:
-    """Write an in-memory model's weights (after `surgery adapt`), one tensor for tied embeddings."""
+                     max_shard_size: int, family: str | None = None) -> None:
+    """Write an in-memory surgery model's weights (after `surgery adapt`), one tensor for tied embeddings;
+    `family`: as a plain checkpoint of that family."""
     expected = expected_tensors(config)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise SurgeryError(f"the trained model lacks {len(missing)} tensors, e.g. {missing[0]}")
-    writer = ShardWriter(folder, max_shard_size)
+    writer = family_writer(ShardWriter(folder, max_shard_size), config, family, dtype)
     for name in expected:
         tensor = state[name].detach()
         writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)

@@ -163,6 +163,7 @@ def surgery_config_from_source(config_dict: dict[str, Any]) -> SurgeryConfig:
     kwargs = {name: getattr(source, name) for name in _COMMON_FIELDS if getattr(source, name, None) is not None}
     kwargs.update(_family_fields(model_type, source))
     kwargs["source_model_type"] = model_type
+    kwargs["grown_layers"] = config_dict.get("grown_layers") or None  # a plain checkpoint that depth growth made
     kwargs["dtype"] = config_dict.get("dtype") or config_dict.get("torch_dtype")
     try:
         return SurgeryConfig(**kwargs)
@@ -170,15 +171,69 @@ def surgery_config_from_source(config_dict: dict[str, Any]) -> SurgeryConfig:
         raise SurgeryError(f"config.json cannot be converted: {first_line(error)}", hint="fix config.json of the source model") from None
 
 
-def grown_family_config(config_dict: dict[str, Any], grown: SurgeryConfig):
-    """The source family's config for a model that depth growth deepened (and nothing else changed): the source's
-    fields with the new layer count, per-layer types, and `grown_layers`, the new layers' indices."""
-    fields = dict(config_dict)
-    fields["num_hidden_layers"] = grown.num_hidden_layers
-    if fields.get("layer_types") is not None:
-        fields["layer_types"] = list(grown.layer_types)
-    fields["grown_layers"] = list(grown.grown_layers or [])
-    if grown.moe_layers is not None and fields.get("model_type") in ("qwen2_moe", "qwen3_moe"):
-        fields["decoder_sparse_step"] = 1  # the sparse layers, said explicitly: the grown stack breaks the step rule
-        fields["mlp_only_layers"] = [i for i in range(grown.num_hidden_layers) if i not in grown.moe_layers]
-    return source_config(fields)
+# The MoE family that keeps a dense family's attention, for a model that upcycling gave experts.
+MOE_FAMILY_OF = {"llama": "qwen2_moe", "mistral": "qwen2_moe", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
+# What a plain family checkpoint must reproduce of the planned model, checked by converting its config back.
+_ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings",
+                        "rope_parameters", "attention_bias", "attention_out_bias", "mlp_bias", "qk_norm",
+                        "layer_types", "moe_layers", "moe_experts", "moe_top_k", "moe_intermediate_size",
+                        "moe_norm_topk", "moe_shared_intermediate_size", "grown_layers")
+
+
+def plain_family_config(config_dict: dict[str, Any], model: SurgeryConfig):
+    """The transformers config of a plain checkpoint (no remote code) for a model that only depth growth and
+    upcycling changed: the source family's, deepened; or, where upcycling gave a dense source experts, the MoE
+    family with its attention (Qwen2-MoE for llama, mistral and qwen2; Qwen3-MoE for qwen3). Refused, in one
+    line, when that family cannot hold the model exactly."""
+    model_type = read_model_type(config_dict)
+    if model.moe_layers is not None and not expert_count(source_config(config_dict)):
+        if model_type not in MOE_FAMILY_OF:
+            raise unsupported(model_type)
+        family = source_config(_upcycled_fields(model, MOE_FAMILY_OF[model_type]))
+    else:
+        fields = dict(config_dict)
+        fields["num_hidden_layers"] = model.num_hidden_layers
+        if fields.get("layer_types") is not None:
+            fields["layer_types"] = list(model.layer_types)
+        fields["grown_layers"] = list(model.grown_layers or [])
+        if model.moe_layers is not None and model_type in ("qwen2_moe", "qwen3_moe"):
+            fields["decoder_sparse_step"] = 1  # the sparse layers, said explicitly: the grown stack breaks the step rule
+            fields["mlp_only_layers"] = [i for i in range(model.num_hidden_layers) if i not in model.moe_layers]
+        family = source_config(fields)
+    _check_holds(family, model)
+    return family
+
+
+def _upcycled_fields(model: SurgeryConfig, model_type: str) -> dict[str, Any]:
+    """A Qwen MoE config for a dense model with experts in `model.moe_layers` and no shared expert."""
+    fields = {name: getattr(model, name) for name in _COMMON_FIELDS if getattr(model, name, None) is not None}
+    sliding = "sliding_attention" in model.layer_types
+    fields.update(model_type=model_type, num_experts=model.moe_experts, num_experts_per_tok=model.moe_top_k,
+                  moe_intermediate_size=model.moe_intermediate_size, norm_topk_prob=model.moe_norm_topk,
+                  decoder_sparse_step=1, use_sliding_window=sliding, sliding_window=model.sliding_window,
+                  mlp_only_layers=[i for i in range(model.num_hidden_layers) if i not in model.moe_layers])
+    if model.grown_layers:
+        fields["grown_layers"] = list(model.grown_layers)
+    if model_type == "qwen2_moe":  # no shared expert: width 0 (its gate, which scales nothing, is written as zeros)
+        fields.update(qkv_bias=model.attention_bias, shared_expert_intermediate_size=0,
+                      layer_types=list(model.layer_types), max_window_layers=model.num_hidden_layers)
+    else:
+        fields.update(attention_bias=model.attention_bias)
+    return fields
+
+
+def _check_holds(family, model: SurgeryConfig) -> None:
+    """Converting the family config back must give the planned model, field by field."""
+    back = surgery_config_from_source(family.to_dict())
+    for name in _ARCHITECTURE_FIELDS:
+        if getattr(back, name) != getattr(model, name) and (getattr(back, name) or getattr(model, name)):
+            raise SurgeryError(f"a plain {family.model_type} checkpoint cannot hold this model: its {name} would be "
+                               f"{getattr(back, name)!r}, not {getattr(model, name)!r}",
+                               hint="add a recipe that rewrites attention to get a surgery checkpoint, or convert a "
+                                    "model without that feature")
+    windows = [getattr(config, "sliding_window", None) if "sliding_attention" in config.layer_types else None
+               for config in (back, model)]
+    if windows[0] != windows[1]:
+        raise SurgeryError(f"a plain {family.model_type} checkpoint cannot hold this model's sliding window "
+                           f"{windows[1]}", hint="add a recipe that rewrites attention to get a surgery checkpoint")

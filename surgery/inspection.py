@@ -46,13 +46,14 @@ def describe(model: str, allow_pickle: bool = False) -> dict[str, str]:
         info["sharing layers"] = ", ".join(f"{i}->{config.kv_source[i]}" for i in config.sharing_layers)
     if config.moe_layers:
         expert = 3 * config.hidden_size * config.moe_intermediate_size  # gate, up and down projections
-        idle = len(config.moe_layers) * (config.moe_experts - config.moe_top_k) * expert
+        null = config.moe_null_experts  # AdaMoE: a token runs at most top-k true experts, fewer when it picks nulls
+        idle = len(config.moe_layers) * (config.moe_experts - min(config.moe_top_k, config.moe_experts)) * expert
         info["experts"] = (f"{config.moe_experts} per layer on {len(config.moe_layers)} of {config.num_hidden_layers} "
-                           f"layers, top-{config.moe_top_k}" + (", plus a shared expert" if config.moe_shared_intermediate_size else ""))
-        info["active parameters per token"] = f"{(parameters - idle) / 1e6:.1f}M"
-    grown = config.grown_layers or source.config.get("grown_layers")  # a plain grown checkpoint keeps it in config.json
-    if grown:
-        info["new layers (depth growth)"] = ", ".join(map(str, grown))
+                           f"layers, top-{config.moe_top_k}" + (f" of them and {null} null experts" if null else "")
+                           + (", plus a shared expert" if config.moe_shared_intermediate_size else ""))
+        info["active parameters per token"] = ("at most " if null else "") + f"{(parameters - idle) / 1e6:.1f}M"
+    if config.grown_layers:
+        info["new layers (depth growth)"] = ", ".join(map(str, config.grown_layers))
     if config.surgery_recipes:
         info["recipes"] = ", ".join(config.surgery_recipes)
     return info

@@ -1,6 +1,7 @@
 """How a source checkpoint's tensor names map to the surgery architecture's: `LazyCheckpoint` presents every source
 under the surgery names, so planning, the rewrite stage and teachers read one layout whatever the family saved; a
-plain family checkpoint (depth growth alone) is written back under the family's own names (`family_name`).
+plain family checkpoint (depth growth, upcycling) is written back under the family's own names (`family_name`), with
+the tensors the family's class holds and the surgery model does not (`family_extras`).
 
 The dense families and the Qwen MoE families already use the surgery names (`mlp.gate`, `mlp.experts.{e}.
 {gate,up,down}_proj`, `mlp.shared_expert*`). Mixtral saves its MoE as `block_sparse_moe.gate` and
@@ -75,3 +76,18 @@ def family_name(model_type: str, name: str) -> str:
     if match := SURGERY_ROUTER.match(name):
         return f"{match.group(1)}.block_sparse_moe.gate.weight"
     return name
+
+
+def family_extras(model_type: str, config) -> dict:
+    """Tensors a plain checkpoint of `model_type` needs beyond the surgery model's (`config`): a Qwen2-MoE block
+    without a shared expert still builds one, of width 0, with a gate, written as zeros (it scales nothing)."""
+    import torch
+
+    if model_type != "qwen2_moe" or config.moe_shared_intermediate_size or config.moe_layers is None:
+        return {}
+    hidden, extras = config.hidden_size, {}
+    for layer in config.moe_layers:
+        prefix = f"model.layers.{layer}.mlp.shared_expert"
+        extras |= {f"{prefix}.gate_proj.weight": torch.zeros(0, hidden), f"{prefix}.up_proj.weight": torch.zeros(0, hidden),
+                   f"{prefix}.down_proj.weight": torch.zeros(hidden, 0), f"{prefix}_gate.weight": torch.zeros(1, hidden)}
+    return extras

@@ -56,6 +56,17 @@ class TensorPlan:
         self._forget(new)
         self.added[new] = tensor
 
+    def derive_from(self, new: str, base: str, build: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """`new` = build(tensor `base` of the new model), whichever rule an earlier recipe gave `base` (a layer
+        that depth growth renamed or made is upcycled from what growth made)."""
+        if base in self.added:
+            self.add(new, build(self.added[base]))
+        elif base in self.derived:
+            inner = self.derived[base]
+            self.derive(new, inner.inputs, lambda *inputs: build(inner.build(*inputs)))
+        else:
+            self.derive(new, [self.renamed.get(base, base)], build)
+
     def drop(self, source: str) -> None:
         self.dropped.add(source)
 

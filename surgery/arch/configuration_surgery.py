@@ -56,6 +56,10 @@ class SurgeryConfig(PreTrainedConfig):
         `moe_intermediate_size`, of which a router picks `moe_top_k` per token (softmax over all logits, then top-k,
         renormalised to sum 1 when `moe_norm_topk`); an optional shared expert (Qwen2-MoE) of width
         `moe_shared_intermediate_size` runs for every token, scaled by σ(shared_expert_gate). `None` layers: dense.
+    moe_null_experts (`int`):
+        AdaMoE: m null experts, m extra router rows after the true experts' E. The top-k runs over all E + m; null
+        experts compute nothing, and the chosen true experts' weights are renormalised to sum 1 (0 when a token
+        chose only null experts). 0: plain top-k routing.
     grown_layers (`list[int]`, *optional*):
         Depth growth (LESA, LLaMA-Pro, SOLAR): the layers added to the source, which `surgery adapt` trains. They
         are ordinary layers; the field only records which are new.
@@ -121,6 +125,7 @@ class SurgeryConfig(PreTrainedConfig):
     moe_intermediate_size: int | None = None
     moe_norm_topk: bool = True
     moe_shared_intermediate_size: int | None = None
+    moe_null_experts: int = 0
     surgery_recipes: list[str] | None = None
     surgery_format: int = SURGERY_FORMAT
     source_model_type: str | None = None
@@ -168,6 +173,12 @@ class SurgeryConfig(PreTrainedConfig):
             self._validate_routing()
         if self.moe_layers is not None:
             self._validate_experts()
+        elif self.moe_null_experts:
+            raise ValueError("moe_null_experts needs moe_layers: null experts join a mixture of experts")
+        if self.grown_layers is not None and (not isinstance(self.grown_layers, list) or not all(
+                isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < self.num_hidden_layers
+                for layer in self.grown_layers)):
+            raise ValueError(f"grown_layers must list layers in 0..{self.num_hidden_layers - 1}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
 
@@ -202,9 +213,13 @@ class SurgeryConfig(PreTrainedConfig):
         if len(set(self.moe_layers)) != len(self.moe_layers) or not all(
                 0 <= layer < self.num_hidden_layers for layer in self.moe_layers):
             raise ValueError(f"moe_layers must list distinct layers in 0..{self.num_hidden_layers - 1}")
-        if not self.moe_experts or not self.moe_intermediate_size or not 1 <= self.moe_top_k <= self.moe_experts:
-            raise ValueError(f"a mixture of experts needs experts ≥ 1, a width, and 1 ≤ top-k ≤ experts "
-                             f"(got {self.moe_experts}, {self.moe_intermediate_size}, {self.moe_top_k})")
+        if isinstance(self.moe_null_experts, bool) or not isinstance(self.moe_null_experts, int) or self.moe_null_experts < 0:
+            raise ValueError(f"moe_null_experts must be an integer ≥ 0, got {self.moe_null_experts!r}")
+        routed = (self.moe_experts or 0) + self.moe_null_experts
+        if not self.moe_experts or not self.moe_intermediate_size or not 1 <= self.moe_top_k <= routed:
+            raise ValueError(f"a mixture of experts needs experts ≥ 1, a width, and 1 ≤ top-k ≤ experts + null experts "
+                             f"(got {self.moe_experts}, {self.moe_intermediate_size}, {self.moe_top_k}, "
+                             f"{self.moe_null_experts})")
 
     def _validate_routing(self) -> None:
         """MoDification: routed layers own their K/V, which no other layer reads, and nothing else evicts."""

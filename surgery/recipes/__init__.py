@@ -1,6 +1,7 @@
 """The recipe registry: an explicit table, one file per recipe."""
 
 from ..errors import SurgeryError
+from .adamoe import AdaMoE
 from .attention_gate import AttentionGateRecipe
 from .base import CalibrationRequest, Recipe
 from .depth_up import DepthUp
@@ -13,12 +14,14 @@ from .none import Identity
 from .pod import PoD
 from .pyramid import PyramidKV
 from .snapkv import SnapKV
+from .upcycle import Upcycle
 from .zigzag import ZigZagKV
 
-# Registry order is composition order: depth growth first (later recipes plan on the grown model), then sharing,
-# projections, key sharing, learned eviction, routing, then token eviction.
+# Registry order is composition order: depth growth first (later recipes plan on the grown model), then experts
+# (upcycling, then null experts), sharing, projections, key sharing, learned eviction, routing, then token eviction.
 RECIPES: dict[str, type[Recipe]] = {
-    recipe.name: recipe for recipe in (Identity, LESA, DepthUp, KVSharer, MatryoshkaKV, PoD, AttentionGateRecipe,
+    recipe.name: recipe for recipe in (Identity, LESA, DepthUp, Upcycle, AdaMoE, KVSharer, MatryoshkaKV, PoD,
+                                       AttentionGateRecipe,
                                        MoDification, SnapKV, PyramidKV, ZigZagKV, DynamicKV)
 }
 

@@ -36,7 +36,7 @@ class Recipe:
     renamed_options: ClassVar[dict[str, str | None]] = {}  # old recipe.yaml option -> new name (None: retired)
     milder: ClassVar[str] = ""  # what to try when the result is far from the source
     excludes: ClassVar[dict[str, str]] = {}  # recipes this one cannot be combined with, and why
-    keeps_family: ClassVar[bool] = False  # True: alone, its output is a plain checkpoint of the source family
+    keeps_family: ClassVar[bool] = False  # True: alone (or with other such recipes), the output is a plain family checkpoint
 
     def __post_init__(self) -> None:
         check_ranges(self)
