@@ -10,7 +10,7 @@ import signal
 import sys
 import traceback
 import typing
-from dataclasses import MISSING, Field, field, fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import click
@@ -160,36 +160,20 @@ def dataclass_options(owner: type, specs, command, section: str = "Options"):
 
 
 def recipe_option_groups() -> list[tuple[str, type, list]]:
-    """Each recipe option once, under a heading naming every recipe that takes it, in registry order. Where the
-    recipes give it different help, defaults or choices (`--train`, `--top-k`), the help names each recipe's and
-    the choices are their union; each recipe still checks its own (`check_ranges`)."""
-    takers: dict[str, list[tuple[str, type, Field]]] = {}
+    """Each recipe option once, under a heading naming every recipe that takes it (the eviction recipes share
+    theirs, with one meaning), in registry order."""
+    takers: dict[str, list[str]] = {}
+    owners: dict[str, tuple[type, object]] = {}
     for name, recipe in RECIPES.items():
         for spec in fields(recipe):
-            takers.setdefault(spec.name, []).append((name, recipe, spec))
+            takers.setdefault(spec.name, []).append(name)
+            owners.setdefault(spec.name, (recipe, spec))
     groups: dict[str, tuple[type, list]] = {}
-    for option, owners in takers.items():
-        title = f"{', '.join(name for name, _, _ in owners)} options"
-        recipe, spec = owners[0][1], merged_spec(owners)
+    for option, names in takers.items():
+        title = f"{', '.join(names)} options"
+        recipe, spec = owners[option]
         groups.setdefault(title, (recipe, []))[1].append(spec)
     return [(title, recipe, specs) for title, (recipe, specs) in groups.items()]
-
-
-def merged_spec(owners: list[tuple[str, type, Field]]) -> Field:
-    """One option's field for the CLI: the field itself when every recipe declares it alike."""
-    specs = [spec for _, _, spec in owners]
-    first = specs[0]
-    if all(spec.default == first.default and dict(spec.metadata) == dict(first.metadata) for spec in specs):
-        return first
-    choices = [choice for spec in specs for choice in spec.metadata.get("choices", ())]
-    helps = "; ".join(f"{name}: {spec.metadata.get('help', '')}"
-                      + (f" [{spec.default}]" if spec.default not in (None, MISSING) else "") for name, _, spec in owners)
-    metadata = {key: value for key, value in first.metadata.items()  # bounds only where every recipe has them
-                if key not in ("help", "choices") and all(spec.metadata.get(key) == value for spec in specs)}
-    metadata.update(help=helps, **({"choices": tuple(dict.fromkeys(choices))} if choices else {}))
-    merged = field(default=None, metadata=metadata)
-    merged.name, merged.type = first.name, first.type
-    return merged
 
 
 def recipe_options(command):

@@ -238,8 +238,8 @@ def test_inspect_shows_null_experts(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("recipe, options, trained", [
-    ("upcycle", {"train": "experts"}, "moe"),
-    ("upcycle,adamoe", {"train": "routers", "null_experts": 2, "top_k": 3}, "routers"),
+    ("upcycle", {"moe_train": "experts"}, "moe"),
+    ("upcycle,adamoe", {"moe_train": "routers", "null_experts": 2, "top_k": 3}, "routers"),
 ])
 def test_adapt_trains_what_the_option_says_with_the_balance_loss(tiny_text_llama, tmp_path, recipe, options, trained):
     from surgery.adapt import adapt

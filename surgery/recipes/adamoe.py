@@ -9,7 +9,7 @@ arXiv 2406.13233): m null experts join each router, so a token can spend fewer t
   that chose only null experts gets a zero MLP update.
 - Training (`surgery adapt`): the language-model loss plus `--balance-coef` (the paper's 1e-4 for Mixtral) × the
   load-balancing loss over E + m experts with the null experts' counts replaced by their mean (`balance.py`, where
-  the deviation of the official code is noted). `--train` picks the routers alone or the routers and the experts.
+  the deviation of the official code is noted). `--moe-train` picks the routers alone or the routers and the experts.
 
 With m = 0 and the source's top-k, the model is the source.
 """
@@ -47,11 +47,10 @@ class AdaMoE(ExpertTraining):
     distill_alpha: ClassVar[float] = 0.0  # fine-tuning with the language-model loss, as in the paper
     adapt_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "seq_len": 512, "batch_size": 2}
     milder: ClassVar[str] = "fewer --null-experts, a smaller --top-k, or more `surgery adapt` steps"
+    default_train: ClassVar[str] = "experts"
+    default_balance_coef: ClassVar[float] = 1e-4  # the paper's, for Mixtral
 
     null_experts: int | None = field(default=None, metadata={"help": "null experts per MoE layer, m (default: 2 × the true experts, the paper's 16 for 8)", "min": 0})
-    top_k: int | None = field(default=None, metadata={"help": "experts, true or null, each token picks (default: 2 × the source's top-k, the paper's 4 for 2)", "min": 1})
-    train: str = field(default="experts", metadata={"help": "what `surgery adapt` trains: routers, or experts (the routers and the experts)", "choices": ("routers", "experts")})
-    balance_coef: float = field(default=1e-4, metadata={"help": "weight of the load-balancing loss in `surgery adapt` (the paper's 1e-4 for Mixtral)", "min": 0})
 
     def __post_init__(self) -> None:
         super().__post_init__()

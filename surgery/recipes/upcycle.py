@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from ..rewrite import TensorPlan
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-TRAINS = ("all", "experts", "routers")
 
 
 def expert_copy(noise: float, seed: int):
@@ -56,13 +55,12 @@ class Upcycle(ExpertTraining):
     distill_alpha: ClassVar[float] = 0.0  # continued pre-training: the language-model loss
     adapt_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "seq_len": 512, "batch_size": 2}
     milder: ClassVar[str] = "more `surgery adapt` steps"
+    default_train: ClassVar[str] = "all"  # the paper trains every weight
+    default_balance_coef: ClassVar[float] = 0.01  # Switch Transformer's α
 
     experts: int = field(default=4, metadata={"help": "experts per upcycled MLP (E)", "min": 2})
-    top_k: int = field(default=2, metadata={"help": "experts the router picks per token", "min": 1})
     every: int = field(default=2, metadata={"help": "upcycle the MLP of every N-th layer (N-1, 2N-1, ...; 1: all)", "min": 1})
     noise: float = field(default=0.0, metadata={"help": "Gaussian noise added to each expert copy, relative to the weight's std (0: exact copies)", "min": 0})
-    train: str = field(default="all", metadata={"help": "what `surgery adapt` trains: all weights (the paper), experts (routers and experts), or routers", "choices": TRAINS})
-    balance_coef: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss in `surgery adapt`", "min": 0})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,11 +69,15 @@ class Upcycle(ExpertTraining):
         self.router_shape: tuple[int, int] = (0, 0)
         self.init_std = 0.02
 
+    @property
+    def k(self) -> int:
+        return 2 if self.top_k is None else self.top_k
+
     def validate(self, config: SurgeryConfig) -> None:
         if config.moe_layers is not None:
             raise SurgeryError("the model already has mixtures of experts", hint="upcycle a dense model")
-        if self.top_k > self.experts:
-            raise SurgeryError(f"--top-k {self.top_k} is more than --experts {self.experts}",
+        if self.k > self.experts:
+            raise SurgeryError(f"--top-k {self.k} is more than --experts {self.experts}",
                                hint="pick at most as many experts per token as there are")
         if self.every > config.num_hidden_layers:
             raise SurgeryError(f"--every {self.every} upcycles none of the {config.num_hidden_layers} layers",
@@ -86,7 +88,7 @@ class Upcycle(ExpertTraining):
 
     def plan(self, runner, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
         layers = list(range(self.every - 1, runner.config.num_hidden_layers, self.every))
-        return {"layers": layers, "experts": self.experts, "top_k": self.top_k, "seed": seed}
+        return {"layers": layers, "experts": self.experts, "top_k": self.k, "seed": seed}
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
         self.layers, self.seed = list(plan["layers"]), int(plan["seed"])
