@@ -183,6 +183,15 @@ def test_bad_growth_options_fail_cleanly(tiny8, tmp_path, args, needle):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_grown_plain_checkpoint_is_not_grown_again(tiny8, tmp_path):
+    grown = run_convert(tiny8, tmp_path / "grown", recipe="depth-up", recipe_options={"target_layers": 10})
+    assert json.loads((grown / "config.json").read_text())["grown_layers"] == [4, 8]
+    assert_clean_failure(cli("convert", grown, "--recipe", "lesa", "--out", tmp_path / "again"), "already grown")
+    assert not (tmp_path / "again").exists()
+    inspected = cli("inspect", grown)  # the new layers are read back from the plain config
+    assert inspected.exit_code == 0 and "4, 8" in inspected.output
+
+
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
 def test_llama_pro_grows_moe_models_exactly(tiny_models, tmp_path, family):
     out = run_convert(tiny_models[family], tmp_path / "pro", recipe="depth-up",
