@@ -20,7 +20,6 @@ tokens each expert actually ran over those windows. Writes bench/results/adamoe.
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 from transformers import AutoTokenizer
 
 from longctx import work_folder
-from speed import run_once
+from speed import interleaved_timing
 from surgery.adapt import AdaptSettings, adapt
 from surgery.arch.configuration_surgery import SurgeryConfig
 from surgery.calibration import heldout_text
@@ -104,21 +103,6 @@ def measure(path: str, ids: torch.Tensor) -> dict:
         row.update(mlp_flops=config.num_hidden_layers * dense_mlp_flops(config),
                    flops=config.num_hidden_layers * layer_matmul_flops(config))
     return row
-
-
-def timing(paths: dict[str, str], ids: torch.Tensor, decode: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Median prefill and decode seconds per model, the models interleaved in each repeat."""
-    models = {name: load_measured(path).eval() for name, path in paths.items()}
-    times = {name: {"prefill": [], "decode": []} for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            run_once(model, ids[:, :32], 2)  # warm-up
-        for _ in range(repeats):
-            for name, model in models.items():
-                prefill, decoding, _ = run_once(model, ids, decode)
-                times[name]["prefill"].append(prefill)
-                times[name]["decode"].append(decoding)
-    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
 
 
 def render(state: dict, results: Path) -> None:
@@ -237,7 +221,8 @@ def main() -> None:
             rows["adamoe (after)"] = {**measure(paths["adamoe (after)"], ids), "train_s": seconds}
             save()
         prompt = ids[:, : args.speed_prompt]
-        speeds = timing(paths, prompt, args.speed_decode, args.speed_repeats)
+        models = {name: load_measured(path).eval() for name, path in paths.items()}
+        speeds = interleaved_timing(models, prompt, args.speed_decode, args.speed_repeats)
         for name, speed in speeds.items():
             rows[name]["speed"] = speed
         save()

@@ -18,7 +18,6 @@ short keeps the runs it finished, and the table says which did not run.
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from longctx import METHOD, TASK, held_out_windows, needle_prompts, window_quality, work_folder
-from speed import run_once
+from speed import interleaved_timing
 from surgery.adapt import AdaptSettings, adapt, latest_state, state_folder
 from surgery.compute import layer_matmul_flops, measured_compute, reset_counts
 from surgery.convert import ConvertRequest, convert
@@ -66,19 +65,6 @@ def measure(model, tokenizer, windows: dict, prompts: dict) -> dict:
             row[f"layers@{length}"] = {str(k): v for k, v in compute["skipped_per_layer"].items()}
         row[f"niah@{length}"] = recall(model, tokenizer, prompts[length], "query-aware", None)
     return row
-
-
-def timing(models: dict, ids: torch.Tensor, decode: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Median prefill and decode seconds per model, the models interleaved in each repeat."""
-    times = {name: {"prefill": [], "decode": []} for name in models}
-    for name, model in models.items():
-        run_once(model, ids[:, :64], 2)  # warm-up
-    for _ in range(repeats):
-        for name, model in models.items():
-            prefill, decoding, _ = run_once(model, ids, decode)
-            times[name]["prefill"].append(prefill)
-            times[name]["decode"].append(decoding)
-    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
 
 
 def render(path: Path, state: dict) -> None:
@@ -189,7 +175,7 @@ def main() -> None:
             name = f"modification, {run}"
             record(name, model)
             if name not in state["meta"].setdefault("speed", {}):
-                measured = timing({"source model": base, name: model}, speed_ids, args.speed_decode, args.speed_repeats)
+                measured = interleaved_timing({"source model": base, name: model}, speed_ids, args.speed_decode, args.speed_repeats)
                 state["meta"]["speed"][name] = {**measured[name], "source_prefill": measured["source model"]["prefill"],
                                                 "source_decode": measured["source model"]["decode"]}
                 save()

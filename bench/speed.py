@@ -56,6 +56,20 @@ def run_once(model, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float
     return prefill, time.perf_counter() - start, kv_bytes
 
 
+def interleaved_timing(models: dict, ids: torch.Tensor, decode: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median prefill and decode seconds per model, the models interleaved in each repeat so that a machine's drift
+    falls on all of them alike."""
+    times = {name: {"prefill": [], "decode": []} for name in models}
+    for model in models.values():
+        run_once(model, ids[:, :32], 2)  # warm-up
+    for _ in range(repeats):
+        for name, model in models.items():
+            prefill, decoding, _ = run_once(model, ids, decode)
+            times[name]["prefill"].append(prefill)
+            times[name]["decode"].append(decoding)
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+
+
 def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
 
