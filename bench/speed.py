@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from surgery.cache_keyword import cache_of, with_cache
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path("/tmp/surgery-speed")
 CHECKPOINTS = {
@@ -46,13 +48,13 @@ def run_once(model, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float
     start = time.perf_counter()
     out = model(ids, use_cache=True)
     prefill = time.perf_counter() - start
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers
                    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(token, use_cache=True, **with_cache(cache))
+        cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
     return prefill, time.perf_counter() - start, kv_bytes
 
 

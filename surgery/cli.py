@@ -10,6 +10,7 @@ import signal
 import sys
 import traceback
 import typing
+import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -231,6 +232,8 @@ def main(ctx, quiet: bool, verbose: bool):
     # info logs are surgery's own; other libraries' (torch prints cache stats at exit) only with -v
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("surgery").setLevel(level)
+    if not verbose:  # the zero-width shared expert a plain upcycled Qwen2-MoE holds (layouts.family_extras)
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
     if quiet:  # read by huggingface_hub and transformers when they are imported, later
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     ctx.obj = {"progress": not quiet}

@@ -14,6 +14,7 @@ import click
 import torch
 from tqdm.auto import tqdm
 
+from .cache_keyword import cache_of, with_cache
 from .calibration import heldout_text, read_text
 from .card import METRICS
 from .compute import measured_compute, reset_counts
@@ -81,7 +82,7 @@ def cache_kv_bytes_per_token(cache) -> float:
 
 @torch.no_grad()
 def kv_bytes_per_token(model, ids: torch.Tensor, **forward_kwargs) -> float:
-    return cache_kv_bytes_per_token(model(ids, use_cache=True, **forward_kwargs).past_key_values)
+    return cache_kv_bytes_per_token(cache_of(model(ids, use_cache=True, **forward_kwargs)))
 
 
 @torch.no_grad()
@@ -102,8 +103,8 @@ def continuation_logits(model, prompt: torch.Tensor, continuation: torch.Tensor,
     """The logits that predict each `continuation` token, read through the cache of `prompt` (compressed by the
     model's policy at prefill, as in `generate`), and the cache after the continuation."""
     out = model(prompt, use_cache=True, **prefill)
-    rest = model(continuation, past_key_values=out.past_key_values, use_cache=True)
-    return torch.cat([out.logits[:, -1:], rest.logits[:, :-1]], dim=1).float(), rest.past_key_values
+    rest = model(continuation, use_cache=True, **with_cache(cache_of(out)))
+    return torch.cat([out.logits[:, -1:], rest.logits[:, :-1]], dim=1).float(), cache_of(rest)
 
 
 def prefill_options(model, keep: float | None) -> dict[str, float]:
@@ -168,11 +169,11 @@ def speed(model, ids: torch.Tensor, decode_tokens: int) -> dict[str, float]:
     start = time.perf_counter()
     out = model(ids, use_cache=True)
     prefill_s = time.perf_counter() - start
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(token, use_cache=True, **with_cache(cache))
+        cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
     decode_s = time.perf_counter() - start
     return {"prefill_tokens_per_s": ids.numel() / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s}
 

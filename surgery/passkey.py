@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache_keyword import with_cache
+
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nQuestion: What is the 5-digit pass key mentioned in the text above?\nAnswer: The pass key is"
 PROBE = "\n\nQuestion: What are the important facts, names and numbers mentioned in the text above?\nAnswer:"
@@ -80,7 +82,7 @@ def ask(model, tokenizer, prompt: PasskeyPrompt, protocol: str, keep: float | No
     else:
         probe_ids = tokenizer(PROBE, add_special_tokens=False, return_tensors="pt")["input_ids"] if probe else None
         cache = model.compress_context(prompt.context, kv_budget=keep, probe_ids=probe_ids)
-        out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache, **generate)
+        out = model.generate(full, attention_mask=torch.ones_like(full), **with_cache(cache), **generate)
     return answer_is_right(tokenizer, out[:, full.shape[1]:], prompt.key)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from .cache_keyword import with_cache
 from .retrieval import DEFAULT_FORMAT, TASKS, Haystack, RetrievalSample, generate, string_match_recall
 
 NEW_TOKENS = {"niah_single_uuid": 64, "niah_multivalue": 64, "niah_multiquery": 64, "variable_tracking": 48,
@@ -64,7 +65,7 @@ def answers(model, tokenizer, samples: list[RetrievalSample], protocol: str, kee
             context_ids = torch.tensor([encode(tokenizer, context)])
             full = torch.cat([context_ids, torch.tensor([encode(tokenizer, question)])], dim=1)
             cache = model.compress_context(context_ids, kv_budget=keep)
-            out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache, **options)
+            out = model.generate(full, attention_mask=torch.ones_like(full), **with_cache(cache), **options)
             texts.append(tokenizer.decode(out[0, full.shape[1]:], skip_special_tokens=True))
         return texts
     budget = {"kv_budget": keep} if evicts and keep is not None else {}

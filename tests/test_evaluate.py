@@ -1,13 +1,15 @@
 """Eval metrics against plain references."""
 
 import math
+import warnings
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from surgery.arch import SurgeryConfig, SurgeryForCausalLM
-from surgery.evaluate import cache_kv_bytes_per_token, greedy_agreement, perplexity
+from conftest import tiny_config
+from surgery.evaluate import cache_kv_bytes_per_token, continuation_logits, greedy_agreement, perplexity, speed
 
 
 def tiny_model():
@@ -96,3 +98,19 @@ def test_eval_with_offloaded_weights_measures_the_same_perplexity(tiny_with_toke
     offloaded = evaluate(out, max_memory=100_000, **options)["model"]
     assert offloaded["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
     assert offloaded["kv_bytes_per_token"] == whole["kv_bytes_per_token"]
+
+
+@pytest.mark.parametrize("build", ["stock", "surgery"])
+def test_cached_calls_use_the_installed_cache_keyword(build):
+    """Eval hands caches over under the installed transformers' name: the stock class does not warn, and the
+    logits read through the cache are the full forward's."""
+    torch.manual_seed(0)
+    model = (AutoModelForCausalLM.from_config(tiny_config("llama")) if build == "stock" else tiny_model()).eval()
+    ids = torch.randint(0, 40, (1, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        logits, _ = continuation_logits(model, ids[:, :7], ids[:, 7:])
+        speed(model, ids, 2)
+    with torch.no_grad():
+        full = model(ids).logits[:, 6:-1].float()
+    assert torch.allclose(logits, full, atol=1e-5)
