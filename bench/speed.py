@@ -12,12 +12,11 @@ bench/results/speed.md.
 import argparse
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from surgery.cache_keyword import cache_of, with_cache
+from surgery.evaluate import timed_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path("/tmp/surgery-speed")
@@ -42,20 +41,14 @@ def checkpoint(name: str) -> Path:
     return folder
 
 
-@torch.no_grad()
 def run_once(model, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float, int]:
-    """Prefill seconds, decode seconds for `decode_tokens` greedy steps, and the cache's K/V bytes."""
-    start = time.perf_counter()
-    out = model(ids, use_cache=True)
-    prefill = time.perf_counter() - start
-    cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
-    kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers
-                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
-    start = time.perf_counter()
-    for _ in range(decode_tokens):
-        out = model(token, use_cache=True, **with_cache(cache))
-        cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
-    return prefill, time.perf_counter() - start, kv_bytes
+    """Prefill seconds, decode seconds for `decode_tokens` greedy steps, and the cache's K/V bytes after prefill."""
+    return timed_decode(model, ids, decode_tokens, after_prefill=cache_bytes)
+
+
+def cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
 
 
 def interleaved_timing(models: dict, ids: torch.Tensor, decode: int, repeats: int) -> dict[str, dict[str, float]]:

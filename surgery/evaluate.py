@@ -6,6 +6,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -164,17 +165,25 @@ def compressed_agreement(model, segments: list[torch.Tensor], continuations: lis
 
 
 @torch.no_grad()
-def speed(model, ids: torch.Tensor, decode_tokens: int) -> dict[str, float]:
-    """Prefill tokens/s over `ids`, then greedy decode tokens/s with the cache at that context length."""
+def timed_decode(model, ids: torch.Tensor, decode_tokens: int,
+                 after_prefill: Callable[[Any], Any] | None = None) -> tuple[float, float, Any]:
+    """Seconds to prefill `ids`, seconds for `decode_tokens` greedy steps after it, and what `after_prefill` read
+    from the cache between the two (untimed; the decode steps then grow that cache)."""
     start = time.perf_counter()
     out = model(ids, use_cache=True)
     prefill_s = time.perf_counter() - start
     cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
+    read = after_prefill(cache) if after_prefill is not None else None
     start = time.perf_counter()
     for _ in range(decode_tokens):
         out = model(token, use_cache=True, **with_cache(cache))
         cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
-    decode_s = time.perf_counter() - start
+    return prefill_s, time.perf_counter() - start, read
+
+
+def speed(model, ids: torch.Tensor, decode_tokens: int) -> dict[str, float]:
+    """Prefill tokens/s over `ids`, then greedy decode tokens/s with the cache at that context length."""
+    prefill_s, decode_s, _ = timed_decode(model, ids, decode_tokens)
     return {"prefill_tokens_per_s": ids.numel() / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s}
 
 
