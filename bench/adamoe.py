@@ -28,17 +28,18 @@ from transformers import AutoTokenizer
 
 from longctx import work_folder
 from speed import interleaved_timing
-from surgery.adapt import AdaptSettings, adapt
+from surgery.adapt.engine import AdaptSettings, adapt
 from surgery.arch.configuration_surgery import SurgeryConfig
-from surgery.calibration import heldout_text
-from surgery.compute import expert_blocks, measured_compute, reset_counts
-from surgery.convert import ConvertRequest, convert, load_calibration_model
-from surgery.evaluate import perplexity
-from surgery.families import surgery_config_from_source
-from surgery.loading import load_model
+from surgery.calibrate.text import heldout_text
+from surgery.metrics.compute import expert_blocks, measured_compute, reset_counts
+from surgery.calibrate.source_model import load_calibration_model
+from surgery.pipelines.convert import ConvertRequest, convert
+from surgery.evals.evaluate import perplexity
+from surgery.checkpoint.families import surgery_config_from_source
+from surgery.checkpoint.loading import load_model
 from surgery.recipes.adamoe import AdaMoE
 from surgery.recipes.upcycle import Upcycle
-from surgery.sources import resolve
+from surgery.checkpoint.sources import resolve
 
 RESULTS = Path(__file__).parent / "results"
 WINDOW = 512
@@ -96,7 +97,7 @@ def measure(path: str, ids: torch.Tensor) -> dict:
                    histogram=true_expert_histogram(model, ids, model.config.moe_top_k),
                    divergence=expert_divergence(model))
     else:  # the dense source: one MLP per layer
-        from surgery.compute import dense_mlp_flops, layer_matmul_flops
+        from surgery.metrics.compute import dense_mlp_flops, layer_matmul_flops
 
         config = model.config
         config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -33,7 +33,7 @@ PROMPT, PAD, DECODE = 256, 24, 8
 
 
 def fixed_input(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    from surgery.calibration import heldout_text
+    from surgery.calibrate.text import heldout_text
 
     ids = tokenizer(heldout_text()[20000:60000], add_special_tokens=False)["input_ids"]
     first = torch.tensor(ids[:PROMPT])
@@ -47,7 +47,7 @@ def fixed_input(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def run(folder: Path, ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    from surgery.loading import load_model
+    from surgery.checkpoint.loading import load_model
 
     model, _ = load_model(str(folder))
     no_cache = model(ids, attention_mask=prompt_mask, use_cache=False).logits
@@ -69,8 +69,8 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true")
     parser.add_argument("--only", default=None)
     args = parser.parse_args()
-    from surgery.loading import load_tokenizer
-    from surgery.sources import resolve
+    from surgery.checkpoint.loading import load_tokenizer
+    from surgery.checkpoint.sources import resolve
 
     tokenizer = load_tokenizer(resolve("demo").folder)
     ids, mask = fixed_input(tokenizer)
@@ -79,7 +79,7 @@ def main() -> None:
     if args.record:
         from click.testing import CliRunner
 
-        from surgery.cli import main as cli
+        from surgery.cli.main import main as cli
 
         for name in names:
             folder = WORK / name.replace(",", "+")

@@ -22,15 +22,15 @@ import torch
 from transformers import AutoTokenizer
 
 from longctx import METHOD, TASK, held_out_windows, needle_prompts, window_quality, work_folder
-from surgery.adapt import AdaptSettings, adapt, latest_state, state_folder
-from surgery.convert import ConvertRequest, convert
-from surgery.corpora import HAYSTACK
-from surgery.loading import load_model
+from surgery.adapt.engine import AdaptSettings, adapt, latest_state, state_folder
+from surgery.pipelines.convert import ConvertRequest, convert
+from surgery.calibrate.corpora import HAYSTACK
+from surgery.checkpoint.loading import load_model
 from surgery.recipes.attention_gate import AttentionGateRecipe
 from surgery.recipes.dynamickv import DynamicKV
 from surgery.recipes.snapkv import SnapKV
-from surgery.retrieval_eval import recall
-from surgery.sources import resolve
+from surgery.evals.retrieval_eval import recall
+from surgery.checkpoint.sources import resolve
 
 RESULTS = Path(__file__).parent / "results"
 PAPER = ("Paper (Zeng et al., LLaMA2-7B, continual pre-training / fine-tuning): Attention-Gate beats StreamingLLM and "

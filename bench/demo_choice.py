@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from surgery.convert import ConvertRequest, convert
-from surgery.evaluate import evaluate
+from surgery.pipelines.convert import ConvertRequest, convert
+from surgery.evals.evaluate import evaluate
 from surgery.recipes import recipe_class
 
 RESULTS = Path(__file__).parent / "results" / "demo_choice.md"

@@ -28,12 +28,12 @@ import torch
 from surgery.arch.budget_surgery import BudgetPolicy, ObservationWindowScorer
 from surgery.arch.policies_surgery import POLICIES as POLICY_CLASSES
 from surgery.arch.policies_surgery import build_policy
-from surgery.calibration import heldout_text
-from surgery.corpora import HAYSTACK, corpus_text
-from surgery.evaluate import cache_kv_bytes_per_token
-from surgery.loading import load_model
-from surgery.retrieval import Haystack, generate, string_match_recall
-from surgery.retrieval_eval import encode, prompt_texts
+from surgery.calibrate.text import heldout_text
+from surgery.calibrate.corpora import HAYSTACK, corpus_text
+from surgery.evals.evaluate import cache_kv_bytes_per_token
+from surgery.checkpoint.loading import load_model
+from surgery.evals.retrieval import Haystack, generate, string_match_recall
+from surgery.evals.retrieval_eval import encode, prompt_texts
 
 RESULTS = Path(__file__).parent / "results" / "kvbudget.md"
 POLICIES = ("snapkv", "pyramid", "zigzag", "dynamickv")
@@ -194,8 +194,8 @@ def main() -> None:
     model, tokenizer = load_model(args.checkpoint)
     if type(model).__name__ != "SurgeryForCausalLM":
         from surgery.arch.modeling_surgery import SurgeryForCausalLM
-        from surgery.families import surgery_config_from_source
-        from surgery.sources import resolve
+        from surgery.checkpoint.families import surgery_config_from_source
+        from surgery.checkpoint.sources import resolve
 
         source = resolve(args.checkpoint)
         model = SurgeryForCausalLM.from_pretrained(source.folder, config=surgery_config_from_source(source.config),

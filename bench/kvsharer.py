@@ -17,14 +17,14 @@ import torch
 from transformers import AutoTokenizer
 
 from surgery.arch.sharing_surgery import set_kv_sources
-from surgery.calibration import CalibrationSettings, calibration_ids, heldout_text
-from surgery.convert import load_calibration_model
-from surgery.corpora import DEFAULT_CALIBRATION, SELF_GENERATED
-from surgery.evaluate import greedy_agreement, greedy_continuations, kv_bytes_per_token, perplexity, speed
-from surgery.families import surgery_config_from_source
-from surgery.layer_runner import LayerRunner
+from surgery.calibrate.text import CalibrationSettings, calibration_ids, heldout_text
+from surgery.calibrate.source_model import load_calibration_model
+from surgery.calibrate.corpora import DEFAULT_CALIBRATION, SELF_GENERATED
+from surgery.evals.evaluate import greedy_agreement, greedy_continuations, kv_bytes_per_token, perplexity, speed
+from surgery.checkpoint.families import surgery_config_from_source
+from surgery.calibrate.layer_runner import LayerRunner
 from surgery.recipes.kvsharer import KVSharer
-from surgery.sources import resolve
+from surgery.checkpoint.sources import resolve
 
 RESULTS = Path(__file__).parent / "results" / "kvsharer.md"
 
@@ -147,9 +147,9 @@ def adapt_rows(args, tokenizer, eval_ids, before: dict) -> list[dict]:
     import shutil
     import tempfile
 
-    from surgery.adapt import AdaptSettings, adapt
-    from surgery.convert import ConvertRequest, convert
-    from surgery.loading import load_model
+    from surgery.adapt.engine import AdaptSettings, adapt
+    from surgery.pipelines.convert import ConvertRequest, convert
+    from surgery.checkpoint.loading import load_model
 
     layers = [int(n) for n in args.adapt_layers.split(",") if n]
     if not layers or not args.adapt_steps:

@@ -24,14 +24,14 @@ import yaml
 from transformers import AutoTokenizer
 
 from longctx import work_folder
-from surgery.adapt import AdaptSettings, adapt
-from surgery.calibration import heldout_text
-from surgery.convert import ConvertRequest, convert
-from surgery.evaluate import perplexity
-from surgery.loading import load_model
+from surgery.adapt.engine import AdaptSettings, adapt
+from surgery.calibrate.text import heldout_text
+from surgery.pipelines.convert import ConvertRequest, convert
+from surgery.evals.evaluate import perplexity
+from surgery.checkpoint.loading import load_model
 from surgery.recipes.depth_up import DepthUp
 from surgery.recipes.lesa import LESA
-from surgery.sources import resolve
+from surgery.checkpoint.sources import resolve
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 45

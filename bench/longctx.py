@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from surgery.calibration import heldout_text
-from surgery.corpora import HAYSTACK, corpus_text
-from surgery.evaluate import cache_kv_bytes_per_token, continuation_logits
-from surgery.retrieval import Haystack, generate
+from surgery.calibrate.text import heldout_text
+from surgery.calibrate.corpora import HAYSTACK, corpus_text
+from surgery.evals.evaluate import cache_kv_bytes_per_token, continuation_logits
+from surgery.evals.retrieval import Haystack, generate
 
 SCORED = 256  # tokens scored after each prompt of LENGTH − SCORED
 SEGMENTS = 2  # held-out windows per length

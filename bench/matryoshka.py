@@ -18,18 +18,19 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from surgery.adapt import AdaptSettings, adapt
-from surgery.calibration import CalibrationSettings, calibration_ids, heldout_text
-from surgery.convert import ConvertRequest, convert, load_calibration_model
-from surgery.corpora import DEFAULT_CALIBRATION
-from surgery.evaluate import kv_bytes_per_token, perplexity
-from surgery.loading import load_model
-from surgery.families import surgery_config_from_source
+from surgery.adapt.engine import AdaptSettings, adapt
+from surgery.calibrate.text import CalibrationSettings, calibration_ids, heldout_text
+from surgery.calibrate.source_model import load_calibration_model
+from surgery.pipelines.convert import ConvertRequest, convert
+from surgery.calibrate.corpora import DEFAULT_CALIBRATION
+from surgery.evals.evaluate import kv_bytes_per_token, perplexity
+from surgery.checkpoint.loading import load_model
+from surgery.checkpoint.families import surgery_config_from_source
 from surgery.arch.projection_surgery import set_kv_ranks
-from surgery.layer_runner import LayerRunner
+from surgery.calibrate.layer_runner import LayerRunner
 from surgery.recipes import matryoshka
 from surgery.recipes.matryoshka import KLCurves, MatryoshkaKV
-from surgery.sources import resolve
+from surgery.checkpoint.sources import resolve
 
 RESULTS = Path(__file__).parent / "results" / "matryoshka.md"
 

@@ -23,15 +23,15 @@ import torch
 from transformers import AutoTokenizer
 
 from surgery.arch.projection_surgery import set_kv_ranks
-from surgery.calibration import CalibrationSettings, calibration_ids, heldout_text
-from surgery.corpora import SELF_GENERATED
-from surgery.convert import load_calibration_model
-from surgery.evaluate import perplexity
-from surgery.families import surgery_config_from_source
-from surgery.layer_runner import LayerRunner
+from surgery.calibrate.text import CalibrationSettings, calibration_ids, heldout_text
+from surgery.calibrate.corpora import SELF_GENERATED
+from surgery.calibrate.source_model import load_calibration_model
+from surgery.evals.evaluate import perplexity
+from surgery.checkpoint.families import surgery_config_from_source
+from surgery.calibrate.layer_runner import LayerRunner
 from matryoshka import install
 from surgery.recipes.matryoshka import KLCurves, MatryoshkaKV, kl_from, rank_lists, search_ranks
-from surgery.sources import resolve
+from surgery.checkpoint.sources import resolve
 
 RESULTS = Path(__file__).parent / "results" / "matryoshka_search.md"
 # "PCA only, searched" perplexities of bench/results/matryoshka.md (whole-model exhaustive search, same calibration)

@@ -27,14 +27,14 @@ from transformers import AutoTokenizer
 
 from longctx import METHOD, TASK, held_out_windows, needle_prompts, window_quality, work_folder
 from speed import interleaved_timing
-from surgery.adapt import AdaptSettings, adapt, latest_state, state_folder
-from surgery.compute import layer_matmul_flops, measured_compute, reset_counts
-from surgery.convert import ConvertRequest, convert
-from surgery.corpora import HAYSTACK
-from surgery.loading import load_model
+from surgery.adapt.engine import AdaptSettings, adapt, latest_state, state_folder
+from surgery.metrics.compute import layer_matmul_flops, measured_compute, reset_counts
+from surgery.pipelines.convert import ConvertRequest, convert
+from surgery.calibrate.corpora import HAYSTACK
+from surgery.checkpoint.loading import load_model
 from surgery.recipes.modification import MoDification
-from surgery.retrieval_eval import recall
-from surgery.sources import resolve
+from surgery.evals.retrieval_eval import recall
+from surgery.checkpoint.sources import resolve
 
 RESULTS = Path(__file__).parent / "results"
 PAPER = ("Paper (Zhang et al., 3B-70B models, long contexts): about 1.2× lower latency and 1.8× less memory than the "

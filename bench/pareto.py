@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from surgery.compare import ComparePlan, Point, compare, plot, table
+from surgery.evals.compare import ComparePlan, Point, compare, plot, table
 
 RESULTS = Path(__file__).parent / "results"
 RECIPES = ("kvsharer", "matryoshka", "pod", "snapkv", "pyramid", "zigzag", "dynamickv")

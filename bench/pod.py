@@ -23,14 +23,14 @@ import torch
 from transformers import AutoTokenizer
 
 from longctx import METHOD, TASK, held_out_windows, needle_prompts, window_quality, work_folder
-from surgery.adapt import AdaptSettings, adapt
-from surgery.convert import ConvertRequest, convert
-from surgery.corpora import HAYSTACK
-from surgery.loading import load_model
+from surgery.adapt.engine import AdaptSettings, adapt
+from surgery.pipelines.convert import ConvertRequest, convert
+from surgery.calibrate.corpora import HAYSTACK
+from surgery.checkpoint.loading import load_model
 from surgery.recipes.snapkv import SnapKV
 from surgery.recipes.pod import PoD, _groups_text
-from surgery.retrieval_eval import recall
-from surgery.sources import resolve
+from surgery.evals.retrieval_eval import recall
+from surgery.checkpoint.sources import resolve
 
 RESULTS = Path(__file__).parent / "results"
 PAPER = ("Paper (LLaMA3-8B, 32K, LongBench): PoD saves 35% of the KV cache for a 2.8% drop in score; PoD + SnapKV "

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from surgery.corpora import HAYSTACK, corpus_text
-from surgery.loading import load_model
-from surgery.retrieval import PROMPT_FORMATS, Haystack, generate, string_match_recall
-from surgery.retrieval_eval import answers
+from surgery.calibrate.corpora import HAYSTACK, corpus_text
+from surgery.checkpoint.loading import load_model
+from surgery.evals.retrieval import PROMPT_FORMATS, Haystack, generate, string_match_recall
+from surgery.evals.retrieval_eval import answers
 
 RESULTS = Path(__file__).parent / "results" / "retrieval_formats.md"
 TASKS = ("niah_single_number", "niah_single_word", "niah_single_uuid", "niah_multikey")

@@ -34,8 +34,8 @@ def random_llama(folder: Path, layers: int, hidden: int, intermediate: int, head
     """A random llama checkpoint in bf16, sharded (1 GiB shards), with the demo model's tokenizer."""
     from transformers import LlamaConfig
 
-    from surgery.sources import resolve
-    from surgery.tensor_io import ShardWriter
+    from surgery.checkpoint.sources import resolve
+    from surgery.checkpoint.tensor_io import ShardWriter
 
     folder.mkdir(parents=True, exist_ok=True)
     demo = resolve("demo").folder
@@ -72,7 +72,7 @@ def random_llama(folder: Path, layers: int, hidden: int, intermediate: int, head
 
 def interpreter_mib() -> float:
     """RssAnon of a process that has imported what every conversion imports."""
-    code = ("import surgery.convert, surgery.cli\n"
+    code = ("import surgery.pipelines.convert, surgery.cli.main\n"
             "print([l for l in open('/proc/self/status') if l.startswith('RssAnon')][0].split()[1])")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout) / 1024
 
@@ -145,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--llama-7b", action="store_true")
     args = parser.parse_args()
-    from surgery.calibration import heldout_text
+    from surgery.calibrate.text import heldout_text
 
     WORK.mkdir(parents=True, exist_ok=True)
     baseline = interpreter_mib()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from surgery.evaluate import timed_decode
+from surgery.evals.evaluate import timed_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path("/tmp/surgery-speed")
@@ -31,7 +31,7 @@ CHECKPOINTS = {
 def checkpoint(name: str) -> Path:
     from click.testing import CliRunner
 
-    from surgery.cli import main
+    from surgery.cli.main import main
 
     folder = WORK / name.split()[0]
     if not (folder / "config.json").is_file():
@@ -75,8 +75,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode", type=int, default=32)
     args = parser.parse_args()
-    from surgery.calibration import heldout_text
-    from surgery.loading import load_model
+    from surgery.calibrate.text import heldout_text
+    from surgery.checkpoint.loading import load_model
 
     WORK.mkdir(exist_ok=True)
     stock, tokenizer = load_model("demo")

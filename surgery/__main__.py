@@ -1,5 +1,5 @@
 """`python -m surgery` runs the CLI, for environments where the console script is not on PATH."""
 
-from .entry import run
+from surgery.cli.entry import run
 
 run()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from surgery.sources import resolve
+from surgery.checkpoint.sources import resolve
 
 FAMILY_EXTRAS = {
     "llama": {"attention_bias": True},

@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from click.testing import CliRunner
 
-from surgery.cli import main
-from surgery.convert import ConvertRequest, convert
+from surgery.cli.main import main
+from surgery.pipelines.convert import ConvertRequest, convert
 from surgery.recipes import recipe_class
 
 

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import run_convert
-from surgery.card import read_recipe
-from surgery.adapt import AdaptSettings, adapt, distillation_loss, enable_checkpointing
+from surgery.checkpoint.records import read_recipe
+from surgery.adapt.engine import AdaptSettings, adapt, distillation_loss, enable_checkpointing
 from surgery.recipes.matryoshka import MatryoshkaKV
 
 
@@ -92,9 +92,9 @@ def kvsharer_checkpoint(tiny_llama, tmp_path_factory):
 def test_teacher_reads_the_students_frozen_tensors(kvsharer_checkpoint, tiny_llama):
     """One copy of the weights: every tensor the student holds frozen and unchanged is the same storage in the
     teacher; the teacher still computes what the family's transformers class computes."""
-    from surgery.loading import load_source_model
-    from surgery.sources import resolve
-    from surgery.teacher import shared_teacher
+    from surgery.checkpoint.loading import load_source_model
+    from surgery.checkpoint.sources import resolve
+    from surgery.train.teacher import shared_teacher
 
     student = load_source_model(resolve(str(kvsharer_checkpoint)))
     trained = {"model.layers.4.self_attn.q_proj.weight"}
@@ -115,7 +115,7 @@ def test_teacher_reads_the_students_frozen_tensors(kvsharer_checkpoint, tiny_lla
 
 
 def test_lora_merge_is_base_plus_scaled_low_rank_delta():
-    from surgery.lora import add_lora, merge_lora
+    from surgery.train.lora import add_lora, merge_lora
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
@@ -147,8 +147,8 @@ def test_lora_adapt_trains_only_adapters_and_exports_low_rank_updates(kvsharer_c
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, tmp_path):
     """Sharing layers read K/V from another layer's cache, and MatryoshkaKV projects it: the rerun in backward
     must see the same cache, so every gradient, the owners' k_proj/v_proj included, matches a plain backward."""
-    from surgery.loading import load_source_model
-    from surgery.sources import resolve
+    from surgery.checkpoint.loading import load_source_model
+    from surgery.checkpoint.sources import resolve
 
     ckpt = run_convert(tiny_llama, tmp_path / "both", recipe="kvsharer,matryoshka", num_samples=4, seq_len=16,
                        share_layers=2, threshold=-1.0, recipe_options={"kv_fraction": 0.5, "uniform": True})

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from helpers import assert_clean_failure, cli, load_reference, load_remote, run_convert
-from surgery.adapt_settings import AdaptSettings
+from surgery.adapt.settings import AdaptSettings
 from surgery.recipes.attention_gate import AttentionGateRecipe
 
 
@@ -31,7 +31,7 @@ def test_fresh_gates_keep_everything_and_equal_the_source(tiny_models, tmp_path)
 def test_adapt_trains_only_the_gates_towards_the_target_keep_rate(tiny_with_tokenizer, tmp_path):
     from safetensors.torch import load_file
 
-    from surgery.adapt import adapt
+    from surgery.adapt.engine import adapt
 
     ckpt = run_convert(tiny_with_tokenizer, tmp_path / "ag", recipe="attention-gate",
                        recipe_options={"target_keep": 0.3, "rate_weight": 10.0})

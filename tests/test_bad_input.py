@@ -104,7 +104,7 @@ def test_nan_weights_are_named(source, tmp_path, recipe):
 
 @pytest.mark.parametrize("content", ["truncated", "random", "empty"])
 def test_bad_gguf(tmp_path, cache, content):
-    from surgery.sources import demo_gguf_path
+    from surgery.checkpoint.sources import demo_gguf_path
 
     data = {"truncated": demo_gguf_path().read_bytes()[:4096], "random": bytes(range(256)) * 64, "empty": b""}[content]
     gguf = tmp_path / "x.gguf"
@@ -154,8 +154,8 @@ def test_bad_adapt_option(checkpoint, tiny_with_tokenizer, tmp_path, options, ne
 
 
 def test_adapt_settings_check_ranges_from_python_too():
-    from surgery.adapt import AdaptSettings
-    from surgery.errors import SurgeryError
+    from surgery.adapt.engine import AdaptSettings
+    from surgery.base.errors import SurgeryError
 
     with pytest.raises(SurgeryError, match="--grad-accum must be >= 1, got 0"):
         AdaptSettings(teacher="demo", grad_accum=0)
@@ -242,12 +242,12 @@ def test_surgery_cache_is_a_file(tmp_path, monkeypatch):
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(source, tmp_path, monkeypatch):
-    import surgery.tensor_io
+    import surgery.checkpoint.tensor_io
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
 
-    monkeypatch.setattr(surgery.tensor_io.shutil, "copyfileobj", full)
+    monkeypatch.setattr(surgery.checkpoint.tensor_io.shutil, "copyfileobj", full)
     assert_clean_failure(convert(source, tmp_path), "no space left")
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
 
@@ -279,12 +279,12 @@ def test_push_without_token_says_so(checkpoint, tmp_path, monkeypatch):
 
 
 def test_unexpected_errors_are_one_line_with_a_hint(source, tmp_path, monkeypatch):
-    import surgery.convert
+    import surgery.pipelines.convert
 
     def broken(*args, **kwargs):
         raise RuntimeError("something nobody expected\nwith a second line")
 
-    monkeypatch.setattr(surgery.convert, "plan_recipes", broken)
+    monkeypatch.setattr(surgery.pipelines.convert, "plan_recipes", broken)
     line = assert_clean_failure(convert(source, tmp_path), "RuntimeError", "something nobody expected", "-v")
     assert "second line" not in line
     verbose = cli("-v", "convert", source, "--recipe", "none", "--out", tmp_path / "out", "--no-verify")
@@ -322,9 +322,9 @@ def test_allow_pickle_is_accepted_by_every_command_that_loads_a_model(pickled, c
 
 
 def test_whole_model_calibration_that_cannot_fit_is_refused(tiny_with_tokenizer, tmp_path, monkeypatch):
-    import surgery.convert
+    import surgery.pipelines.convert
 
-    monkeypatch.setattr(surgery.convert, "available_memory", lambda: 10 * 2**20)  # 10 MiB left
+    monkeypatch.setattr(surgery.pipelines.convert, "available_memory", lambda: 10 * 2**20)  # 10 MiB left
     result = convert(tiny_with_tokenizer, tmp_path, "--share-layers", "1", "--calib", "self-generated", recipe="kvsharer")
     assert_clean_failure(result, "self-generated calibration text", "GiB", "--calib")
     calib = tmp_path / "calib.txt"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from surgery.arch import SurgeryConfig, SurgeryForCausalLM
-from surgery.calibration import heldout_text, read_text, self_generated, windows
-from surgery.errors import SurgeryError
+from surgery.calibrate.text import heldout_text, read_text, self_generated, windows
+from surgery.base.errors import SurgeryError
 
 TEXTS = ["first document about rivers", "second document about mountains"]
 

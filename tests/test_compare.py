@@ -5,7 +5,7 @@ import json
 import pytest
 
 from helpers import assert_clean_failure, cli, run_convert
-from surgery.compare import pareto_front
+from surgery.evals.compare import pareto_front
 
 
 def test_pareto_front_on_hand_made_points():

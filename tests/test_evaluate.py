@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from surgery.arch import SurgeryConfig, SurgeryForCausalLM
 from conftest import tiny_config
-from surgery.evaluate import cache_kv_bytes_per_token, continuation_logits, greedy_agreement, perplexity, speed
+from surgery.evals.evaluate import cache_kv_bytes_per_token, continuation_logits, greedy_agreement, perplexity, speed
 
 
 def tiny_model():
@@ -68,7 +68,7 @@ def test_eval_command_writes_json_and_card(tiny_with_tokenizer, tmp_path):
     from click.testing import CliRunner
 
     from helpers import run_convert
-    from surgery.cli import main
+    from surgery.cli.main import main
 
     out = run_convert(tiny_with_tokenizer, tmp_path / "shared", recipe="kvsharer", share_layers=1, threshold=-1.0,
                       num_samples=4, seq_len=16)
@@ -89,7 +89,7 @@ def test_eval_command_writes_json_and_card(tiny_with_tokenizer, tmp_path):
 def test_eval_with_offloaded_weights_measures_the_same_perplexity(tiny_with_tokenizer, tmp_path):
     """--max-memory below the model's size: accelerate offloads the weights to disk, and the numbers hold."""
     from helpers import run_convert
-    from surgery.evaluate import evaluate
+    from surgery.evals.evaluate import evaluate
 
     out = run_convert(tiny_with_tokenizer, tmp_path / "shared", recipe="kvsharer", share_layers=1, threshold=-1.0,
                       num_samples=4, seq_len=16)

@@ -13,9 +13,9 @@ from conftest import save_tiny
 from helpers import assert_clean_failure, cli, decode_stepwise, load_reference, load_remote, run_convert
 from surgery.arch.configuration_surgery import SurgeryConfig
 from surgery.arch.mlp_surgery import SurgeryMoE
-from surgery.balance import balance_loss, load_balancing_loss
+from surgery.train.balance import balance_loss, load_balancing_loss
 from surgery.recipes.adamoe import AdaMoE
-from surgery.compute import expert_mlp_flops, measured_compute, reset_counts
+from surgery.metrics.compute import expert_mlp_flops, measured_compute, reset_counts
 
 DENSE = {"llama": {"attention_bias": False}, "mistral": {}, "qwen2": {}, "qwen3": {}}
 
@@ -242,8 +242,8 @@ def test_inspect_shows_null_experts(tiny_models, tmp_path):
     ("upcycle,adamoe", {"moe_train": "routers", "null_experts": 2, "top_k": 3}, "routers"),
 ])
 def test_adapt_trains_what_the_option_says_with_the_balance_loss(tiny_text_llama, tmp_path, recipe, options, trained):
-    from surgery.adapt import adapt
-    from surgery.adapt_settings import AdaptSettings
+    from surgery.adapt.engine import adapt
+    from surgery.adapt.settings import AdaptSettings
 
     ckpt = run_convert(tiny_text_llama, tmp_path / "moe", recipe=recipe, recipe_options=options)
     settings = AdaptSettings(teacher=str(tiny_text_llama), steps=2, seq_len=32, num_samples=2, batch_size=2,

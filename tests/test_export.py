@@ -9,11 +9,11 @@ import torch
 import yaml
 from safetensors import safe_open
 
-import surgery.export as export
+import surgery.checkpoint.export as export
 from conftest import save_tiny
 from helpers import load_remote, run_convert
-from surgery.errors import SurgeryError
-from surgery.verify import VERIFY_SCRIPT, isolated_env, verify_checkpoint
+from surgery.base.errors import SurgeryError
+from surgery.checkpoint.verify import VERIFY_SCRIPT, isolated_env, verify_checkpoint
 
 
 def tensor_names(folder):
@@ -99,7 +99,7 @@ def test_interrupted_write_leaves_out_untouched(tiny_models, tmp_path, monkeypat
     def explode(*args, **kwargs):
         raise failure("stop in the middle of writing")
 
-    monkeypatch.setattr("surgery.export.write_config", explode)
+    monkeypatch.setattr("surgery.checkpoint.export.write_config", explode)
     with pytest.raises(failure):
         run_convert(tiny_models["llama"], out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
@@ -149,7 +149,7 @@ def test_remote_code_is_flat_and_relative():
 
 def test_verify_offloads_a_checkpoint_larger_than_its_memory_budget(tiny_llama, tmp_path):
     """A model larger than memory is verified with accelerate's disk offload, still without surgery installed."""
-    from surgery.verify import verify_checkpoint
+    from surgery.checkpoint.verify import verify_checkpoint
 
     out = run_convert(tiny_llama, tmp_path / "ckpt", recipe="kvsharer", share_layers=2, threshold=-1.0,
                       num_samples=4, seq_len=16)

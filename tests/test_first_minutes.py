@@ -23,7 +23,7 @@ LIGHT_COMMANDS = [["--help"], ["--version"], ["recipes"], ["convert", "--help"],
 @pytest.mark.parametrize("args", LIGHT_COMMANDS, ids=" ".join)
 def test_light_commands_import_neither_torch_nor_transformers(args):
     """Help, version and the recipe list run without importing torch or transformers (startup time: bench)."""
-    code = ("import sys\nfrom surgery.cli import main\n"
+    code = ("import sys\nfrom surgery.cli.main import main\n"
             f"try:\n    main({args!r}, prog_name='surgery')\nexcept SystemExit:\n    pass\n"
             "loaded = [name for name in ('torch', 'transformers') if name in sys.modules\n"
             "          and type(sys.modules[name]).__name__ != '_LazyModule']\n"
@@ -138,7 +138,7 @@ def test_fuzzed_recipe_file_gives_a_conversion_or_one_line(tiny_checkpoint, tiny
 
 
 def test_the_three_offline_corpora_share_no_eight_word_run():
-    from surgery.corpora import CALIBRATION, HAYSTACK, HELDOUT, corpus_text, paragraphs, shingles
+    from surgery.calibrate.corpora import CALIBRATION, HAYSTACK, HELDOUT, corpus_text, paragraphs, shingles
 
     runs = {}
     for name in (CALIBRATION, HELDOUT, HAYSTACK):
@@ -152,7 +152,7 @@ def test_the_three_offline_corpora_share_no_eight_word_run():
 
 
 def test_far_from_source_names_the_milder_setting():
-    from surgery.evaluate import far_from_source
+    from surgery.evals.evaluate import far_from_source
     from surgery.recipes import KVSharer, SnapKV
 
     close = {"model": {"perplexity": 13.0, "greedy_agreement": 0.8}, "baseline": {"perplexity": 12.0}}
@@ -171,7 +171,7 @@ def test_compressed_quality_reads_the_continuation_through_the_evicted_cache(tin
     import torch
     from helpers import decode_stepwise, load_remote
 
-    from surgery.evaluate import EvalSettings, compressed_quality
+    from surgery.evals.evaluate import EvalSettings, compressed_quality
 
     out = run_convert(tiny_with_tokenizer, tmp_path / "snap", recipe="snapkv", recipe_options={"keep": 0.25, "keep_at_least": 0})
     model = load_remote(out)
@@ -188,12 +188,12 @@ def test_compressed_quality_reads_the_continuation_through_the_evicted_cache(tin
 
 
 def test_a_bad_baseline_fails_before_any_model_loads(tiny_checkpoint, monkeypatch):
-    import surgery.evaluate
+    import surgery.evals.evaluate
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(surgery.evaluate, "load_source_model", refuse)
+    monkeypatch.setattr(surgery.evals.evaluate, "load_source_model", refuse)
     assert_clean_failure(cli("eval", tiny_checkpoint, "--baseline", "/no/such/model"), "/no/such/model")
 
 
@@ -231,7 +231,8 @@ def test_tokenizer_files_are_clean_and_load_without_remote_code(tiny_checkpoint)
 
 
 def test_card_states_gguf_provenance_and_no_relation_without_training(tmp_path):
-    from surgery.card import render_card, write_recipe
+    from surgery.checkpoint.card import render_card
+    from surgery.checkpoint.records import write_recipe
 
     record = {"command": "surgery convert demo --recipe snapkv", "source": {
         "model": "demo", "name": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0",

@@ -80,8 +80,8 @@ def test_every_numeric_adapt_option_is_range_checked():
     """Each numeric adapt option rejects -7 with its own flag named, before anything loads."""
     from dataclasses import fields
 
-    from surgery.adapt import AdaptSettings
-    from surgery.ranges import has_range
+    from surgery.adapt.engine import AdaptSettings
+    from surgery.base.ranges import has_range
 
     for spec in fields(AdaptSettings):
         if has_range(spec):

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from surgery.gguf_stream import stream_gguf
-from surgery.sources import demo_gguf_path
+from surgery.checkpoint.gguf_stream import stream_gguf
+from surgery.checkpoint.sources import demo_gguf_path
 
 
 @pytest.mark.slow

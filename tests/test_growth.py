@@ -138,8 +138,8 @@ def test_lesa_new_layers_are_predicted_and_normed_from_their_neighbours(tiny8, t
     ("depth-up", {"method": "solar", "target_layers": 6}, True),
 ])
 def test_adapt_trains_new_layers_with_the_language_model_loss(tiny_with_tokenizer, tmp_path, recipe, options, trains_all):
-    from surgery.adapt import adapt
-    from surgery.adapt_settings import AdaptSettings
+    from surgery.adapt.engine import adapt
+    from surgery.adapt.settings import AdaptSettings
 
     ckpt = run_convert(tiny_with_tokenizer, tmp_path / "grown", recipe=recipe, recipe_options=options)
     settings = AdaptSettings(teacher=str(tiny_with_tokenizer), steps=2, seq_len=32, num_samples=2, batch_size=2,

@@ -11,9 +11,9 @@ from conftest import read_json
 
 lm_eval = pytest.importorskip("lm_eval")  # an optional extra; `make install` installs it
 
-from surgery.harness import CompressedContextLM, lm_eval_report, task_manager  # noqa: E402
-from surgery.loading import load_source_model  # noqa: E402
-from surgery.sources import resolve  # noqa: E402
+from surgery.evals.harness import CompressedContextLM, lm_eval_report, task_manager  # noqa: E402
+from surgery.checkpoint.loading import load_source_model  # noqa: E402
+from surgery.checkpoint.sources import resolve  # noqa: E402
 
 LOCAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
 TASK = "surgery_local"

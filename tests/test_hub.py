@@ -5,8 +5,8 @@ import yaml
 
 from fake_hub import FakeHub
 from helpers import run_convert
-from surgery.errors import SurgeryError
-from surgery.hub import checkpoint_files, push
+from surgery.base.errors import SurgeryError
+from surgery.checkpoint.hub import checkpoint_files, push
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +83,7 @@ def test_broken_checkpoint_is_not_uploaded(checkpoint, tmp_path):
 def test_dry_run_lists_files_with_sizes(checkpoint):
     from click.testing import CliRunner
 
-    from surgery.cli import main
+    from surgery.cli.main import main
 
     result = CliRunner().invoke(main, ["push", str(checkpoint), "me/x", "--dry-run", "--no-verify"])
     assert result.exit_code == 0, result.output

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery import interrupts
+from surgery.base import interrupts
 
 SLOW_MODULE = """
 import os, signal, time
@@ -21,7 +21,7 @@ finished = True
 SCRIPT = """
 import sys
 sys.path.insert(0, {folder!r})
-from surgery import interrupts
+from surgery.base import interrupts
 try:
     with interrupts.raised_at_safe_points():
         import slow_module

@@ -12,7 +12,7 @@ from surgery.arch.policies_surgery import POLICIES, build_policy
 from surgery.arch.projection_surgery import set_kv_ranks
 from surgery.arch.pyramid_surgery import PYRAMID_BETA
 from surgery.arch.modeling_surgery import apply_rope
-from surgery.evaluate import kv_bytes_per_token
+from surgery.evals.evaluate import kv_bytes_per_token
 
 
 def tiny(policy, seed=0, layers=6, kv_source=None, window=4, **extra) -> SurgeryForCausalLM:
@@ -291,9 +291,9 @@ def test_probe_scores_the_context_and_leaves():
 
 
 def test_passkey_prompt_and_answer(tiny_with_tokenizer):
-    from surgery.calibration import heldout_text
-    from surgery.loading import load_tokenizer
-    from surgery.passkey import answer_is_right, passkey_prompts
+    from surgery.calibrate.text import heldout_text
+    from surgery.checkpoint.loading import load_tokenizer
+    from surgery.evals.passkey import answer_is_right, passkey_prompts
 
     tokenizer = load_tokenizer(tiny_with_tokenizer)
     prompts = passkey_prompts(tokenizer, heldout_text(), [300], per_depth=2, seed=1)
@@ -337,7 +337,7 @@ def test_eval_passkey_task_runs_from_the_cli(tiny_with_tokenizer, tmp_path):
     from click.testing import CliRunner
 
     from helpers import run_convert
-    from surgery.cli import main
+    from surgery.cli.main import main
 
     out = run_convert(tiny_with_tokenizer, tmp_path / "snap", recipe="snapkv", recipe_options={"keep": 0.3})
     result = CliRunner().invoke(main, ["-q", "eval", str(out), "--task", "passkey", "--lengths", "160",
@@ -413,11 +413,11 @@ def test_dynamickv_allocation_equals_a_plain_recomputation():
 def test_calibrated_zigzag_shares_layer_by_layer_equal_the_whole_model(tmp_path):
     """u_l from the layer runner (one batch of prompts per policy) equals u_l from whole-model prefills, one
     prompt at a time, averaged over prompts as the paper's calibration does."""
-    from surgery.convert import load_calibration_model
-    from surgery.families import surgery_config_from_source
-    from surgery.layer_runner import LayerRunner
+    from surgery.calibrate.source_model import load_calibration_model
+    from surgery.checkpoint.families import surgery_config_from_source
+    from surgery.calibrate.layer_runner import LayerRunner
     from surgery.recipes.zigzag import ZigZagKV
-    from surgery.sources import resolve
+    from surgery.checkpoint.sources import resolve
 
     from conftest import save_tiny
 

@@ -9,11 +9,11 @@ from safetensors import safe_open
 from helpers import decode_stepwise, load_remote, run_convert
 from surgery.arch import SurgeryCache, SurgeryConfig, SurgeryForCausalLM
 from surgery.arch.sharing_surgery import set_kv_sources
-from surgery.convert import load_calibration_model
-from surgery.families import surgery_config_from_source
-from surgery.layer_runner import LayerRunner
+from surgery.calibrate.source_model import load_calibration_model
+from surgery.checkpoint.families import surgery_config_from_source
+from surgery.calibrate.layer_runner import LayerRunner
 from surgery.recipes.kvsharer import KVSharer, mean_post_rope_kv, pair_distances, share
-from surgery.sources import resolve
+from surgery.checkpoint.sources import resolve
 
 
 def tiny_sharing_model(kv_source, seed=0) -> SurgeryForCausalLM:
@@ -198,7 +198,7 @@ def test_exported_checkpoint_drops_kv_weights(tiny_llama, tmp_path):
 @pytest.mark.slow
 def test_demo_kvsharer_saves_23_percent_of_kv_bytes(demo_source, tmp_path):
     """7 of 30 SmolLM2 layers sharing: the cache's own tensors shrink by 7/30 = 23.3%."""
-    from surgery.evaluate import kv_bytes_per_token
+    from surgery.evals.evaluate import kv_bytes_per_token
 
     out = run_convert("demo", tmp_path / "smol", recipe="kvsharer", share_layers=7, num_samples=8, seq_len=32)
     model = load_remote(out)

@@ -7,14 +7,14 @@ import torch
 import yaml
 
 from helpers import decode_stepwise, load_remote, run_convert
-from surgery.convert import load_calibration_model
-from surgery.errors import SurgeryError
-from surgery.evaluate import kv_bytes_per_token
-from surgery.families import surgery_config_from_source
+from surgery.calibrate.source_model import load_calibration_model
+from surgery.base.errors import SurgeryError
+from surgery.evals.evaluate import kv_bytes_per_token
+from surgery.checkpoint.families import surgery_config_from_source
 from surgery.arch.projection_surgery import set_kv_ranks
-from surgery.layer_runner import LayerRunner
+from surgery.calibrate.layer_runner import LayerRunner
 from surgery.recipes.matryoshka import KLCurves, KVStatistics, MatryoshkaKV, principal_bases, search_ranks
-from surgery.sources import resolve
+from surgery.checkpoint.sources import resolve
 
 
 def test_pca_basis_matches_numpy_style_reference():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import assert_clean_failure, cli, load_reference, load_remote, run_convert
-from surgery.compute import layer_matmul_flops
+from surgery.metrics.compute import layer_matmul_flops
 from surgery.recipes.modification import MoDification
 
 
@@ -28,8 +28,8 @@ def test_fresh_routers_route_everything_and_equal_the_source(tiny_models, tmp_pa
 def test_adapt_trains_only_the_routers_and_the_skipped_compute_is_measured(tiny_with_tokenizer, tmp_path):
     from safetensors.torch import load_file
 
-    from surgery.adapt import adapt
-    from surgery.adapt_settings import AdaptSettings
+    from surgery.adapt.engine import adapt
+    from surgery.adapt.settings import AdaptSettings
 
     ckpt = run_convert(tiny_with_tokenizer, tmp_path / "mod", recipe="modification",
                        recipe_options={"skip": 0.5, "train": "routers"})
@@ -63,8 +63,8 @@ def test_adapt_trains_only_the_routers_and_the_skipped_compute_is_measured(tiny_
 def test_train_layers_moves_only_routers_and_routed_layers_at_their_scaled_rate(tiny_with_tokenizer, tmp_path):
     from safetensors.torch import load_file
 
-    from surgery.adapt import adapt
-    from surgery.adapt_settings import AdaptSettings
+    from surgery.adapt.engine import adapt
+    from surgery.adapt.settings import AdaptSettings
     from surgery.recipes.growth import layer_of
 
     ckpt = run_convert(tiny_with_tokenizer, tmp_path / "mod", recipe="modification",

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import cli, decode_stepwise, load_remote, run_convert
-from surgery.tensor_io import LazyCheckpoint
+from surgery.checkpoint.tensor_io import LazyCheckpoint
 
 
 def test_mixtral_experts_are_read_under_the_surgery_names(tiny_models):

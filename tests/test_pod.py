@@ -96,7 +96,7 @@ def test_short_calibration_samples_are_refused(tiny_with_tokenizer, tmp_path):
 def test_adapt_trains_queries_and_keys_of_borrowing_layers_only_at_the_recipes_rate(tiny_with_tokenizer, tmp_path, pod_options):
     from safetensors.torch import load_file
 
-    from surgery.adapt import AdaptSettings, adapt
+    from surgery.adapt.engine import AdaptSettings, adapt
 
     ckpt = run_convert(tiny_with_tokenizer, tmp_path / "pod", recipe="pod",
                        **{**pod_options, "recipe_options": {**pod_options["recipe_options"], "delta": 0.0}})

@@ -11,7 +11,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from helpers import decode_stepwise
 from surgery.arch import SurgeryConfig, SurgeryForCausalLM
 from surgery.arch.modeling_surgery import apply_rope
-from surgery.evaluate import cache_kv_bytes_per_token
+from surgery.evals.evaluate import cache_kv_bytes_per_token
 
 SINKS, RECENT = 2, 4
 # layer 0 keeps all; head 0 borrows from layer 0 in layers 1-2, head 1 starts a group at 1 (and borrows from 0 in

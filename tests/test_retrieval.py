@@ -2,9 +2,9 @@
 
 import pytest
 
-from surgery.retrieval import (PROMPT_FORMATS, TASKS, Haystack, generate, insert_at_depths, sentences_of,
+from surgery.evals.retrieval import (PROMPT_FORMATS, TASKS, Haystack, generate, insert_at_depths, sentences_of,
                                string_match_recall)
-from surgery.retrieval_eval import prompt_texts
+from surgery.evals.retrieval_eval import prompt_texts
 
 PROSE = " ".join(f"Sentence number {i} says something plain about rivers and hills." for i in range(400))
 
@@ -95,7 +95,7 @@ def test_left_padded_batches_answer_as_single_prompts(tiny_with_tokenizer, token
     """Prompts of different lengths in one left-padded batch get the answers each gets alone."""
     from helpers import load_remote, run_convert
 
-    from surgery.retrieval_eval import answers
+    from surgery.evals.retrieval_eval import answers
 
     model = load_remote(run_convert(tiny_with_tokenizer, tmp_path / "snap", recipe="snapkv",
                                     recipe_options={"keep": 0.3, "keep_at_least": 0}))

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.convert import tensor_plan
-from surgery.errors import SurgeryError
-from surgery.export import expected_tensors
-from surgery.families import surgery_config_from_source
+from surgery.pipelines.convert import tensor_plan
+from surgery.base.errors import SurgeryError
+from surgery.checkpoint.export import expected_tensors
+from surgery.checkpoint.families import surgery_config_from_source
 from surgery.recipes.base import Recipe
-from surgery.rewrite import DictWriter, TensorPlan, rewrite
-from surgery.tensor_io import ShardWriter
+from surgery.checkpoint.rewrite import DictWriter, TensorPlan, rewrite
+from surgery.checkpoint.tensor_io import ShardWriter
 
 SHARD = 40_000  # bytes: a handful of the tiny model's tensors per shard
 

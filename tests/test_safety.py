@@ -19,7 +19,7 @@ import torch
 from helpers import assert_clean_failure, cli, run_convert
 from transformers import AutoModelForCausalLM
 
-from surgery.outputs import exclusive, remove_strays
+from surgery.base.outputs import exclusive, remove_strays
 
 
 def tree_hash(folder: Path) -> str:
@@ -266,17 +266,17 @@ def test_a_second_writer_to_the_same_out_fails_at_once(tiny_models, tmp_path):
 
 
 def test_an_out_that_appears_meanwhile_is_not_replaced(tiny_models, tmp_path, monkeypatch):
-    import surgery.convert
+    import surgery.pipelines.convert
 
     out = tmp_path / "out"
-    write_weights = surgery.convert.write_weights
+    write_weights = surgery.pipelines.convert.write_weights
 
     def racing(*args, **kwargs):
         out.mkdir()
         (out / "theirs.txt").write_text("another run's result")
         return write_weights(*args, **kwargs)
 
-    monkeypatch.setattr(surgery.convert, "write_weights", racing)
+    monkeypatch.setattr(surgery.pipelines.convert, "write_weights", racing)
     result = cli("convert", tiny_models["llama"], "--recipe", "none", "--out", out, "--no-verify")
     assert_clean_failure(result, "appeared while")
     assert [p.name for p in out.iterdir()] == ["theirs.txt"]

@@ -1,21 +1,22 @@
 """The recipe registry: an explicit table, one file per recipe."""
 
-from ..errors import SurgeryError
-from .adamoe import AdaMoE
-from .attention_gate import AttentionGateRecipe
-from .base import CalibrationRequest, Recipe
-from .depth_up import DepthUp
-from .dynamickv import DynamicKV
-from .kvsharer import KVSharer
-from .lesa import LESA
-from .matryoshka import MatryoshkaKV
-from .modification import MoDification
-from .none import Identity
-from .pod import PoD
-from .pyramid import PyramidKV
-from .snapkv import SnapKV
-from .upcycle import Upcycle
-from .zigzag import ZigZagKV
+from surgery.base.errors import SurgeryError
+from surgery.recipes.adamoe import AdaMoE
+from surgery.recipes.attention_gate import AttentionGateRecipe
+from surgery.recipes.base import CalibrationRequest, Recipe
+from surgery.recipes.depth_up import DepthUp
+from surgery.recipes.dynamickv import DynamicKV
+from surgery.recipes.kvsharer import KVSharer
+from surgery.recipes.lesa import LESA
+from surgery.recipes.matryoshka import MatryoshkaKV
+from surgery.recipes.modification import MoDification
+from surgery.recipes.none import Identity
+from surgery.recipes.pod import PoD
+from surgery.recipes.pyramid import PyramidKV
+from surgery.recipes.snapkv import SnapKV
+from surgery.recipes.upcycle import Upcycle
+from surgery.recipes.zigzag import ZigZagKV
+from surgery.recipes.budget import TokenBudgetRecipe
 
 # Registry order is composition order: depth growth first (later recipes plan on the grown model), then experts
 # (upcycling, then null experts), sharing, projections, key sharing, learned eviction, routing, then token eviction.
@@ -49,7 +50,6 @@ def recipes_from_record(record: dict) -> list[Recipe]:
 def check_composition(recipes: list[Recipe]) -> None:
     """Recipes compose in registry order (e.g. kvsharer before matryoshka: projections are fitted to the owners),
     each at most once, and with at most one token-eviction policy."""
-    from .budget import TokenBudgetRecipe
 
     order = list(RECIPES)
     names = [recipe.name for recipe in recipes]

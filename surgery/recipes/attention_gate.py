@@ -26,14 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import SurgeryError
-from ..lazy import lazy_import
-from .base import Recipe
+from surgery.base.errors import SurgeryError
+from surgery.base.lazy import lazy_import
+from surgery.recipes.base import Recipe
 
 torch = lazy_import("torch")
 
 if TYPE_CHECKING:
-    from ..arch.configuration_surgery import SurgeryConfig
+    from surgery.arch.configuration_surgery import SurgeryConfig
 
 GATE_MODULE = ".self_attn.gate."
 EVICTION = "an Attention-Gate already decides which tokens leave the cache; a model evicts with one method"

@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..ranges import check_ranges
+from surgery.base.ranges import check_ranges
+from surgery.base.errors import SurgeryError
 
 if TYPE_CHECKING:  # recipe files import no torch or transformers at module level, so `--help` stays fast
-    from ..arch.configuration_surgery import SurgeryConfig
-    from ..rewrite import TensorPlan
+    from surgery.arch.configuration_surgery import SurgeryConfig
+    from surgery.checkpoint.rewrite import TensorPlan
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,6 @@ class Recipe:
     @classmethod
     def from_record(cls, options: dict[str, Any]) -> Recipe:
         """The recipe from a recipe.yaml's options, written by this or an earlier surgery (renamed options map)."""
-        from ..errors import SurgeryError
 
         current = {}
         for key, value in options.items():

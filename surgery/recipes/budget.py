@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import SurgeryError
-from .base import Recipe
+from surgery.base.errors import SurgeryError
+from surgery.recipes.base import Recipe
 
 if TYPE_CHECKING:
-    from ..arch.configuration_surgery import SurgeryConfig
+    from surgery.arch.configuration_surgery import SurgeryConfig
 
 DEFAULT_KEEP = 0.2
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import SurgeryError
-from .growth import GrowthRecipe, Layout, layer_name, zeros_like
+from surgery.base.errors import SurgeryError
+from surgery.recipes.growth import GrowthRecipe, Layout, layer_name, zeros_like
 
 if TYPE_CHECKING:
-    from ..arch.configuration_surgery import SurgeryConfig
-    from ..rewrite import TensorPlan
+    from surgery.arch.configuration_surgery import SurgeryConfig
+    from surgery.checkpoint.rewrite import TensorPlan
 
 METHODS = ("llama-pro", "solar", "copy")
 def writes_residual(suffix: str) -> bool:

@@ -7,11 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from .base import Recipe
-from .growth import layer_of
+from surgery.base.lazy import lazy_import
+from surgery.recipes.base import Recipe
+from surgery.recipes.growth import layer_of
+balance = lazy_import("surgery.train.balance")
 
 if TYPE_CHECKING:
-    from ..arch.configuration_surgery import SurgeryConfig
+    from surgery.arch.configuration_surgery import SurgeryConfig
 
 ROUTER = ".mlp.gate.weight"
 
@@ -47,7 +49,6 @@ class ExpertTraining(Recipe):
         return (is_router(name) or ".mlp.experts." in name) and layer_of(name) in (config.moe_layers or ())
 
     def regulariser(self, model):
-        from ..balance import balance_loss
 
-        loss = balance_loss(model)
+        loss = balance.balance_loss(model)
         return None if loss is None or not self.balance_weight else self.balance_weight * loss

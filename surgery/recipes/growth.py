@@ -13,15 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import SurgeryError
-from ..lazy import lazy_import
-from .base import Recipe
+from surgery.base.errors import SurgeryError
+from surgery.base.lazy import lazy_import
+from surgery.recipes.base import Recipe
+export = lazy_import("surgery.checkpoint.export")
 
 torch = lazy_import("torch")
 
 if TYPE_CHECKING:
-    from ..arch.configuration_surgery import SurgeryConfig
-    from ..rewrite import TensorPlan
+    from surgery.arch.configuration_surgery import SurgeryConfig
+    from surgery.checkpoint.rewrite import TensorPlan
 
 Layout = list[tuple[str, int]]
 NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
@@ -123,10 +124,9 @@ class GrowthRecipe(Recipe):
                 "source_layers": runner.config.num_hidden_layers}
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
-        from ..export import expected_tensors
 
         self.suffixes = {}  # source layer -> its tensors' names within the layer (dense and MoE layers differ)
-        for name in expected_tensors(config):
+        for name in export.expected_tensors(config):
             if (layer := layer_of(name)) is not None:
                 self.suffixes.setdefault(layer, []).append(name.split(".", 3)[3])
         self.layout = [(kind, int(layer)) for kind, layer in plan["layout"]]

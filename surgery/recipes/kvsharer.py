@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from tqdm.auto import tqdm
 
-from ..errors import SurgeryError
-from ..lazy import lazy_import
-from .base import CalibrationRequest, Recipe
+from surgery.base.errors import SurgeryError
+from surgery.base.lazy import lazy_import
+from surgery.recipes.base import CalibrationRequest, Recipe
 
 torch = lazy_import("torch")
 if TYPE_CHECKING:
-    from ..arch.configuration_surgery import SurgeryConfig
-    from ..layer_runner import LayerRunner, RunState
+    from surgery.arch.configuration_surgery import SurgeryConfig
+    from surgery.calibrate.layer_runner import LayerRunner, RunState
 
 ORDERS = ("dissimilar", "similar", "random")
 

@@ -24,14 +24,14 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import SurgeryError
-from ..lazy import lazy_import
-from .growth import NORMS, GrowthRecipe, layer_name, neighbour_mean
+from surgery.base.errors import SurgeryError
+from surgery.base.lazy import lazy_import
+from surgery.recipes.growth import NORMS, GrowthRecipe, layer_name, neighbour_mean
 
 torch = lazy_import("torch")
 
 if TYPE_CHECKING:
-    from ..rewrite import TensorPlan
+    from surgery.checkpoint.rewrite import TensorPlan
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -32,17 +32,19 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from tqdm.auto import tqdm
 
-from ..errors import SurgeryError
-from ..lazy import lazy_import
-from .base import CalibrationRequest, Recipe
+from surgery.base.errors import SurgeryError
+from surgery.base.lazy import lazy_import
+from surgery.recipes.base import CalibrationRequest, Recipe
+projection_surgery = lazy_import("surgery.arch.projection_surgery")
+orthogonal = lazy_import("surgery.train.orthogonal")
 
 torch = lazy_import("torch")
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..arch.configuration_surgery import SurgeryConfig
-    from ..arch.projection_surgery import KVProjection
-    from ..layer_runner import KV, LayerRunner
+    from surgery.arch.configuration_surgery import SurgeryConfig
+    from surgery.arch.projection_surgery import KVProjection
+    from surgery.calibrate.layer_runner import KV, LayerRunner
 
 STEPS_PER_HEAD = 8  # ranks move in steps of head_dim / 8, as in the paper
 FINE_ROUNDS = 3  # fast search: re-measure around each budget's boundary until it stops moving, at most this often
@@ -279,7 +281,6 @@ class MatryoshkaKV(Recipe):
     def install_pca(self, runner: LayerRunner, owners: list[int], progress: bool
                     ) -> tuple[dict[int, KVProjection], dict[Candidate, torch.Tensor]]:
         """Full-rank projections of every owner layer from PCA of the calibration K/V, and each basis' spectrum."""
-        from ..arch.projection_surgery import KVProjection
 
         config = runner.config
         statistics = KVStatistics()
@@ -288,7 +289,7 @@ class MatryoshkaKV(Recipe):
         full = [config.head_dim] * config.num_key_value_heads
         with torch.no_grad():  # the bases are filled in place
             for layer in tqdm(owners, desc="PCA", unit="layer", disable=not progress, leave=False):
-                projection = KVProjection(config.head_dim, full, full).to(runner.device, runner.dtype)
+                projection = projection_surgery.KVProjection(config.head_dim, full, full).to(runner.device, runner.dtype)
                 for kind in KINDS:
                     mean = projection.key_mean if kind == "key" else projection.value_mean
                     total, outer, count = statistics[layer, kind]
@@ -348,11 +349,10 @@ class MatryoshkaKV(Recipe):
     def prepare_training(self, model) -> None:
         from torch.nn.utils import parametrize
 
-        from ..orthogonal import CayleyRotation
 
         for basis in self._bases(model):
             basis.stored_rank = basis.rank
-            parametrize.register_parametrization(basis, "weight", CayleyRotation(basis.weight.shape[0]).to(basis.weight))
+            parametrize.register_parametrization(basis, "weight", orthogonal.CayleyRotation(basis.weight.shape[0]).to(basis.weight))
 
     def before_step(self, model, generator: torch.Generator) -> None:
         """Matryoshka training: each (layer, head, K/V) draws its rank from {d/8, 2d/8, ...} up to the stored rank."""

@@ -27,15 +27,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import SurgeryError
-from ..lazy import lazy_import
-from .base import Recipe
-from .growth import layer_of
+from surgery.base.errors import SurgeryError
+from surgery.base.lazy import lazy_import
+from surgery.recipes.base import Recipe
+from surgery.recipes.growth import layer_of
+from surgery.metrics.compute import routers as routers_of
 
 torch = lazy_import("torch")
 
 if TYPE_CHECKING:
-    from ..arch.configuration_surgery import SurgeryConfig
+    from surgery.arch.configuration_surgery import SurgeryConfig
 
 ROUTER_MODULE = ".router."
 PARTIAL = "a routed layer's cache holds only the tokens it routed"
@@ -127,7 +128,6 @@ class MoDification(Recipe):
 
     def regulariser(self, model):
         """α·Σ_j F_j·G_j (the paper's) + λ·mean_j(skip_j − target)², over the routers that ran this forward."""
-        from ..compute import routers as routers_of
 
         routers = [router for router in routers_of(model).values() if router.fraction is not None]
         if not routers:

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from .base import Recipe
+from surgery.recipes.base import Recipe
 
 
 @dataclass

@@ -22,21 +22,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import SurgeryError
-from ..lazy import lazy_import
-from .base import CalibrationRequest, Recipe
+from surgery.base.errors import SurgeryError
+from surgery.base.lazy import lazy_import
+from surgery.recipes.base import CalibrationRequest, Recipe
+modeling_surgery = lazy_import("surgery.arch.modeling_surgery")
 
 torch = lazy_import("torch")
 
 if TYPE_CHECKING:
-    from ..arch.configuration_surgery import SurgeryConfig
-    from ..layer_runner import LayerRunner
+    from surgery.arch.configuration_surgery import SurgeryConfig
+    from surgery.calibrate.layer_runner import LayerRunner
 
 
 def last_query_attention(layer, hidden: torch.Tensor, rotary, config, last: int) -> torch.Tensor:
     """(batch, kv_heads, last, n) float64: the softmax attention of the last `last` queries of each sample to
     every key, averaged over the query heads of each KV head (plain PyTorch, as the source computes it)."""
-    from ..arch.modeling_surgery import apply_rope
 
     attention = layer.self_attn
     x = layer.input_layernorm(hidden)
@@ -47,8 +47,8 @@ def last_query_attention(layer, hidden: torch.Tensor, rotary, config, last: int)
     key = attention._heads(attention.k_proj(x))
     if config.qk_norm:
         query, key = attention.q_norm(query), attention.k_norm(key)
-    query = apply_rope(query, cos[:, n - last :], sin[:, n - last :]).double()
-    key = apply_rope(key, cos, sin).double()
+    query = modeling_surgery.apply_rope(query, cos[:, n - last :], sin[:, n - last :]).double()
+    key = modeling_surgery.apply_rope(key, cos, sin).double()
     group = config.num_attention_heads // config.num_key_value_heads
     scores = query @ key.repeat_interleave(group, dim=1).transpose(2, 3) * attention.scaling
     causal = torch.arange(n, device=hidden.device)[None, :] <= torch.arange(n - last, n, device=hidden.device)[:, None]

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from .budget import TokenBudgetRecipe
+from surgery.recipes.budget import TokenBudgetRecipe
 
 
 @dataclass

@@ -20,15 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import SurgeryError
-from ..lazy import lazy_import
-from .experts import ExpertTraining
+from surgery.base.errors import SurgeryError
+from surgery.base.lazy import lazy_import
+from surgery.recipes.experts import ExpertTraining
 
 torch = lazy_import("torch")
 
 if TYPE_CHECKING:
-    from ..arch.configuration_surgery import SurgeryConfig
-    from ..rewrite import TensorPlan
+    from surgery.arch.configuration_surgery import SurgeryConfig
+    from surgery.checkpoint.rewrite import TensorPlan
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..lazy import lazy_import
-from .base import CalibrationRequest
-from .budget import TokenBudgetRecipe
+from surgery.base.lazy import lazy_import
+from surgery.recipes.base import CalibrationRequest
+from surgery.recipes.budget import TokenBudgetRecipe
+policies_surgery = lazy_import("surgery.arch.policies_surgery")
 
 torch = lazy_import("torch")
 if TYPE_CHECKING:
-    from ..layer_runner import LayerRunner
+    from surgery.calibrate.layer_runner import LayerRunner
 
 
 @dataclass
@@ -37,11 +38,10 @@ class ZigZagKV(TokenBudgetRecipe):
     def layer_shares(runner: LayerRunner) -> list[float]:
         """u_l = LMBA_l / Σ LMBA averaged over calibration samples, measured by the shipped scoring code: every
         batch's prefill, layer by layer, runs with a ZigZag policy object whose scores are read back."""
-        from ..arch.policies_surgery import build_policy
 
         config = runner.config
         owners = config.owner_layers
-        policies = [build_policy("zigzag", 0.5, None, owners, torch.full((len(batch),), batch.shape[1]), config.kv_window)
+        policies = [policies_surgery.build_policy("zigzag", 0.5, None, owners, torch.full((len(batch),), batch.shape[1]), config.kv_window)
                     for batch in runner.batches]
         runner.run(runner.kv_source, commit=False, record=False, policies=policies)
         totals = torch.zeros(len(owners), dtype=torch.float64)

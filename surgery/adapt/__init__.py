@@ -1,0 +1,1 @@
+"""The distillation engine that trains whatever the recipes mark trainable."""

@@ -1,0 +1,1 @@
+"""Leaf helpers: errors, option ranges, interrupts, lazy imports, memory, safe output folders. No surgery imports."""

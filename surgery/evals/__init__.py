@@ -1,0 +1,1 @@
+"""The eval commands: perplexity and agreement, pass key, RULER-style retrieval, lm-eval, compare."""

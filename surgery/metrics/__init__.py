@@ -1,0 +1,1 @@
+"""What recipes' searches and the evals both measure with: compute counts, the cache keyword."""

@@ -1,0 +1,1 @@
+"""The conversion and its replay: one function each, taking an options object."""
