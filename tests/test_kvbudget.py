@@ -116,7 +116,8 @@ def kept_positions(cache, layers):
 
 
 @pytest.mark.parametrize("policy,kv_source", [("snapkv", None), ("pyramid", None), ("zigzag", None),
-                                              ("dynamickv", None), ("snapkv", [0, 1, 0, 3, 1, 3])])
+                                              ("dynamickv", None), ("streamingllm", None), ("h2o", None),
+                                              ("snapkv", [0, 1, 0, 3, 1, 3])])
 def test_ragged_decoding_equals_masked_reference(policy, kv_source):
     model = tiny(policy, seed=2, kv_source=kv_source)
     ids = torch.randint(0, 97, (1, 44), generator=torch.Generator().manual_seed(3))

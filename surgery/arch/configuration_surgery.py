@@ -29,7 +29,7 @@ class SurgeryConfig(PreTrainedConfig):
         MatryoshkaKV: for each layer that owns its K/V, the rank kept per KV head of the orthogonal key and value
         bases; keys and values are cached at that reduced width. `None` (or a `None` entry) means no projection.
     kv_policy, kv_budget, kv_budget_tokens, kv_min_tokens, kv_window, kv_pooling, kv_layer_weights (*optional*):
-        Token eviction after prefill: the policy (snapkv, pyramid, zigzag, dynamickv), the default budget as a
+        Token eviction after prefill: the policy (a name in policies_surgery.POLICIES), the default budget as a
         fraction of the prompt (or an absolute token count per layer), the floor under a fraction (a prompt of at
         most kv_min_tokens stays whole), the observation window, and ZigZagKV's calibrated per-layer shares.
         `generate(..., kv_budget=0.1)` overrides the budget per call.

@@ -33,11 +33,13 @@ from .projection_surgery import KVProjection
 # that a checkpoint's main module imports itself, not the files those import in turn.
 from .dynamickv_surgery import DynamicKV  # noqa: E402,F401
 from .gate_surgery import AttentionGate  # noqa: E402
+from .h2o_surgery import H2O  # noqa: E402,F401
 from .routing_surgery import Route, Router  # noqa: E402
 from .kvlayer_surgery import SurgeryKVLayer  # noqa: E402,F401
 from .pod_surgery import PodKVLayer  # noqa: E402,F401
 from .pyramid_surgery import PyramidKV  # noqa: E402,F401
 from .snapkv_surgery import SnapKV  # noqa: E402,F401
+from .streamingllm_surgery import StreamingLLM  # noqa: E402,F401
 from .zigzag_surgery import ZigZagKV  # noqa: E402,F401
 
 try:  # the kernels need triton; transformers skips imports inside try blocks when it checks requirements

@@ -8,11 +8,14 @@ import torch
 from .budget_surgery import BudgetPolicy
 from .cache_surgery import SurgeryCache
 from .dynamickv_surgery import DynamicKV
+from .h2o_surgery import H2O
 from .pyramid_surgery import PyramidKV
 from .snapkv_surgery import SnapKV
+from .streamingllm_surgery import StreamingLLM
 from .zigzag_surgery import ZigZagKV
 
-POLICIES: dict[str, type[BudgetPolicy]] = {policy.name: policy for policy in (SnapKV, PyramidKV, ZigZagKV, DynamicKV)}
+POLICIES: dict[str, type[BudgetPolicy]] = {policy.name: policy for policy in (SnapKV, PyramidKV, ZigZagKV, DynamicKV,
+                                                                                 StreamingLLM, H2O)}
 
 
 def build_policy(name: str, budget: float | None, budget_tokens: int | None, owners: list[int],

@@ -6,6 +6,7 @@ from surgery.recipes.attention_gate import AttentionGateRecipe
 from surgery.recipes.base import CalibrationRequest, Recipe
 from surgery.recipes.depth_up import DepthUp
 from surgery.recipes.dynamickv import DynamicKV
+from surgery.recipes.h2o import H2O
 from surgery.recipes.kvsharer import KVSharer
 from surgery.recipes.lesa import LESA
 from surgery.recipes.matryoshka import MatryoshkaKV
@@ -14,6 +15,7 @@ from surgery.recipes.none import Identity
 from surgery.recipes.pod import PoD
 from surgery.recipes.pyramid import PyramidKV
 from surgery.recipes.snapkv import SnapKV
+from surgery.recipes.streamingllm import StreamingLLM
 from surgery.recipes.upcycle import Upcycle
 from surgery.recipes.zigzag import ZigZagKV
 from surgery.recipes.budget import TokenBudgetRecipe
@@ -23,7 +25,8 @@ from surgery.recipes.budget import TokenBudgetRecipe
 RECIPES: dict[str, type[Recipe]] = {
     recipe.name: recipe for recipe in (Identity, LESA, DepthUp, Upcycle, AdaMoE, KVSharer, MatryoshkaKV, PoD,
                                        AttentionGateRecipe,
-                                       MoDification, SnapKV, PyramidKV, ZigZagKV, DynamicKV)
+                                       MoDification, SnapKV, PyramidKV, ZigZagKV, DynamicKV,
+                                       StreamingLLM, H2O)
 }
 
 
@@ -60,6 +63,9 @@ def check_composition(recipes: list[Recipe]) -> None:
         raise SurgeryError(f"{' and '.join(policies)} are both token-eviction policies; a model evicts with one",
                            hint="pick one of them")
     for recipe in recipes:
+        if recipe.excludes_eviction and policies:
+            raise SurgeryError(f"{recipe.name} cannot be combined with {policies[0]}: {recipe.excludes_eviction}",
+                               hint=f"convert with {recipe.name} or with {policies[0]}, not both")
         for other, reason in recipe.excludes.items():
             if other in names:
                 raise SurgeryError(f"{recipe.name} cannot be combined with {other}: {reason}",

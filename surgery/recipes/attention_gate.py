@@ -49,8 +49,8 @@ class AttentionGateRecipe(Recipe):
     adapt_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-2, "seq_len": 1024, "batch_size": 1}
     excludes: ClassVar[dict[str, str]] = {
         "pod": "PoD's upper layers read the bottom layer's keys of tokens a gate may have evicted",
-        **{policy: EVICTION for policy in ("snapkv", "pyramid", "zigzag", "dynamickv")},
     }
+    excludes_eviction: ClassVar[str] = EVICTION
 
     target_keep: float = field(default=0.3, metadata={"help": "keep rate the training regulariser pulls each layer towards", "above": 0, "max": 1})
     gate_heads: int = field(default=1, metadata={"help": "attention heads of each gate", "min": 1})

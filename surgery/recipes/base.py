@@ -37,6 +37,7 @@ class Recipe:
     renamed_options: ClassVar[dict[str, str | None]] = {}  # old recipe.yaml option -> new name (None: retired)
     milder: ClassVar[str] = ""  # what to try when the result is far from the source
     excludes: ClassVar[dict[str, str]] = {}  # recipes this one cannot be combined with, and why
+    excludes_eviction: ClassVar[str | None] = None  # why no token-eviction policy can join it, if none can
     keeps_family: ClassVar[bool] = False  # True: alone (or with other such recipes), the output is a plain family checkpoint
 
     def __post_init__(self) -> None:

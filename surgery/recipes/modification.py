@@ -55,8 +55,8 @@ class MoDification(Recipe):
         "kvsharer": f"{PARTIAL}, so it can neither lend its cache nor read another layer's",
         "pod": f"{PARTIAL}; PoD's upper layers read the bottom layer's keys of every distant token",
         "attention-gate": "routing is not combined with token eviction",
-        **{policy: "routing is not combined with token eviction" for policy in ("snapkv", "pyramid", "zigzag", "dynamickv")},
     }
+    excludes_eviction: ClassVar[str] = "routing is not combined with token eviction"
 
     route_layers: str | None = field(default=None, metadata={"help": "comma-separated layers to route (default: every other layer: 1,3,5,...)"})
     route_threshold: float = field(default=0.5, metadata={"help": "a token goes through a routed layer when its router output g is at least this (p)", "above": 0, "below": 1})
