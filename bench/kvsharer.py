@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from surgery.arch.sharing_surgery import set_kv_sources
+from surgery.arch.kvsharer_surgery import set_kv_sources
 from surgery.calibrate.text import CalibrationSettings, calibration_ids, heldout_text
 from surgery.calibrate.source_model import load_calibration_model
 from surgery.calibrate.corpora import DEFAULT_CALIBRATION, SELF_GENERATED

@@ -26,7 +26,7 @@ from surgery.calibrate.corpora import DEFAULT_CALIBRATION
 from surgery.evals.evaluate import kv_bytes_per_token, perplexity
 from surgery.checkpoint.loading import load_model
 from surgery.checkpoint.families import surgery_config_from_source
-from surgery.arch.projection_surgery import set_kv_ranks
+from surgery.arch.matryoshka_surgery import set_kv_ranks
 from surgery.calibrate.layer_runner import LayerRunner
 from surgery.recipes import matryoshka
 from surgery.recipes.matryoshka import KLCurves, MatryoshkaKV

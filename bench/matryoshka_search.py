@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from surgery.arch.projection_surgery import set_kv_ranks
+from surgery.arch.matryoshka_surgery import set_kv_ranks
 from surgery.calibrate.text import CalibrationSettings, calibration_ids, heldout_text
 from surgery.calibrate.corpora import SELF_GENERATED
 from surgery.calibrate.source_model import load_calibration_model

@@ -41,8 +41,8 @@ def configure(model, recent: int | None = None, skip: float | None = None, keep:
     """The settings a conversion option would write, on a loaded model's config."""
     config = model.config
     if recent is not None:
-        config.kv_recent_tokens = recent
-    config.kv_distant_skip = skip
+        config.pod_recent_tokens = recent
+    config.pod_distant_skip = skip
     snapkv = SnapKV(keep=keep) if keep is not None else None
     config.kv_policy = None
     if snapkv is not None:
@@ -61,7 +61,7 @@ def quality(model, tokenizer, windows: dict[int, list[torch.Tensor]], prompts: d
         if all_flops:
             row[f"skipped_rows@{length}"] = sum(skip.skipped / max(skip.rows, 1) for skip in skips) / len(segments)
             row[f"skipped_flops@{length}"] = sum(skip.skipped_flops for skip in skips) / all_flops
-        if getattr(model.config, "kv_distant_skip", None) is None:  # the skip rows: perplexity only
+        if getattr(model.config, "pod_distant_skip", None) is None:  # the skip rows: perplexity only
             row[f"niah@{length}"] = recall(model, tokenizer, prompts[length], "query-aware", None)
     return row
 
@@ -176,7 +176,7 @@ def main() -> None:
             state["meta"]["convert"] = (f"`surgery convert demo --recipe pod` took {time.perf_counter() - start:.0f} s "
                                         "(defaults).")
         model, _ = load_model(str(ckpt))
-        state["meta"].setdefault("groups", {})[f"δ {PoD.delta} (default)"] = groups_text(model.config.kv_key_source)
+        state["meta"].setdefault("groups", {})[f"δ {PoD.delta} (default)"] = groups_text(model.config.pod_key_source)
         if "before adapt" in stages:
             base, _ = load_model("demo")
             record("-", "source model", base, {})
@@ -189,7 +189,7 @@ def main() -> None:
                     convert(ConvertRequest(model="demo", recipes=[PoD(delta=delta)], out=folder, verify=False,
                                            progress=True))
                 other, _ = load_model(str(folder))
-                state["meta"]["groups"][f"δ {delta}"] = groups_text(other.config.kv_key_source)
+                state["meta"]["groups"][f"δ {delta}"] = groups_text(other.config.pod_key_source)
                 record("before adapt", f"δ {delta}, n_recent 256", other, dict(recent=256))
                 del other
         if "after adapt" in stages:

@@ -9,47 +9,9 @@ import json  # noqa: E402
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
+from factories import FAMILY_EXTRAS, save_tiny, tiny_config  # noqa: F401  (tests import them from here too)
 from surgery.checkpoint.sources import resolve
-
-FAMILY_EXTRAS = {
-    "llama": {"attention_bias": True},
-    "mistral": {"sliding_window": 7},
-    "qwen2": {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 2},
-    "qwen3": {},
-    # MoE families: 4 experts, top-2; Qwen2-MoE with a shared expert and experts on every other layer (1, 3), Qwen3-MoE
-    # with a dense layer 0 and renormalised top-k weights
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 7},
-    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "shared_expert_intermediate_size": 48, "decoder_sparse_step": 2, "attention_bias": True},
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
-                  "mlp_only_layers": [0]},
-}
-
-
-def tiny_config(family: str, **overrides):
-    kwargs = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0, tie_word_embeddings=False,
-    )
-    kwargs.update(FAMILY_EXTRAS[family])
-    kwargs.update(overrides)
-    return AutoConfig.for_model(family, **kwargs)
-
-
-def save_tiny(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
-    with torch.no_grad():  # some families start their routers at zero: every expert tied
-        for name, parameter in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                parameter.normal_(0, 0.5)
-    model.save_pretrained(folder)
-    return folder
-
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:

@@ -6,7 +6,9 @@ The Triton path runs under TRITON_INTERPRET=1 (set in conftest.py). References a
 import pytest
 import torch
 
-from surgery.arch import SurgeryConfig, SurgeryForCausalLM
+from factories import tiny_surgery_model
+
+from surgery.arch import SurgeryForCausalLM
 from surgery.arch.attention_surgery import KVView, Queries, attend
 from surgery.arch.policies_surgery import POLICIES
 
@@ -82,12 +84,7 @@ def test_masks_come_from_positions_for_a_token_subset(path, window):
 
 
 def tiny(policy: str) -> SurgeryForCausalLM:
-    config = SurgeryConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, kv_policy=policy,
-                           kv_window=4, kv_budget=0.3, pad_token_id=0)
-    torch.manual_seed(3)
-    return SurgeryForCausalLM(config).eval()
+    return tiny_surgery_model(seed=3, head_dim=16, kv_policy=policy, kv_window=4, kv_budget=0.3, pad_token_id=0)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

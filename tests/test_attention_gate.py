@@ -22,8 +22,8 @@ def test_fresh_gates_keep_everything_and_equal_the_source(tiny_models, tmp_path)
         assert (model(ids, attention_mask=mask).logits - source(ids, attention_mask=mask).logits)[mask.bool()].abs().max() < 1e-5
         cache = model(ids[:1], use_cache=True).past_key_values
     config = model.config
-    assert config.kv_gate_width == config.head_dim // 8
-    gate_state = 2 * config.kv_gate_heads * config.kv_gate_width * 4
+    assert config.attention_gate_width == config.head_dim // 8
+    gate_state = 2 * config.attention_gate_heads * config.attention_gate_width * 4
     full = 2 * config.num_key_value_heads * config.head_dim * 4
     assert cache.kv_bytes_per_token() == config.num_hidden_layers * (full + gate_state)
 
@@ -88,7 +88,7 @@ def test_composes_with_kvsharer(tiny_llama, tmp_path):
                       threshold=-1.0, num_samples=2, seq_len=16, verify=True)
     model = load_remote(out)
     sharing = model.config.sharing_layers
-    assert sharing and all(not hasattr(model.model.layers[i].self_attn, "gate") for i in sharing)
+    assert sharing and all(model.model.layers[i].self_attn.gate is None for i in sharing)  # no gate, no weights
     assert all(model.model.layers[i].self_attn.gate is not None for i in model.config.owner_layers)
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from helpers import assert_clean_failure, cli
-from surgery.cli.main import parse_size
+from surgery.base.sizes import parse_size
 
 
 def run(*args):

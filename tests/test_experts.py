@@ -107,7 +107,7 @@ def test_adamoe_without_null_experts_is_the_source(tiny_models, tmp_path, family
 def test_adamoe_router_rows_repeat_the_true_experts(tiny_models, tmp_path):
     out = run_convert(tiny_models["qwen3_moe"], tmp_path / "ada", recipe="adamoe", recipe_options={"null_experts": 6})
     config = json.loads((out / "config.json").read_text())
-    assert config["moe_null_experts"] == 6 and config["moe_top_k"] == 4 and config["moe_norm_topk"]
+    assert config["adamoe_null_experts"] == 6 and config["moe_top_k"] == 4 and config["moe_norm_topk"]
     weights, source = load_file(out / "model.safetensors"), load_file(tiny_models["qwen3_moe"] / "model.safetensors")
     for layer in config["moe_layers"]:
         true = source[f"model.layers.{layer}.mlp.gate.weight"]
@@ -140,7 +140,7 @@ def test_adamoe_routing_matches_the_formula_and_dispatches_only_true_experts():
     torch.manual_seed(0)
     config = SurgeryConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                            num_attention_heads=2, moe_layers=[0], moe_experts=3, moe_intermediate_size=8,
-                           moe_top_k=3, moe_null_experts=4)
+                           moe_top_k=3, adamoe_null_experts=4)
     block = SurgeryMoE(config).eval()
     x = torch.randn(40, 16)
     with torch.no_grad():
@@ -262,7 +262,7 @@ def test_adapt_trains_what_the_option_says_with_the_balance_loss(tiny_text_llama
     if recipe == "upcycle":  # still a plain Qwen2-MoE checkpoint, for stock transformers
         assert type(load_reference(out)).__name__ == "Qwen2MoeForCausalLM"
     else:
-        assert load_remote(out).config.moe_null_experts == 2
+        assert load_remote(out).config.adamoe_null_experts == 2
 
 
 @pytest.mark.parametrize("recipe, options, needle", [

@@ -136,7 +136,7 @@ def test_remote_code_is_flat_and_relative():
     files = export.remote_code_files()
     assert {f.name for f in files} >= {"modeling_surgery.py", "configuration_surgery.py", "cache_surgery.py",
                                        "attention_surgery.py", "budget_surgery.py", "policies_surgery.py",
-                                       "projection_surgery.py", "decode_surgery.py", "prefill_surgery.py"}
+                                       "matryoshka_surgery.py", "decode_surgery.py", "prefill_surgery.py"}
     for path in files:
         lines = path.read_text().splitlines()
         assert not any(line.strip().startswith("from ..") or line.strip().startswith("import surgery") for line in lines)

@@ -40,7 +40,7 @@ def test_convert_help_lists_recipes_and_groups_their_options():
     position = {heading: text.index(heading) for heading in headings}
     for flag, heading in [("--target-layers", "lesa, depth-up options:"), ("--norms", "lesa options:"),
                           ("--share-layers", "kvsharer options:"), ("--kv-fraction", "matryoshka options:"),
-                          ("--keep ", "snapkv, pyramid, zigzag, dynamickv options:"), ("--calibrated", "zigzag options:"),
+                          ("--keep ", "snapkv, pyramid, zigzag, dynamickv, streamingllm, h2o options:"), ("--calibrated", "zigzag options:"),
                           ("--calib-batch-size", "Calibration options:")]:
         following = [h for h in headings if position[h] > position[heading]]
         end = position[following[0]] if following else len(text)

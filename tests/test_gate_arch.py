@@ -22,7 +22,7 @@ def path(request) -> str:
 
 
 def gated_model(path: str = "eager", seed: int = 0, **overrides) -> SurgeryForCausalLM:
-    model = widened_surgery_model(path, seed, **{"num_hidden_layers": LAYERS, "kv_gate_heads": 1, "kv_gate_width": 4,
+    model = widened_surgery_model(path, seed, **{"num_hidden_layers": LAYERS, "attention_gate_heads": 1, "attention_gate_width": 4,
                                                  **overrides})
     for layer in model.model.layers:  # flags mixed
         if getattr(layer.self_attn, "gate", None) is not None:
@@ -83,7 +83,7 @@ def test_full_forward_follows_the_rule(path):
     expected, flags = reference(model, ids)
     assert 0.2 < kept_fraction(flags) < 0.8  # the gates evict some tokens and keep others
     assert (model(ids, use_cache=False).logits - expected).abs().max() < PATHS[path][1]
-    ungated = gated_model(path, kv_gate_heads=None)
+    ungated = gated_model(path, attention_gate_heads=None)
     assert (ungated(ids).logits - expected).abs().max() > 1e-3  # eviction changes the model
 
 
@@ -124,7 +124,7 @@ def test_kv_bytes_are_the_kept_tokens_plus_the_gate_state():
     kept = sum(int(f.sum()) for f in flags.values())
     heads = torch.stack([f.sum(-1) for f in flags.values()])
     assert heads.min() != heads.max()  # heads keep different counts
-    gate_state = LAYERS * 2 * config.kv_gate_heads * config.kv_gate_width * n * element
+    gate_state = LAYERS * 2 * config.attention_gate_heads * config.attention_gate_width * n * element
     assert cache.kv_bytes() == kept * 2 * config.head_dim * element + gate_state
     full = LAYERS * config.num_key_value_heads * 2 * config.head_dim * n * element
     keep = kept / (LAYERS * config.num_key_value_heads * n)
@@ -143,7 +143,7 @@ def test_sharing_layers_read_their_sources_kept_tokens(path):
 
 def test_projected_caches_are_gated_per_head(path):
     ranks = [[4, 6], [8, 2], [5, 5], [3, 8]]
-    model = gated_model(path, kv_key_ranks=ranks, kv_value_ranks=[r[::-1] for r in ranks])
+    model = gated_model(path, matryoshka_key_ranks=ranks, matryoshka_value_ranks=[r[::-1] for r in ranks])
     ids = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(6))
     stepwise, cache = decode_stepwise(model, ids, prompt=6)
     assert (stepwise - model(ids, use_cache=False).logits).abs().max() < PATHS[path][1]
@@ -170,7 +170,7 @@ def test_training_noise_samples_each_flag_with_its_keep_probability():
     """With logistic noise of scale 1 and τ = 0.5, token p is kept with probability σ(logit_p): over many seeds the
     kept share of each (token, head) matches σ, and one seed always draws the same flags (gradient checkpointing
     runs the forward twice)."""
-    from surgery.arch.gate_surgery import GatedKVLayer
+    from surgery.arch.attention_gate_surgery import GatedKVLayer
 
     model = gated_model()
     model.model.layers[0].self_attn.gate.out.bias.data.fill_(0.0)
@@ -213,8 +213,8 @@ def test_a_zero_weight_slot_still_gets_a_gradient():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"kv_gate_width": None}, "kv_gate_width"),
-    ({"kv_gate_threshold": 1.0}, "kv_gate_threshold"),
+    ({"attention_gate_width": None}, "attention_gate_width"),
+    ({"attention_gate_threshold": 1.0}, "attention_gate_threshold"),
     ({"kv_policy": "snapkv", "kv_budget": 0.5}, "cannot be combined"),
 ])
 def test_bad_gate_configs_are_refused(bad, message):

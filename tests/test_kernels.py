@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from surgery.arch.projection_surgery import set_kv_ranks
+from factories import tiny_surgery_model
+
+from surgery.arch.matryoshka_surgery import set_kv_ranks
 from surgery.kernels.decode_surgery import decode_attention  # TRITON_INTERPRET=1 is set in conftest.py
 
 
@@ -102,27 +104,23 @@ def test_reduced_width_decode_with_ranks_per_head(monkeypatch):
 
 
 def tiny_model(**extra):
-    from surgery.arch import SurgeryConfig, SurgeryForCausalLM
-
-    config = SurgeryConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **extra)
-    torch.manual_seed(0)
-    return SurgeryForCausalLM(config).eval()
+    return tiny_surgery_model(max_positions=128, **extra)
 
 
-@pytest.mark.parametrize("layout", ["dense", "shared", "projected", "evicted", "padded"])
+@pytest.mark.parametrize("layout", ["dense", "shared", "projected", "evicted", "padded", "pyramid-padded"])
 def test_model_decode_with_kernels_matches_pytorch(layout):
     """Greedy decoding through the Triton decode kernel gives the PyTorch path's logits, layout by layout."""
     extra = {"kv_source": [0, 1, 0, 1]} if layout == "shared" else {}
     if layout == "evicted":
         extra = {"kv_policy": "snapkv", "kv_window": 4, "kv_budget": 0.4}
+    if layout == "pyramid-padded":  # per-layer budgets and left padding: ragged valid slots in every layer
+        extra = {"kv_policy": "pyramid", "kv_window": 2, "kv_budget": 0.4}
     model = tiny_model(**extra)
     if layout == "projected":
         set_kv_ranks(model, [[3, 5]] * 4, [[4, 2]] * 4)
     ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    if layout == "padded":
+    if layout in ("padded", "pyramid-padded"):
         mask[1, :7] = 0
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
                   return_dict_in_generate=True)

@@ -5,23 +5,20 @@ import math
 import pytest
 import torch
 
+from factories import tiny_surgery_model
+
 from helpers import decode_stepwise
-from surgery.arch import SurgeryConfig, SurgeryForCausalLM
+from surgery.arch import SurgeryForCausalLM
 from surgery.arch.budget_surgery import apportion, tokens_to_reach
 from surgery.arch.policies_surgery import POLICIES, build_policy
-from surgery.arch.projection_surgery import set_kv_ranks
+from surgery.arch.matryoshka_surgery import set_kv_ranks
 from surgery.arch.pyramid_surgery import PYRAMID_BETA
 from surgery.arch.modeling_surgery import apply_rope
 from surgery.evals.evaluate import kv_bytes_per_token
 
 
 def tiny(policy, seed=0, layers=6, kv_source=None, window=4, **extra) -> SurgeryForCausalLM:
-    config = SurgeryConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=layers,
-                           num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, kv_policy=policy,
-                           kv_window=window, kv_source=kv_source, **extra)
-    torch.manual_seed(seed)
-    return SurgeryForCausalLM(config).eval()
+    return tiny_surgery_model(seed, layers, kv_policy=policy, kv_window=window, kv_source=kv_source, **extra)
 
 
 def plain_lmba(mass: torch.Tensor) -> float:

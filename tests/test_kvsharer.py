@@ -4,11 +4,13 @@ import itertools
 
 import pytest
 import torch
+
+from factories import tiny_surgery_model
 from safetensors import safe_open
 
 from helpers import decode_stepwise, load_remote, run_convert
-from surgery.arch import SurgeryCache, SurgeryConfig, SurgeryForCausalLM
-from surgery.arch.sharing_surgery import set_kv_sources
+from surgery.arch import SurgeryCache, SurgeryForCausalLM
+from surgery.arch.kvsharer_surgery import set_kv_sources
 from surgery.calibrate.source_model import load_calibration_model
 from surgery.checkpoint.families import surgery_config_from_source
 from surgery.calibrate.layer_runner import LayerRunner
@@ -17,11 +19,7 @@ from surgery.checkpoint.sources import resolve
 
 
 def tiny_sharing_model(kv_source, seed=0) -> SurgeryForCausalLM:
-    config = SurgeryConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=6,
-                           num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, kv_source=kv_source)
-    torch.manual_seed(seed)
-    return SurgeryForCausalLM(config).eval()
+    return tiny_surgery_model(seed, layers=6, max_positions=64, kv_source=kv_source)
 
 
 PLAN = [0, 1, 0, 3, 1, 0]

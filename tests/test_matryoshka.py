@@ -11,7 +11,7 @@ from surgery.calibrate.source_model import load_calibration_model
 from surgery.base.errors import SurgeryError
 from surgery.evals.evaluate import kv_bytes_per_token
 from surgery.checkpoint.families import surgery_config_from_source
-from surgery.arch.projection_surgery import set_kv_ranks
+from surgery.arch.matryoshka_surgery import set_kv_ranks
 from surgery.calibrate.layer_runner import LayerRunner
 from surgery.recipes.matryoshka import KLCurves, KVStatistics, MatryoshkaKV, principal_bases, search_ranks
 from surgery.checkpoint.sources import resolve
@@ -133,7 +133,7 @@ def test_searched_ranks_meet_the_budget_in_the_cache(tiny_llama, tmp_path, budge
                       recipe_options={"kv_fraction": budget, "search_samples": 1, "search_len": 12})
     model = load_remote(out)
     config = json.loads((out / "config.json").read_text())
-    ranks = config["kv_key_ranks"] + config["kv_value_ranks"]
+    ranks = config["matryoshka_key_ranks"] + config["matryoshka_value_ranks"]
     assert all(r % 2 == 0 and 2 <= r <= 16 for layer in ranks for r in layer)  # steps of head_dim / 8
     full = 2 * 6 * 2 * 16 * 4  # K and V, 6 layers, 2 KV heads, head_dim 16, float32
     measured = kv_bytes_per_token(model, torch.randint(3, 128, (1, 12)))

@@ -3,18 +3,16 @@
 import pytest
 import torch
 
+from factories import tiny_surgery_model
+
 from helpers import decode_stepwise
-from surgery.arch import SurgeryConfig, SurgeryForCausalLM
+from surgery.arch import SurgeryForCausalLM
 from surgery.arch.modeling_surgery import apply_rope
-from surgery.arch.projection_surgery import set_kv_ranks
+from surgery.arch.matryoshka_surgery import set_kv_ranks
 
 
 def tiny(kv_source=None, seed=0, **extra) -> SurgeryForCausalLM:
-    config = SurgeryConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, kv_source=kv_source, **extra)
-    torch.manual_seed(seed)
-    return SurgeryForCausalLM(config).eval()
+    return tiny_surgery_model(seed, max_positions=64, kv_source=kv_source, **extra)
 
 
 def random_orthogonal(d: int, generator) -> torch.Tensor:

@@ -14,7 +14,7 @@ from surgery.recipes.modification import MoDification
 def test_fresh_routers_route_everything_and_equal_the_source(tiny_models, tmp_path):
     out = run_convert(tiny_models["llama"], tmp_path / "mod", recipe="modification", verify=True)
     model, source = load_remote(out), load_reference(tiny_models["llama"])
-    assert model.config.mod_layers == list(range(1, model.config.num_hidden_layers, 2))
+    assert model.config.modification_layers == list(range(1, model.config.num_hidden_layers, 2))
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
@@ -43,7 +43,7 @@ def test_adapt_trains_only_the_routers_and_the_skipped_compute_is_measured(tiny_
     ids = torch.randint(3, 49152, (1, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
-    routed = {i: model.model.layers[i].router.routed_tokens for i in model.config.mod_layers}
+    routed = {i: model.model.layers[i].router.routed_tokens for i in model.config.modification_layers}
     assert sum(routed.values()) < 0.9 * 64 * len(routed)  # trained towards skipping half: tokens now skip
     per_token = 2 * model.config.num_key_value_heads * model.config.head_dim * 4
     dense_layers = model.config.num_hidden_layers - len(routed)
@@ -74,7 +74,7 @@ def test_train_layers_moves_only_routers_and_routed_layers_at_their_scaled_rate(
                              lr=lr, warmup_steps=0, save_every=0)
     out = adapt(ckpt, tmp_path / "trained", settings, verify=False, progress=False)
     before, after = load_file(ckpt / "model.safetensors"), load_file(out / "model.safetensors")
-    routed = set(json.loads((out / "config.json").read_text())["mod_layers"])
+    routed = set(json.loads((out / "config.json").read_text())["modification_layers"])
     moved = {name: (after[name] - before[name]).abs().max().item() for name in before}
     changed = {name for name, step in moved.items() if step > 0}
     assert changed and all(layer_of(name) in routed for name in changed)
@@ -116,7 +116,7 @@ def test_chosen_layers_and_matryoshka_compose(tiny_models, tmp_path):
     out = run_convert(tiny_models["llama"], tmp_path / "both", recipe="matryoshka,modification",
                       recipe_options={"route_layers": "0,2"}, num_samples=2, seq_len=16)
     model = load_remote(out)
-    assert model.config.mod_layers == [0, 2] and model.config.kv_key_ranks is not None
+    assert model.config.modification_layers == [0, 2] and model.config.matryoshka_key_ranks is not None
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = model(ids).logits

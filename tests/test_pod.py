@@ -55,7 +55,7 @@ def test_delta_above_one_shares_nothing_and_is_the_source(tiny_with_tokenizer, t
     out = run_convert(tiny_with_tokenizer, tmp_path / "pod", recipe="pod",
                       **{**pod_options, "recipe_options": {**pod_options["recipe_options"], "delta": 1.01}})
     model = load_remote(out)
-    assert all(source == layer for layer, sources in enumerate(model.config.kv_key_source) for source in sources)
+    assert all(source == layer for layer, sources in enumerate(model.config.pod_key_source) for source in sources)
     ids = torch.randint(0, 49152, (1, 80), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(model(ids).logits, load_reference(tiny_with_tokenizer)(ids).logits, atol=1e-5)
 
@@ -64,8 +64,8 @@ def test_delta_zero_groups_everything_and_only_distant_tokens_change(tiny_with_t
     options = {**pod_options["recipe_options"], "delta": 0.0, "skip_threshold": 0.7}
     out = run_convert(tiny_with_tokenizer, tmp_path / "pod", recipe="pod", **{**pod_options, "recipe_options": options})
     model, source = load_remote(out), load_reference(tiny_with_tokenizer)
-    assert model.config.kv_key_source == [[0, 0]] * model.config.num_hidden_layers
-    assert model.config.kv_distant_skip == 0.7  # the skip rule itself: test_pod_arch
+    assert model.config.pod_key_source == [[0, 0]] * model.config.num_hidden_layers
+    assert model.config.pod_distant_skip == 0.7  # the skip rule itself: test_pod_arch
     assert "model.layers.1.self_attn.k_proj.weight" in model.state_dict()  # proximal keys still need it
     ids = torch.randint(0, 49152, (1, 80), generator=torch.Generator().manual_seed(1))
     short, long = model(ids[:, :36]).logits, model(ids).logits

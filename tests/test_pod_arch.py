@@ -33,8 +33,8 @@ def pod_model(key_source=KEY_SOURCE, seed: int = 0, path: str = "eager", **overr
     torch.manual_seed(seed)
     config = SurgeryConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=len(key_source),
                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, kv_key_source=key_source,
-                           kv_sink_tokens=SINKS, kv_recent_tokens=RECENT, **overrides)
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, pod_key_source=key_source,
+                           pod_sink_tokens=SINKS, pod_recent_tokens=RECENT, **overrides)
     config._attn_implementation = path
     model = SurgeryForCausalLM(config).double().eval()
     for parameter in model.parameters():  # random init is small; widen it so attention is far from uniform
@@ -103,7 +103,7 @@ def test_full_forward_follows_the_rule(path):
 def test_distant_skip_follows_the_rule_and_counts_what_it_skips(path):
     """τ between the rows' proximal masses: some rows skip their distant tokens, others do not."""
     ids = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(1))
-    model = pod_model(path=path, kv_distant_skip=0.6)
+    model = pod_model(path=path, pod_distant_skip=0.6)
     counts = [0, 0, 0]
     expected = reference_logits(model, ids, skip=0.6, counts=counts)
     out = model(ids, use_cache=True)
@@ -140,7 +140,7 @@ def plan_bytes(config, tokens: int, batch: int) -> int:
     """What the plan says the cache holds: every value; all keys of heads that keep theirs, and sinks + recent
     keys of borrowing heads."""
     total = 0
-    for layer, sources in enumerate(config.kv_key_source):
+    for layer, sources in enumerate(config.pod_key_source):
         for head, source in enumerate(sources):
             key_tokens = tokens if source == layer else SINKS + min(RECENT, tokens)
             total += (tokens + key_tokens) * config.head_dim * 8
@@ -207,28 +207,28 @@ def test_context_compression_with_a_probe_keeps_the_whole_recent_window(path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ([[0, 0], [1, 2], [2, 2]], "kv_key_source\\[1\\]\\[1\\] = 2"),  # a later layer
-    ([[0, 0], [0, 0], [1, 1]], "kv_key_source\\[2\\]\\[0\\] = 1"),  # a layer that borrows that head itself
+    ([[0, 0], [1, 2], [2, 2]], "pod_key_source\\[1\\]\\[1\\] = 2"),  # a later layer
+    ([[0, 0], [0, 0], [1, 1]], "pod_key_source\\[2\\]\\[0\\] = 1"),  # a layer that borrows that head itself
     ([[0, 0], [1, 1]], "2 entries for 3 layers"),
     ([[0], [0], [0]], "one layer per KV head"),
 ])
 def test_bad_key_sources_are_refused(bad, message):
     with pytest.raises(StrictDataclassClassValidationError, match=message):
         SurgeryConfig(num_hidden_layers=3, num_key_value_heads=2, num_attention_heads=2, hidden_size=16,
-                      kv_key_source=bad)
+                      pod_key_source=bad)
 
 
 @pytest.mark.parametrize("key_source, skip, message", [
-    ([[0, 0], [0, 0], [0, 0]], 1.5, "kv_distant_skip must lie in \\(0, 1\\]"),
-    (None, 0.7, "kv_distant_skip needs PoD's kv_key_source"),
+    ([[0, 0], [0, 0], [0, 0]], 1.5, "pod_distant_skip must lie in \\(0, 1\\]"),
+    (None, 0.7, "pod_distant_skip needs PoD's pod_key_source"),
 ])
 def test_bad_distant_skips_are_refused(key_source, skip, message):
     with pytest.raises(StrictDataclassClassValidationError, match=message):
         SurgeryConfig(num_hidden_layers=3, num_key_value_heads=2, num_attention_heads=2, hidden_size=16,
-                      kv_key_source=key_source, kv_distant_skip=skip)
+                      pod_key_source=key_source, pod_distant_skip=skip)
 
 
 def test_pod_refuses_kv_sharing():
     with pytest.raises(StrictDataclassClassValidationError, match="cannot be combined"):
         SurgeryConfig(num_hidden_layers=2, num_key_value_heads=1, num_attention_heads=2, hidden_size=16,
-                      kv_source=[0, 0], kv_key_source=[[0], [0]])
+                      kv_source=[0, 0], pod_key_source=[[0], [0]])

@@ -22,7 +22,7 @@ def path(request) -> str:
 
 
 def routed_model(path: str = "eager", seed: int = 0, bias: float = 0.0, **overrides) -> SurgeryForCausalLM:
-    model = widened_surgery_model(path, seed, **{"mod_layers": ROUTED, **overrides})
+    model = widened_surgery_model(path, seed, **{"modification_layers": ROUTED, **overrides})
     for layer in model.model.layers:  # routing mixed
         if layer.router is not None:
             layer.router.proj.bias.data.fill_(bias)
@@ -45,7 +45,7 @@ def reference(model, ids, first=None):
         x = layer.input_layernorm(hidden)
         goes = torch.arange(n)[None, :] >= first[:, None]  # real tokens
         if layer.router is not None:
-            goes = goes & (torch.sigmoid(layer.router.proj(x).squeeze(-1)) >= config.mod_threshold)
+            goes = goes & (torch.sigmoid(layer.router.proj(x).squeeze(-1)) >= config.modification_threshold)
             routed[index] = goes
         k = apply_rope(attention._heads(attention.k_proj(x)), cos, sin)
         v = attention._heads(attention.v_proj(x))
@@ -77,7 +77,7 @@ def test_full_forward_follows_the_rule(path):
     assert 0.2 < routed_share(routed) < 0.8  # the routers send some tokens through and let others skip
     assert not torch.equal(routed[1][0], routed[1][1])  # the two sequences route differently
     assert (model(ids, use_cache=False).logits - expected).abs().max() < PATHS[path][1]
-    dense = routed_model(path, mod_layers=None)
+    dense = routed_model(path, modification_layers=None)
     dense.load_state_dict({k: v for k, v in model.state_dict().items() if ".router." not in k})
     assert (dense(ids).logits - expected).abs().max() > 1e-3  # skipping changes the model
 
@@ -85,7 +85,7 @@ def test_full_forward_follows_the_rule(path):
 def test_open_routers_compute_the_dense_model(path):
     """w·x + b with b large routes every token; the update is scaled by g / stopgrad(g) = 1, so nothing changes."""
     model = routed_model(path, bias=30.0)
-    dense = routed_model(path, mod_layers=None)
+    dense = routed_model(path, modification_layers=None)
     dense.load_state_dict({k: v for k, v in model.state_dict().items() if ".router." not in k})
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(2))
     assert (model(ids).logits - dense(ids).logits).abs().max() < PATHS[path][1]
@@ -175,7 +175,7 @@ def test_training_scales_by_g_over_stopgrad_g():
 
 def test_routing_composes_with_projected_caches(path):
     ranks = [[4, 6], [8, 2], [5, 5], [3, 8]]
-    model = routed_model(path, kv_key_ranks=ranks, kv_value_ranks=[r[::-1] for r in ranks])
+    model = routed_model(path, matryoshka_key_ranks=ranks, matryoshka_value_ranks=[r[::-1] for r in ranks])
     ids = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(8))
     stepwise, cache = decode_stepwise(model, ids, prompt=6)
     assert (stepwise - model(ids, use_cache=False).logits).abs().max() < PATHS[path][1]
@@ -183,17 +183,17 @@ def test_routing_composes_with_projected_caches(path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"mod_layers": [3, 1]}, "mod_layers"),
-    ({"mod_layers": [4]}, "mod_layers"),
-    ({"mod_threshold": 1.0}, "mod_threshold"),
+    ({"modification_layers": [3, 1]}, "modification_layers"),
+    ({"modification_layers": [4]}, "modification_layers"),
+    ({"modification_threshold": 1.0}, "modification_threshold"),
     ({"kv_source": [0, 1, 1, 3]}, "routed layer 1"),
     ({"kv_source": [0, 0, 2, 3]}, "routed layer 1"),
     ({"kv_policy": "snapkv", "kv_budget": 0.5}, "cannot be combined"),
-    ({"kv_gate_heads": 1, "kv_gate_width": 4}, "cannot be combined"),
+    ({"attention_gate_heads": 1, "attention_gate_width": 4}, "cannot be combined"),
 ])
 def test_bad_routing_plans_are_refused(bad, message):
     options = {**dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, mod_layers=ROUTED), **bad}
+                      num_key_value_heads=2, head_dim=8, modification_layers=ROUTED), **bad}
     with pytest.raises((ValueError, StrictDataclassClassValidationError), match=message):
         SurgeryConfig(**options).validate_architecture()
 

@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from surgery.calibrate.corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from surgery.checkpoint.card import render_card
 from surgery.checkpoint.records import read_recipe
 from surgery.base.errors import SurgeryError
+from surgery.base.sizes import DEFAULT_SHARD_SIZE
 from surgery.checkpoint.export import finish_checkpoint, write_state_dict
 from surgery.base.outputs import check_output, exclusive, staging
 from surgery.train.lora import add_lora, is_lora_parameter, linear_targets, merge_lora
@@ -98,9 +99,45 @@ def load_student(source) -> tuple[torch.nn.Module, Any]:
     return load_calibration_model(source, surgery_config_from_source(source.config)), source_config(source.config)
 
 
+@dataclass
+class AdaptJob:
+    """One `surgery adapt` run: what to train, where to write it, and how (settings come from the CLI)."""
+
+    checkpoint: Path
+    out: Path
+    settings: AdaptSettings
+    resume: bool = False
+    overwrite: bool = False
+    verify: bool = True
+    progress: bool = True
+    stop_after: int | None = None  # end early after this many steps, leaving the periodic state (tests resume)
+    allow_pickle: bool = False
+    max_shard_size: int = DEFAULT_SHARD_SIZE
+    on_step: Callable[[int, torch.nn.Module], None] | None = None
+
+
+@dataclass
+class Run:
+    """What the phases of one run share once the models are built."""
+
+    recipes: list
+    settings: AdaptSettings
+    alpha: float
+    precision: str
+    accelerator: Any
+    model: torch.nn.Module
+    family: Any
+    teacher: torch.nn.Module
+    teacher_bytes: int
+    trainable: list
+    lora_targets: list
+    data: torch.Tensor | None = None
+
+
 def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = False, overwrite: bool = False,
           verify: bool = True, progress: bool = True, stop_after: int | None = None,
-          allow_pickle: bool = False, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> Path:
+          allow_pickle: bool = False, on_step: Callable[[int, torch.nn.Module], None] | None = None,
+          max_shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
     """Train `checkpoint`'s trainable parameters against `settings.teacher`, export to `out`.
 
     `--resume` continues from the saved state of this `--out` and never implies `--overwrite`.
@@ -108,38 +145,37 @@ def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = F
     `on_step(step, model)` runs after each optimizer step (and with step 0 before the first), on the unwrapped
     model in train mode: a benchmark's learning curve.
     """
-    checkpoint, out = Path(checkpoint), Path(out)
+    job = AdaptJob(Path(checkpoint), Path(out), settings, resume, overwrite, verify, progress, stop_after,
+                   allow_pickle, max_shard_size, on_step)
     teacher_path = Path(settings.teacher).expanduser()
-    check_output(out, [checkpoint] + ([teacher_path] if teacher_path.exists() else []))
-    if not (checkpoint / "config.json").is_file():
-        raise SurgeryError(f"{checkpoint} is not a checkpoint folder", hint="adapt a folder written by `surgery convert`")
-    record = read_recipe(checkpoint)
+    check_output(job.out, [job.checkpoint] + ([teacher_path] if teacher_path.exists() else []))
+    if not (job.checkpoint / "config.json").is_file():
+        raise SurgeryError(f"{job.checkpoint} is not a checkpoint folder", hint="adapt a folder written by `surgery convert`")
+    record = read_recipe(job.checkpoint)
     if not record:
-        raise SurgeryError(f"{checkpoint} has no recipe.yaml", hint="adapt a checkpoint made by `surgery convert`")
-    if out.exists() and not overwrite:
-        raise SurgeryError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")
-    if resume and latest_state(state_folder(out)) is None:
-        raise SurgeryError(f"no saved training state for {out} (looked in {state_folder(out)})",
+        raise SurgeryError(f"{job.checkpoint} has no recipe.yaml", hint="adapt a checkpoint made by `surgery convert`")
+    if job.out.exists() and not overwrite:
+        raise SurgeryError(f"{job.out} already exists", hint="pass --overwrite to replace it, or choose another --out")
+    if resume and latest_state(state_folder(job.out)) is None:
+        raise SurgeryError(f"no saved training state for {job.out} (looked in {state_folder(job.out)})",
                            hint="run without --resume to start from step 0")
-    with exclusive(out):
-        return _adapt(checkpoint, out, settings, resume, overwrite, verify, progress, stop_after, allow_pickle, record,
-                      on_step)
+    with exclusive(job.out):
+        run = prepare(job, record)
+        start, last_loss, began = train(job, run)
+        if job.stop_after is not None and job.stop_after < run.settings.steps:
+            return state_folder(job.out)
+        return export(job, run, record, start, last_loss, began)
 
 
-def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, overwrite: bool, verify: bool,
-           progress: bool, stop_after: int | None, allow_pickle: bool, record: dict,
-           on_step: Callable[[int, torch.nn.Module], None] | None = None) -> Path:
+def prepare(job: AdaptJob, record: dict) -> Run:
+    """The accelerator, the student with its trainable parameters marked, the teacher, and the training tokens."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-    from transformers import get_cosine_schedule_with_warmup
-
 
     recipes = recipes_from_record(record)
-    alpha = settings.alpha
+    alpha = job.settings.alpha
     if alpha is None:
         alpha = next((r.distill_alpha for r in recipes if r.distill_alpha is not None), 0.5)
-    settings = settings.for_recipes(recipes)
-    lr = settings.lr
+    settings = job.settings.for_recipes(recipes)
     precision = settings.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -147,61 +183,86 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
     # counts optimizer steps, so it steps once per optimizer step (accelerate's default steps it once per process).
     accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision,
                               cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
-
-    student_source = resolve(str(checkpoint))
-    teacher_source = resolve(settings.teacher, allow_pickle=allow_pickle)
+    student_source = resolve(str(job.checkpoint))
+    teacher_source = resolve(settings.teacher, allow_pickle=job.allow_pickle)
     check_same_vocabulary(student_source, teacher_source, "teacher")
     model, family = load_student(student_source)
-    config = model.config
     trainable_names = {name for name, _ in model.named_parameters()
-                       if any(recipe.is_trainable(name, config) for recipe in recipes)}
+                       if any(recipe.is_trainable(name, model.config) for recipe in recipes)}
     if not trainable_names:
-        raise SurgeryError(f"the recipes of {checkpoint} ({', '.join(r.name for r in recipes)}) train nothing",
+        raise SurgeryError(f"the recipes of {job.checkpoint} ({', '.join(r.name for r in recipes)}) train nothing",
                            hint="adapt a checkpoint whose recipe has trainable parts")
     lora_targets = linear_targets(model, trainable_names) if settings.lora_rank else []
-    in_place = trainable_names - {f"{target}.weight" for target in lora_targets}
+    teacher, teacher_bytes = load_teacher(teacher_source, model, settings, accelerator,
+                                          trainable_names - {f"{target}.weight" for target in lora_targets})
+    run = Run(recipes, settings, alpha, precision, accelerator, model, family, teacher, teacher_bytes,
+              mark_trainable(model, recipes, settings, lora_targets), lora_targets)
+    run.data = training_tokens(settings, load_tokenizer(teacher_source.folder), teacher)
+    return run
 
-    # FSDP flattens and shards parameters, so a teacher cannot read the student's: it loads its own copy there.
+
+def load_teacher(source, model, settings: AdaptSettings, accelerator, in_place: set[str]):
+    """The frozen teacher, sharing the student's untrained tensors where it can (not under FSDP, which flattens
+    and shards parameters, so a teacher there loads its own copy); and the bytes it holds of its own."""
+    from accelerate.utils import DistributedType
+
     shares = not settings.copy_teacher and accelerator.distributed_type != DistributedType.FSDP
-    if shares and teacher_source.model_type != config.model_type:
-        teacher, teacher_bytes = shared_teacher(teacher_source, model, in_place)
-    else:
-        teacher = load_source_model(teacher_source).requires_grad_(False)
-        teacher_bytes = sum(t.numel() * t.element_size() for t in teacher.parameters())
-    tokenizer = load_tokenizer(teacher_source.folder)
+    if shares and source.model_type != model.config.model_type:
+        return shared_teacher(source, model, in_place)
+    teacher = load_source_model(source).requires_grad_(False)
+    return teacher, sum(t.numel() * t.element_size() for t in teacher.parameters())
 
+
+def mark_trainable(model, recipes: list, settings: AdaptSettings, lora_targets: list) -> list:
+    """Let the recipes prepare the model, add LoRA updates, and switch on exactly the trainable parameters; the
+    optimiser's groups are by learning-rate scale (`param_groups`)."""
     for recipe in recipes:
         recipe.prepare_training(model)
     if lora_targets:
         add_lora(model, lora_targets, settings.lora_rank, settings.lora_alpha or 2.0 * settings.lora_rank)
-    trainable, groups = [], {}
+    trainable = []
     for name, parameter in model.named_parameters():
-        train = is_lora_parameter(name) or any(recipe.is_trainable(name, config) for recipe in recipes)
+        train = is_lora_parameter(name) or any(recipe.is_trainable(name, model.config) for recipe in recipes)
         parameter.requires_grad_(train and ".base_layer." not in name)
         if parameter.requires_grad:
-            trainable.append(parameter)
-            scale = next((recipe.lr_scale(name) for recipe in recipes if recipe.is_trainable(name, config)), 1.0)
-            groups.setdefault(scale, []).append(parameter)
+            trainable.append((name, parameter))
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
+    return trainable
 
+
+def param_groups(run: Run) -> list[dict]:
+    groups: dict[float, list] = {}
+    for name, parameter in run.trainable:
+        scale = next((r.lr_scale(name) for r in run.recipes if r.is_trainable(name, run.model.config)), 1.0)
+        groups.setdefault(scale, []).append(parameter)
+    return [{"params": params, "lr": run.settings.lr * scale} for scale, params in groups.items()]
+
+
+def training_tokens(settings: AdaptSettings, tokenizer, teacher) -> torch.Tensor:
     torch.manual_seed(settings.seed)
     text = settings.data or (DEFAULT_CALIBRATION if tokenizer is not None else SELF_GENERATED)
     if text == SELF_GENERATED and settings.data is None:
         log.warning("the teacher has no tokenizer: training on text it samples itself")
-    data = calibration_ids(CalibrationSettings(text, settings.num_samples, settings.seq_len, settings.seed),
+    return calibration_ids(CalibrationSettings(text, settings.num_samples, settings.seq_len, settings.seed),
                            tokenizer, teacher)
 
-    optimizer = torch.optim.AdamW([{"params": params, "lr": lr * scale} for scale, params in groups.items()],
-                                  lr=lr, weight_decay=settings.weight_decay)
+
+def train(job: AdaptJob, run: Run) -> tuple[int, float, float]:
+    """The optimisation loop, resumable from the periodic state; returns (first step, last loss, start time)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    settings, accelerator = run.settings, run.accelerator
+    optimizer = torch.optim.AdamW(param_groups(run), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    teacher = teacher.to(accelerator.device).eval()
+    model, optimizer, scheduler = accelerator.prepare(run.model, optimizer, scheduler)
+    run.model = model
+    teacher = run.teacher.to(accelerator.device).eval()
     model.train()
 
-    work_dir = state_folder(out)
+    work_dir = state_folder(job.out)
     start = 0
-    if resume and (state := latest_state(work_dir)) is not None:
+    if job.resume and (state := latest_state(work_dir)) is not None:
         accelerator.load_state(str(state))
         start = json.loads((state / STATE_FILE).read_text())["step"]
         log.info("resuming from %s (step %d)", state, start)
@@ -210,75 +271,85 @@ def _adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool, o
 
     tokens_per_step = settings.batch_size * settings.seq_len * settings.grad_accum * accelerator.num_processes
     bar = tqdm(total=settings.steps, initial=start, desc="adapt", unit="step",
-               disable=not progress or not accelerator.is_main_process)
+               disable=not job.progress or not accelerator.is_main_process)
     began, last_loss = time.perf_counter(), float("nan")
-    end = settings.steps if stop_after is None else min(settings.steps, stop_after)
-    if on_step is not None and start == 0:
-        on_step(0, accelerator.unwrap_model(model))
+    end = settings.steps if job.stop_after is None else min(settings.steps, job.stop_after)
+    parameters = [parameter for _, parameter in run.trainable]
+    if job.on_step is not None and start == 0:
+        job.on_step(0, accelerator.unwrap_model(model))
     for step in range(start, end):
         for micro in range(settings.grad_accum):
             rank_slice = batch_indices(settings.seed, step, micro, settings.batch_size * accelerator.num_processes,
-                                       settings.grad_accum, data.shape[0])
+                                       settings.grad_accum, run.data.shape[0])
             batch = rank_slice.chunk(accelerator.num_processes)[accelerator.process_index]
-            ids = data[batch].to(accelerator.device)
-            for recipe in recipes:
+            ids = run.data[batch].to(accelerator.device)
+            for recipe in run.recipes:
                 recipe.before_step(accelerator.unwrap_model(model), step_generator(settings.seed, step, micro))
             with accelerator.accumulate(model), accelerator.autocast():
                 with torch.no_grad():  # α = 0 (continual pre-training): the loss is plain cross-entropy
-                    teacher_logits = teacher(ids, use_cache=False).logits if alpha > 0 else None
+                    teacher_logits = teacher(ids, use_cache=False).logits if run.alpha > 0 else None
                 student_logits = model(ids, use_cache=False).logits
-                loss = distillation_loss(student_logits, teacher_logits, ids, alpha)
-                for recipe in recipes:
+                loss = distillation_loss(student_logits, teacher_logits, ids, run.alpha)
+                for recipe in run.recipes:
                     extra = recipe.regulariser(accelerator.unwrap_model(model))
                     if extra is not None:
                         loss = loss + extra
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and settings.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
+                    accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad()
             last_loss = loss.item()
         done = step + 1
-        elapsed = time.perf_counter() - began
         bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_step * (done - start) / elapsed:.0f}")
-        if on_step is not None:
-            on_step(done, accelerator.unwrap_model(model))
+        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_step * (done - start) / (time.perf_counter() - began):.0f}")
+        if job.on_step is not None:
+            job.on_step(done, accelerator.unwrap_model(model))
         if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
-            state = work_dir / f"step-{done}"
-            accelerator.save_state(str(state))
-            if accelerator.is_main_process:
-                (state / STATE_FILE).write_text(json.dumps({"step": done}))
-                for old in work_dir.glob("step-*"):
-                    if old != state:
-                        shutil.rmtree(old, ignore_errors=True)
+            save_state(accelerator, work_dir, done)
     bar.close()
-    if end < settings.steps:
-        return work_dir
+    return start, last_loss, began
 
+
+def save_state(accelerator, work_dir: Path, step: int) -> None:
+    """The periodic training state, keeping only the newest."""
+    state = work_dir / f"step-{step}"
+    accelerator.save_state(str(state))
+    if accelerator.is_main_process:
+        (state / STATE_FILE).write_text(json.dumps({"step": step}))
+        for old in work_dir.glob("step-*"):
+            if old != state:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def export(job: AdaptJob, run: Run, record: dict, start: int, last_loss: float, began: float) -> Path:
+    """Undo the training-time parametrisations, gather the weights, and write the checkpoint with its record."""
+    accelerator, settings = run.accelerator, run.settings
     accelerator.wait_for_everyone()
-    student = accelerator.unwrap_model(model)
-    for recipe in recipes:
+    student = accelerator.unwrap_model(run.model)
+    for recipe in run.recipes:
         recipe.finish_training(student)
-    if lora_targets:
+    if run.lora_targets:
         merge_lora(student)
     weights = accelerator.get_state_dict(student)  # gathers the full weights under FSDP
     if accelerator.is_main_process:
-        wall = time.perf_counter() - began
-        record["adapt"] = {**asdict(settings), "alpha": alpha, "lr": lr, "mixed_precision": precision,
-                           "tokens": tokens_per_step * (settings.steps - start), "wall_s": round(wall, 1),
+        tokens_per_step = settings.batch_size * settings.seq_len * settings.grad_accum * accelerator.num_processes
+        record["adapt"] = {**asdict(settings), "alpha": run.alpha, "lr": settings.lr, "mixed_precision": run.precision,
+                           "tokens": tokens_per_step * (settings.steps - start),
+                           "wall_s": round(time.perf_counter() - began, 1),
                            "final_loss": round(last_loss, 5), "processes": accelerator.num_processes,
-                           "resumed_from_step": start or None, "checkpoint": str(checkpoint),
-                           "teacher_own_bytes": teacher_bytes,
-                           "trainable_parameters": sum(p.numel() for p in trainable)}
-
-        dtype = LazyCheckpoint(checkpoint).dtype()  # the checkpoint's storage dtype, whatever we trained in
-        with staging(out, overwrite) as folder:
-            write_state_dict(weights, config, folder, dtype, 5 * 1024**3,
-                             family=family.model_type if family is not None else None)
-            finish_checkpoint(folder, family if family is not None else config, dtype, checkpoint, record, verify)
-            render_card(folder, model_id=str(out))
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return out
+                           "resumed_from_step": start or None, "checkpoint": str(job.checkpoint),
+                           "teacher_own_bytes": run.teacher_bytes,
+                           "trainable_parameters": sum(p.numel() for _, p in run.trainable)}
+        dtype = LazyCheckpoint(job.checkpoint).dtype()  # the checkpoint's storage dtype, whatever we trained in
+        config = student.config
+        with staging(job.out, job.overwrite) as folder:
+            write_state_dict(weights, config, folder, dtype, job.max_shard_size,
+                             family=run.family.model_type if run.family is not None else None)
+            finish_checkpoint(folder, run.family if run.family is not None else config, dtype, job.checkpoint, record,
+                              job.verify)
+            render_card(folder, model_id=str(job.out))
+        shutil.rmtree(state_folder(job.out), ignore_errors=True)
+    return job.out

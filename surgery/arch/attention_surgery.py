@@ -33,28 +33,37 @@ except ImportError:  # inside the surgery package they live in surgery/kernels
 TRITON_IMPLEMENTATION = "surgery_triton"
 
 
-@dataclass
-class Band:
-    """Which earlier tokens a view's slots serve, by distance from each query (PoD). Proximal: the first `sinks`
-    real tokens of the sequence and the last `recent` tokens up to the query itself; distant: every other one.
+class ViewRule:
+    """What a recipe adds to a view beyond keys, values, positions and validity: which (query, slot) pairs it
+    allows, and optionally a weight on each slot. A view carries its rules in `rules`; the core asks them through
+    these methods and never by kind (PoD's proximal/distant bands, an Attention-Gate's eviction are rules).
 
-    first: (batch,) position of each sequence's first real token (left padding); None: position 0.
+    key: what identifies the rule's mask, so the layers that read the same layout share one.
     """
 
-    sinks: int
-    recent: int
-    distant: bool
-    first: torch.Tensor | None = None
+    key: tuple = ()
 
-    @property
-    def key(self) -> tuple:
-        return (self.sinks, self.recent, self.distant)
-
-    def allows(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    def allows(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor | None:
         """query_positions (batch|1, 1, q, 1), key_positions (batch|1, heads|1, 1, slots) -> bool, broadcast."""
-        offset = key_positions if self.first is None else key_positions - self.first[:, None, None, None]
-        proximal = (offset < self.sinks) | (key_positions > query_positions - self.recent)
-        return ~proximal if self.distant else proximal
+        return None
+
+    def head(self, head: int) -> "ViewRule":
+        """The rule for one KV head of the view (per-head attention over packed heads)."""
+        return self
+
+    def slot_weights(self) -> torch.Tensor | None:
+        """(batch, kv_heads, slots) multiplicative weights on each slot's unnormalised attention for the queries
+        after it (the slot's own query sees it at weight 1); None: weight 1."""
+        return None
+
+    def kernel_arguments(self) -> dict:
+        """The keyword arguments of the Triton prefill kernel that express this rule."""
+        return {}
+
+
+def pick_head(tensor: torch.Tensor | None, head: int) -> torch.Tensor | None:
+    """One KV head of a (batch, kv_heads|1, ...) tensor, keeping a broadcast head dimension as it is."""
+    return None if tensor is None else tensor[:, head : head + 1] if tensor.shape[1] > 1 else tensor
 
 
 @dataclass
@@ -64,14 +73,10 @@ class KVView:
     keys, values: (batch, kv_heads, slots, head_dim), or packed (batch, 1, slots, Σ widths) under a projection.
     positions: (batch|1, kv_heads|1, slots) original token index of each slot; None: slot i holds token i.
     valid: (batch, kv_heads|1, slots) slots that may be attended to; None: all of them.
-    projection: reduced-width bases the keys and values are stored in (see projection_surgery.KVProjection).
+    projection: reduced-width bases the keys and values are stored in (see matryoshka_surgery.KVProjection).
     layout: a key naming where positions and valid come from, so layers reading the same layout share one mask.
-    band: the tokens by distance these slots serve (PoD's proximal and distant views); None: all of them.
-    until: (batch, kv_heads|1, slots) the last query position that may read each slot (a token flagged for
-        eviction is read by its own query only); None: every later query.
-    weights: (batch, kv_heads, slots) multiplicative weights on each slot's unnormalised attention for the queries
-        after it (a learned gate's straight-through keep flags, training only; the slot's own query sees it at
-        weight 1); None: weight 1.
+    rules: what the recipe that built the view adds (`ViewRule`s): more limits on which slots a query reads, or
+        weights on the slots.
     """
 
     keys: torch.Tensor
@@ -80,9 +85,7 @@ class KVView:
     valid: torch.Tensor | None = None
     projection: object | None = None
     layout: tuple | None = None
-    band: Band | None = None
-    until: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
+    rules: tuple[ViewRule, ...] = ()
 
     @property
     def slots(self) -> int:
@@ -91,17 +94,26 @@ class KVView:
     @property
     def masked(self) -> bool:
         """Whether anything besides plain causality limits which slots a query reads."""
-        return any(t is not None for t in (self.positions, self.valid, self.band, self.until, self.weights))
+        return self.positions is not None or self.valid is not None or bool(self.rules)
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """(batch, kv_heads, slots) slot weights of a rule that weighs slots (at most one does); None: weight 1."""
+        return next((w for w in (rule.slot_weights() for rule in self.rules) if w is not None), None)
+
+    @property
+    def rule_key(self) -> tuple:
+        return tuple(rule.key for rule in self.rules)
+
+    def kernel_arguments(self) -> dict:
+        return {name: value for rule in self.rules for name, value in rule.kernel_arguments().items()}
 
     def head(self, head: int, key_range: slice, value_range: slice) -> "KVView":
         """One KV head's part of a packed view (its column blocks), for per-head attention."""
-        def pick(tensor):
-            return None if tensor is None else tensor[:, head : head + 1] if tensor.shape[1] > 1 else tensor
-
-        per_head = any(t is not None and t.shape[1] > 1 for t in (self.positions, self.valid, self.until))
+        per_head = any(t is not None and t.shape[1] > 1 for t in (self.positions, self.valid))
         layout = (*self.layout, "head", head) if self.layout is not None and per_head else self.layout
-        return KVView(self.keys[..., key_range], self.values[..., value_range], pick(self.positions), pick(self.valid),
-                      layout=layout, band=self.band, until=pick(self.until), weights=pick(self.weights))
+        return KVView(self.keys[..., key_range], self.values[..., value_range], pick_head(self.positions, head),
+                      pick_head(self.valid, head), layout=layout, rules=tuple(rule.head(head) for rule in self.rules))
 
 
 @dataclass
@@ -175,10 +187,10 @@ def allowed_slots(positions: torch.Tensor, view: KVView, window: int | None) -> 
         allowed = allowed & (keys > query - window)
     if view.valid is not None:
         allowed = allowed & view.valid[:, :, None, :]
-    if view.band is not None:
-        allowed = allowed & view.band.allows(query, keys)
-    if view.until is not None:
-        allowed = allowed & (query <= view.until[:, :, None, :])
+    for rule in view.rules:
+        rule_allows = rule.allows(query, keys)
+        if rule_allows is not None:
+            allowed = allowed & rule_allows
     return allowed
 
 
@@ -192,8 +204,7 @@ def additive_mask(queries: Queries, view: KVView, window: int | None, dtype: tor
     if not view.masked and not window_bites and queries.newest and (
             queries.states.shape[2] == 1 or queries.states.shape[2] == view.slots):
         return None
-    band = None if view.band is None else view.band.key
-    key = None if view.layout is None else (view.layout, view.slots, window, band, view.until is not None, dtype)
+    key = None if view.layout is None else (view.layout, view.slots, window, view.rule_key, dtype)
     if key is not None and key in queries.masks:
         return queries.masks[key]
     mask = mask_from_allowed(allowed_slots(queries.positions, view, window), dtype)
@@ -217,7 +228,8 @@ def attend_dense(queries: Queries, query: torch.Tensor, view: KVView, scaling: f
     heads, q_len = query.shape[1], query.shape[2]
     n_rep = heads // view.keys.shape[1]
     mask = _expand_heads(additive_mask(queries, view, window, query.dtype), heads)
-    if need_lse or implementation == "eager" or view.weights is not None:
+    weights = view.weights
+    if need_lse or implementation == "eager" or weights is not None:
         keys = view.keys.repeat_interleave(n_rep, dim=1)
         values = view.values.repeat_interleave(n_rep, dim=1)
         precise = torch.promote_types(query.dtype, torch.float32)  # softmax statistics in fp32 or better
@@ -227,8 +239,8 @@ def attend_dense(queries: Queries, query: torch.Tensor, view: KVView, scaling: f
         elif q_len > 1:
             causal = torch.ones(q_len, view.slots, dtype=torch.bool, device=scores.device).tril(view.slots - q_len)
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-        if view.weights is not None:
-            probs, lse = weighted_softmax(scores, slot_weights(queries, view, heads))
+        if weights is not None:
+            probs, lse = weighted_softmax(scores, slot_weights(queries, view, weights, heads))
         else:
             lse = torch.logsumexp(scores, dim=-1)
             probs = torch.exp(scores - lse[..., None])
@@ -240,10 +252,10 @@ def attend_dense(queries: Queries, query: torch.Tensor, view: KVView, scaling: f
     return out.transpose(1, 2), None
 
 
-def slot_weights(queries: Queries, view: KVView, heads: int) -> torch.Tensor:
+def slot_weights(queries: Queries, view: KVView, weights: torch.Tensor, heads: int) -> torch.Tensor:
     """(batch, heads, q, slots): each slot's weight for each query row; a slot's own query sees it at weight 1."""
     own = queries.positions[:, None, :, None] == slot_positions(view, queries.positions.device)[:, :, None, :]
-    weights = torch.where(own, torch.ones_like(view.weights[:, :, None, :]), view.weights[:, :, None, :])
+    weights = torch.where(own, torch.ones_like(weights[:, :, None, :]), weights[:, :, None, :])
     return _expand_heads(weights, heads)
 
 
@@ -299,7 +311,7 @@ def attend_kernels(queries: Queries, view: KVView, scaling: float) -> tuple[torc
     kv_heads = view.keys.shape[1]
     valid = kernel_valid(view, kv_heads)
     if query.shape[2] == 1 and queries.newest:  # every cached slot precedes the newest token
-        if view.band is not None or view.until is not None:  # one query: what it may read is a plain mask
+        if view.rules:  # one query: what it may read is a plain mask
             allowed = allowed_slots(queries.positions[:, -1:], view, None)[:, :, 0]
             valid = allowed.expand(query.shape[0], kv_heads, -1)
         out, lse = decode_attention(query[:, :, 0], view.keys, view.values, scaling, valid=valid, return_lse=True)
@@ -308,7 +320,7 @@ def attend_kernels(queries: Queries, view: KVView, scaling: float) -> tuple[torc
     by_position = not queries.newest or view.positions is not None
     out, lse = prefill_attention(query, view.keys, view.values, scaling, valid=valid,
                                  query_positions=queries.positions if by_position else None,
-                                 key_positions=view.positions, band=view.band, key_until=view.until)
+                                 key_positions=view.positions, **view.kernel_arguments())
     return out.transpose(1, 2), lse
 
 
@@ -326,8 +338,8 @@ def attend_union(queries: Queries, views: list[KVView], scaling: float, window: 
     query = queries.states
     heads = query.shape[1]
     layouts = tuple(view.layout for view in views)
-    key = ("union", layouts, tuple(view.slots for view in views), window,
-           tuple(None if view.band is None else view.band.key for view in views), query.dtype)
+    key = ("union", layouts, tuple(view.slots for view in views), window, tuple(view.rule_key for view in views),
+           query.dtype)
     mask = queries.masks.get(key) if None not in layouts else None
     if mask is None:
         parts = [explicit_mask(queries, view, window, query.dtype) for view in views]

@@ -1,59 +1,50 @@
 """The one KV cache of the surgery decoder.
 
-It stores K/V only for the layers that own them. A sharing layer (KVSharer) gets a placeholder slot that holds
-nothing and reads its source layer's tensors instead, a PoD layer keeps the keys of its borrowing heads only
-for proximal tokens, a gated layer keeps per head only the tokens its gate kept, and a routed layer only the
-tokens it routed, so the memory a plan saves is absent from the cache's tensors, not masked. Shipped flat inside
-every checkpoint: imports torch and public transformers API only.
+It stores K/V only for the layers that own them, each in a store chosen by the plan: the recipe runtimes the model
+runs are asked in order (`Runtime.cache_layer`: a PoD layer keeps the keys of its borrowing heads only for proximal
+tokens, a gated layer keeps per head only the tokens its gate kept, a routed layer only the tokens it routed), and a
+layer none of them claims gets the plain store. A sharing layer (KVSharer) gets an empty slot and reads its source
+layer's tensors. So the memory a plan saves is absent from the cache's tensors, not masked. Every store is a
+`KVStore` (kvlayer_surgery.py). Shipped flat inside every checkpoint: imports torch and public transformers API only.
 """
 
 import torch
 from transformers.cache_utils import Cache
 
-from .attention_surgery import KVView, ViewSkip
-from .gate_surgery import GatedKVLayer
+from .attention_surgery import KVView
 from .kvlayer_surgery import SharedKVSlot, SurgeryKVLayer
-from .pod_surgery import PodKVLayer
-from .routing_surgery import RoutedKVLayer
 
 
 class SurgeryCache(Cache):
-    """A `transformers.Cache` laid out by the plan: one K/V layer per K/V-owning layer (a PoD layer where some of
-    its heads borrow keys, a `GatedKVLayer` where an Attention-Gate evicts), a `SharedKVSlot` for layers that read
-    another layer's cache.
+    """A `transformers.Cache` laid out by the plan: one store per K/V-owning layer, a `SharedKVSlot` for layers
+    that read another layer's cache.
 
     slack: extra recent keys PoD layers keep past their window until the next forward (a scoring probe that is
     dropped again, as in `compress_context`, must not shorten the window).
-    distant_skip: PoD's optional skip of the distant view, with the counts of what it skipped.
+    distant_skip: a skip of the last view for rows the earlier views already hold (PoD sets it), with its counts.
     """
 
-    def __init__(self, kv_source: list[int], key_source: list[list[int]] | None = None, sinks: int = 0,
-                 recent: int = 0, distant_skip: float | None = None, gated_heads: int | None = None,
-                 routed: list[int] | None = None):
+    def __init__(self, kv_source: list[int], stores: dict[int, object] | None = None):
         self.kv_source = list(kv_source)
-        self.key_source = key_source
         self.slack = 0
-        self.distant_skip = ViewSkip(distant_skip) if distant_skip is not None else None
-        layers = []
-        for layer, source in enumerate(kv_source):
-            borrowed = {} if key_source is None else {h: s for h, s in enumerate(key_source[layer]) if s != layer}
-            if source != layer:
-                layers.append(SharedKVSlot(source))
-            elif borrowed:
-                layers.append(PodKVLayer(len(key_source[layer]), borrowed, sinks, recent))
-            elif routed and layer in routed:
-                layers.append(RoutedKVLayer())
-            elif gated_heads:
-                layers.append(GatedKVLayer(gated_heads))
-            else:
-                layers.append(SurgeryKVLayer())
+        self.distant_skip = None
+        stores = stores or {}
+        layers = [SharedKVSlot(source) if source != layer else stores.get(layer) or SurgeryKVLayer()
+                  for layer, source in enumerate(kv_source)]
         super().__init__(layers=layers)
 
     @classmethod
-    def for_config(cls, config) -> "SurgeryCache":
-        gated = config.num_key_value_heads if config.kv_gate_heads else None
-        return cls(config.kv_source, config.kv_key_source, config.kv_sink_tokens, config.kv_recent_tokens,
-                   config.kv_distant_skip, gated, config.mod_layers)
+    def for_config(cls, config, runtimes=()) -> "SurgeryCache":
+        """The cache of a plan: each owner layer's store is the first that a runtime offers, else the plain one."""
+        stores = {}
+        for layer in config.owner_layers:
+            store = next((s for s in (r.cache_layer(config, layer) for r in runtimes) if s is not None), None)
+            if store is not None:
+                stores[layer] = store
+        cache = cls(config.kv_source, stores)
+        for runtime in runtimes:
+            runtime.prepare_cache(cache, config)
+        return cache
 
     def views(self, layer_idx: int, padding: torch.Tensor | None = None, projection=None) -> list[KVView]:
         """What `layer_idx` attends to, already updated for this step: its own or its source layer's cache."""
@@ -70,8 +61,7 @@ class SurgeryCache(Cache):
 
     def drop_last(self, count: int) -> None:
         for layer in self.layers:
-            if isinstance(layer, (SurgeryKVLayer, GatedKVLayer, RoutedKVLayer)):
-                layer.drop_last(count)
+            layer.drop_last(count)
 
     def settle(self) -> None:
         for layer in self.layers:
@@ -103,4 +93,4 @@ class SurgeryCache(Cache):
             return 0.0
         return self.kv_bytes() / (batch * self.get_seq_length())
 
-__all__ = ["SurgeryCache", "SurgeryKVLayer", "SharedKVSlot", "PodKVLayer", "GatedKVLayer", "RoutedKVLayer"]
+__all__ = ["SurgeryCache"]

@@ -10,7 +10,7 @@ from transformers.modeling_rope_utils import RopeParameters
 
 # The checkpoint layout this code reads and writes. Bumped whenever the layout changes, so an older surgery refuses
 # a newer checkpoint instead of misreading it.
-SURGERY_FORMAT = 1
+SURGERY_FORMAT = 2  # 2: recipe config keys named after their recipe (checkpoint/loading.FORMAT_1_KEYS)
 
 
 @strict
@@ -25,7 +25,7 @@ class SurgeryConfig(PreTrainedConfig):
         For each layer, the layer whose key/value cache it attends to. A layer equal to its own index computes
         and caches its own K/V; any other value makes it a *sharing* layer (KVSharer): it has no `k_proj` or
         `v_proj` and stores nothing in the cache. `None` means every layer owns its K/V.
-    kv_key_ranks, kv_value_ranks (`list[list[int] | None]`, *optional*):
+    matryoshka_key_ranks, matryoshka_value_ranks (`list[list[int] | None]`, *optional*):
         MatryoshkaKV: for each layer that owns its K/V, the rank kept per KV head of the orthogonal key and value
         bases; keys and values are cached at that reduced width. `None` (or a `None` entry) means no projection.
     kv_policy, kv_budget, kv_budget_tokens, kv_min_tokens, kv_window, kv_pooling, kv_layer_weights (*optional*):
@@ -33,30 +33,30 @@ class SurgeryConfig(PreTrainedConfig):
         fraction of the prompt (or an absolute token count per layer), the floor under a fraction (a prompt of at
         most kv_min_tokens stays whole), the observation window, and ZigZagKV's calibrated per-layer shares.
         `generate(..., kv_budget=0.1)` overrides the budget per call.
-    kv_key_source (`list[list[int]]`, *optional*):
+    pod_key_source (`list[list[int]]`, *optional*):
         PoD: for each layer and KV head, the layer whose keys serve that head's distant tokens (the bottom layer of
         its group). A head whose entry is its own layer keeps every key; any other head keeps its own keys only
-        for the proximal tokens (`kv_sink_tokens` first, `kv_recent_tokens` last) and reads the bottom layer's
+        for the proximal tokens (`pod_sink_tokens` first, `pod_recent_tokens` last) and reads the bottom layer's
         keys, with its own queries and values, for the rest. `None` means no layer borrows keys.
-    kv_sink_tokens, kv_recent_tokens (`int`):
+    pod_sink_tokens, pod_recent_tokens (`int`):
         PoD's proximal tokens: the first and the last tokens of each sequence a query sees with its own keys.
-    kv_distant_skip (`float`, *optional*):
+    pod_distant_skip (`float`, *optional*):
         PoD's optional skip τ: a query row (per head) whose proximal attention mass is at least τ ignores the
         distant tokens. `None` (the default) never skips.
-    kv_gate_heads, kv_gate_width, kv_gate_threshold (*optional*):
-        Attention-Gate: every K/V-owning layer has a causal gate of `kv_gate_heads` heads of width `kv_gate_width`
-        over its input; a token whose keep probability for a KV head is below `kv_gate_threshold` is read by its
+    attention_gate_heads, attention_gate_width, attention_gate_threshold (*optional*):
+        Attention-Gate: every K/V-owning layer has a causal gate of `attention_gate_heads` heads of width `attention_gate_width`
+        over its input; a token whose keep probability for a KV head is below `attention_gate_threshold` is read by its
         own query only and leaves that head's cache. `None` heads means no gate.
-    mod_layers, mod_threshold (*optional*):
+    modification_layers, modification_threshold (*optional*):
         MoDification: the routed layers, each with a router g = σ(w·x̂ + b) over its normalised input; a token with
-        g ≥ `mod_threshold` goes through the layer (its update scaled by g / stopgrad(g), 1 in value), any other
+        g ≥ `modification_threshold` goes through the layer (its update scaled by g / stopgrad(g), 1 in value), any other
         token skips it and leaves no K/V in its cache. `None` means no layer is routed.
     moe_layers, moe_experts, moe_top_k, moe_intermediate_size, moe_norm_topk, moe_shared_intermediate_size (*optional*):
         Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): the layers whose MLP is `moe_experts` experts of width
         `moe_intermediate_size`, of which a router picks `moe_top_k` per token (softmax over all logits, then top-k,
         renormalised to sum 1 when `moe_norm_topk`); an optional shared expert (Qwen2-MoE) of width
         `moe_shared_intermediate_size` runs for every token, scaled by σ(shared_expert_gate). `None` layers: dense.
-    moe_null_experts (`int`):
+    adamoe_null_experts (`int`):
         AdaMoE: m null experts, m extra router rows after the true experts' E. The top-k runs over all E + m; null
         experts compute nothing, and the chosen true experts' weights are renormalised to sum 1 (0 when a token
         chose only null experts). 0: plain top-k routing.
@@ -100,8 +100,8 @@ class SurgeryConfig(PreTrainedConfig):
     layer_types: list[str] | None = None
 
     kv_source: list[int] | None = None
-    kv_key_ranks: list[list[int] | None] | None = None
-    kv_value_ranks: list[list[int] | None] | None = None
+    matryoshka_key_ranks: list[list[int] | None] | None = None
+    matryoshka_value_ranks: list[list[int] | None] | None = None
     kv_policy: str | None = None
     kv_budget: float | None = None
     kv_budget_tokens: int | None = None
@@ -109,15 +109,15 @@ class SurgeryConfig(PreTrainedConfig):
     kv_window: int | None = None
     kv_pooling: str = "avg"
     kv_layer_weights: list[float] | None = None
-    kv_key_source: list[list[int]] | None = None
-    kv_sink_tokens: int = 16
-    kv_recent_tokens: int = 256
-    kv_distant_skip: float | None = None
-    kv_gate_heads: int | None = None
-    kv_gate_width: int | None = None
-    kv_gate_threshold: float = 0.5
-    mod_layers: list[int] | None = None
-    mod_threshold: float = 0.5
+    pod_key_source: list[list[int]] | None = None
+    pod_sink_tokens: int = 16
+    pod_recent_tokens: int = 256
+    pod_distant_skip: float | None = None
+    attention_gate_heads: int | None = None
+    attention_gate_width: int | None = None
+    attention_gate_threshold: float = 0.5
+    modification_layers: list[int] | None = None
+    modification_threshold: float = 0.5
     grown_layers: list[int] | None = None
     moe_layers: list[int] | None = None
     moe_experts: int | None = None
@@ -125,7 +125,7 @@ class SurgeryConfig(PreTrainedConfig):
     moe_intermediate_size: int | None = None
     moe_norm_topk: bool = True
     moe_shared_intermediate_size: int | None = None
-    moe_null_experts: int = 0
+    adamoe_null_experts: int = 0
     surgery_recipes: list[str] | None = None
     surgery_format: int = SURGERY_FORMAT
     source_model_type: str | None = None
@@ -152,7 +152,7 @@ class SurgeryConfig(PreTrainedConfig):
                 raise ValueError(f"layer {layer} cannot read the cache of layer {source}: it must be an earlier layer")
             if self.kv_source[source] != source:
                 raise ValueError(f"layer {layer} reads layer {source}, which itself shares; point it at the root")
-        for name in ("kv_key_ranks", "kv_value_ranks"):
+        for name in ("matryoshka_key_ranks", "matryoshka_value_ranks"):
             ranks = getattr(self, name)
             if ranks is None:
                 continue
@@ -163,18 +163,18 @@ class SurgeryConfig(PreTrainedConfig):
                     continue
                 if len(layer_ranks) != self.num_key_value_heads or not all(0 < r <= self.head_dim for r in layer_ranks):
                     raise ValueError(f"{name}[{layer}] needs one rank in 1..{self.head_dim} per KV head")
-        if self.kv_key_source is not None:
+        if self.pod_key_source is not None:
             self._validate_key_source()
-        elif self.kv_distant_skip is not None:
-            raise ValueError("kv_distant_skip needs PoD's kv_key_source: only PoD layers have a distant part")
-        if self.kv_gate_heads is not None:
+        elif self.pod_distant_skip is not None:
+            raise ValueError("pod_distant_skip needs PoD's pod_key_source: only PoD layers have a distant part")
+        if self.attention_gate_heads is not None:
             self._validate_gate()
-        if self.mod_layers is not None:
+        if self.modification_layers is not None:
             self._validate_routing()
         if self.moe_layers is not None:
             self._validate_experts()
-        elif self.moe_null_experts:
-            raise ValueError("moe_null_experts needs moe_layers: null experts join a mixture of experts")
+        elif self.adamoe_null_experts:
+            raise ValueError("adamoe_null_experts needs moe_layers: null experts join a mixture of experts")
         if self.grown_layers is not None and (not isinstance(self.grown_layers, list) or not all(
                 isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < self.num_hidden_layers
                 for layer in self.grown_layers)):
@@ -184,70 +184,85 @@ class SurgeryConfig(PreTrainedConfig):
 
     def _validate_key_source(self) -> None:
         """PoD's groups: each head borrows the keys of an earlier layer that keeps all of that head's keys itself."""
-        if len(self.kv_key_source) != self.num_hidden_layers:
-            raise ValueError(f"kv_key_source has {len(self.kv_key_source)} entries for {self.num_hidden_layers} layers")
-        for layer, sources in enumerate(self.kv_key_source):
+        if len(self.pod_key_source) != self.num_hidden_layers:
+            raise ValueError(f"pod_key_source has {len(self.pod_key_source)} entries for {self.num_hidden_layers} layers")
+        for layer, sources in enumerate(self.pod_key_source):
             if len(sources) != self.num_key_value_heads:
-                raise ValueError(f"kv_key_source[{layer}] needs one layer per KV head ({self.num_key_value_heads})")
+                raise ValueError(f"pod_key_source[{layer}] needs one layer per KV head ({self.num_key_value_heads})")
             for head, source in enumerate(sources):
-                if not 0 <= source <= layer or self.kv_key_source[source][head] != source:
-                    raise ValueError(f"kv_key_source[{layer}][{head}] = {source}: a head borrows the keys of an "
+                if not 0 <= source <= layer or self.pod_key_source[source][head] != source:
+                    raise ValueError(f"pod_key_source[{layer}][{head}] = {source}: a head borrows the keys of an "
                                      "earlier layer that keeps that head's keys itself")
             if self.kv_source[layer] != layer or self.projected_ranks(layer) is not None:
-                raise ValueError("kv_key_source (PoD) cannot be combined with kv_source sharing or projected ranks")
-        if self.kv_sink_tokens < 0 or self.kv_recent_tokens < 1:
-            raise ValueError("kv_sink_tokens must be at least 0 and kv_recent_tokens at least 1")
-        if self.kv_distant_skip is not None and not 0.0 < self.kv_distant_skip <= 1.0:
-            raise ValueError(f"kv_distant_skip must lie in (0, 1], got {self.kv_distant_skip}")
+                raise ValueError("pod_key_source (PoD) cannot be combined with kv_source sharing or projected ranks")
+        if self.pod_sink_tokens < 0 or self.pod_recent_tokens < 1:
+            raise ValueError("pod_sink_tokens must be at least 0 and pod_recent_tokens at least 1")
+        if self.pod_distant_skip is not None and not 0.0 < self.pod_distant_skip <= 1.0:
+            raise ValueError(f"pod_distant_skip must lie in (0, 1], got {self.pod_distant_skip}")
 
     def _validate_gate(self) -> None:
         """Attention-Gate: a small gate, with nothing else evicting the same cache."""
-        if self.kv_gate_heads < 1 or self.kv_gate_width is None or self.kv_gate_width < 1:
-            raise ValueError("kv_gate_heads and kv_gate_width must be at least 1")
-        if not 0.0 < self.kv_gate_threshold < 1.0:
-            raise ValueError(f"kv_gate_threshold must lie in (0, 1), got {self.kv_gate_threshold}")
-        if self.kv_policy is not None or self.kv_key_source is not None:
-            raise ValueError("an Attention-Gate evicts on its own: it cannot be combined with kv_policy or kv_key_source")
+        if self.attention_gate_heads < 1 or self.attention_gate_width is None or self.attention_gate_width < 1:
+            raise ValueError("attention_gate_heads and attention_gate_width must be at least 1")
+        if not 0.0 < self.attention_gate_threshold < 1.0:
+            raise ValueError(f"attention_gate_threshold must lie in (0, 1), got {self.attention_gate_threshold}")
+        if self.kv_policy is not None or self.pod_key_source is not None:
+            raise ValueError("an Attention-Gate evicts on its own: it cannot be combined with kv_policy or pod_key_source")
 
     def _validate_experts(self) -> None:
         if len(set(self.moe_layers)) != len(self.moe_layers) or not all(
                 0 <= layer < self.num_hidden_layers for layer in self.moe_layers):
             raise ValueError(f"moe_layers must list distinct layers in 0..{self.num_hidden_layers - 1}")
-        if isinstance(self.moe_null_experts, bool) or not isinstance(self.moe_null_experts, int) or self.moe_null_experts < 0:
-            raise ValueError(f"moe_null_experts must be an integer ≥ 0, got {self.moe_null_experts!r}")
-        routed = (self.moe_experts or 0) + self.moe_null_experts
+        if isinstance(self.adamoe_null_experts, bool) or not isinstance(self.adamoe_null_experts, int) or self.adamoe_null_experts < 0:
+            raise ValueError(f"adamoe_null_experts must be an integer ≥ 0, got {self.adamoe_null_experts!r}")
+        routed = (self.moe_experts or 0) + self.adamoe_null_experts
         if not self.moe_experts or not self.moe_intermediate_size or not 1 <= self.moe_top_k <= routed:
             raise ValueError(f"a mixture of experts needs experts ≥ 1, a width, and 1 ≤ top-k ≤ experts + null experts "
                              f"(got {self.moe_experts}, {self.moe_intermediate_size}, {self.moe_top_k}, "
-                             f"{self.moe_null_experts})")
+                             f"{self.adamoe_null_experts})")
 
     def _validate_routing(self) -> None:
         """MoDification: routed layers own their K/V, which no other layer reads, and nothing else evicts."""
-        if not self.mod_layers or sorted(set(self.mod_layers)) != self.mod_layers or not all(
-                0 <= layer < self.num_hidden_layers for layer in self.mod_layers):
-            raise ValueError(f"mod_layers must list distinct layers in 0..{self.num_hidden_layers - 1} in order")
-        if not 0.0 < self.mod_threshold < 1.0:
-            raise ValueError(f"mod_threshold must lie in (0, 1), got {self.mod_threshold}")
+        if not self.modification_layers or sorted(set(self.modification_layers)) != self.modification_layers or not all(
+                0 <= layer < self.num_hidden_layers for layer in self.modification_layers):
+            raise ValueError(f"modification_layers must list distinct layers in 0..{self.num_hidden_layers - 1} in order")
+        if not 0.0 < self.modification_threshold < 1.0:
+            raise ValueError(f"modification_threshold must lie in (0, 1), got {self.modification_threshold}")
         shared = {source for layer, source in enumerate(self.kv_source) if source != layer}
-        for layer in self.mod_layers:
+        for layer in self.modification_layers:
             if self.kv_source[layer] != layer or layer in shared:
                 raise ValueError(f"routed layer {layer} may not share K/V (KVSharer): its cache holds only the "
                                  "tokens it routed")
-        if self.kv_policy is not None or self.kv_key_source is not None or self.kv_gate_heads is not None:
-            raise ValueError("routed layers (mod_layers) cannot be combined with kv_policy, kv_key_source or an "
+        if self.kv_policy is not None or self.pod_key_source is not None or self.attention_gate_heads is not None:
+            raise ValueError("routed layers (modification_layers) cannot be combined with kv_policy, pod_key_source or an "
                              "Attention-Gate")
 
     def borrowed_heads(self, layer: int) -> dict[int, int]:
         """PoD: {KV head: layer whose keys it reads for distant tokens} for the heads of `layer` that borrow."""
-        if self.kv_key_source is None:
+        if self.pod_key_source is None:
             return {}
-        return {head: source for head, source in enumerate(self.kv_key_source[layer]) if source != layer}
+        return {head: source for head, source in enumerate(self.pod_key_source[layer]) if source != layer}
 
     def projected_ranks(self, layer: int) -> tuple[list[int], list[int]] | None:
         """The (key, value) ranks per KV head of a layer whose cache is projected, else None."""
-        if self.kv_key_ranks is None or self.kv_key_ranks[layer] is None:
+        if self.matryoshka_key_ranks is None or self.matryoshka_key_ranks[layer] is None:
             return None
-        return self.kv_key_ranks[layer], self.kv_value_ranks[layer]
+        return self.matryoshka_key_ranks[layer], self.matryoshka_value_ranks[layer]
+
+    def runtime_modules(self) -> list[str]:
+        """The recipe runtime modules (`<name>_surgery.py`) this plan runs, beyond the core every checkpoint has."""
+        modules = []
+        if self.matryoshka_key_ranks is not None and any(r is not None for r in self.matryoshka_key_ranks):
+            modules.append("matryoshka")
+        if self.pod_key_source is not None:
+            modules.append("pod")
+        if self.attention_gate_heads is not None:
+            modules.append("attention_gate")
+        if self.modification_layers is not None:
+            modules.append("modification")
+        if self.kv_policy is not None:
+            modules.append(self.kv_policy)  # its file imports policies_surgery and budget_surgery
+        return modules
 
     @property
     def owner_layers(self) -> list[int]:

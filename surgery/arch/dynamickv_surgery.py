@@ -5,12 +5,13 @@ global top-k over the pooled scores of the layers seen so far gives each a count
 earlier layers are cut to theirs. Window tokens are never duplicated and the cache stays per KV head (the
 official code expands it per query head).
 
-Shipped flat inside every checkpoint.
+Shipped flat inside the checkpoints that evict with it.
 """
 
 import torch
 
 from .budget_surgery import BudgetPolicy
+from .policies_surgery import PolicyRuntime
 
 DYNAMIC_RADIO_MAX = 10
 DYNAMIC_EVERY = 4
@@ -54,3 +55,6 @@ class DynamicKV(BudgetPolicy):
                 per_layer[owner].append(min(int(self.prompt_lengths[b]), round(count * scale)))
         for owner in seen:
             self.keep(cache, owner, per_layer[owner])
+
+
+RUNTIME = PolicyRuntime(DynamicKV)

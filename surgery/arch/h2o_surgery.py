@@ -7,12 +7,13 @@ The paper scores and evicts greedily at every decoding step; here the scores are
 during the prefill and the cut happens once, after it, as with the other policies. The accumulation runs in
 chunks of query rows, so at most a chunk × n block of attention exists at a time, never the n × n matrix.
 
-Shipped flat inside every checkpoint.
+Shipped flat inside the checkpoints that evict with it.
 """
 
 import torch
 
 from .budget_surgery import BudgetPolicy, LayerScores
+from .policies_surgery import PolicyRuntime
 
 H2O_CHUNK = 256
 
@@ -66,3 +67,6 @@ class H2O(BudgetPolicy):
         if window is None:
             self.window = max(1, int(self.base.min()) // 2)
         self.scorer = HeavyHitterScorer(self.window)
+
+
+RUNTIME = PolicyRuntime(H2O)

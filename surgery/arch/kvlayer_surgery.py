@@ -1,7 +1,10 @@
-"""The per-layer stores of the surgery cache: a layer's own K/V (dense, or compacted after eviction), and the
-empty slot of a layer that reads another layer's cache. Shipped flat inside every checkpoint: imports torch and
-public transformers API only.
+"""The per-layer stores of the surgery cache: what every store is (`KVStore`), a layer's own K/V (dense, or compacted
+after eviction), and the empty slot of a layer that reads another layer's cache. A recipe that stores K/V its own
+way adds a `KVStore` in its runtime module. Shipped flat inside every checkpoint: imports torch and public
+transformers API only.
 """
+
+from abc import ABC, abstractmethod
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -9,7 +12,42 @@ from transformers.cache_utils import DynamicLayer
 from .attention_surgery import KVView
 
 
-class PlainCacheLayer:
+class KVStore(ABC):
+    """What the cache and the attention ask of every per-layer store."""
+
+    @abstractmethod
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append this forward's K/V (and whatever the recipe passes along: widths, retention, route)."""
+
+    @abstractmethod
+    def views(self, layer_idx: int, padding: torch.Tensor | None, projection, cache) -> list[KVView]:
+        """What the layer's queries attend to, already updated for this step."""
+
+    @abstractmethod
+    def get_seq_length(self) -> int:
+        """Tokens this layer has seen (held or not)."""
+
+    @abstractmethod
+    def stored_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor held for the tokens, so the cache's bytes are measured, not derived."""
+
+    @abstractmethod
+    def held_tokens(self) -> tuple[int, int]:
+        """(token, KV head) pairs held and seen."""
+
+    @abstractmethod
+    def drop_last(self, count: int) -> None:
+        """Forget the `count` newest tokens (a scoring probe, or a recomputed layer under checkpointing)."""
+
+    def settle(self, slack: int) -> None:
+        """After a forward that keeps its cache: drop what the plan keeps only while that forward runs."""
+
+    def keep_top(self, scores: torch.Tensor, counts: list[int], window: int, follow: dict | None = None) -> torch.Tensor:
+        """Evict down to `counts` tokens per sequence by `scores` (token-budget policies)."""
+        raise NotImplementedError(f"{type(self).__name__} does not evict by score")
+
+
+class PlainCacheLayer(KVStore):
     """The attributes transformers reads on a cache layer, for our layers that are not one of its layer types."""
 
     is_initialized = True
@@ -59,12 +97,19 @@ class SharedKVSlot(PlainCacheLayer):
     def stored_tensors(self) -> tuple:
         return ()
 
+    def held_tokens(self) -> tuple[int, int]:
+        return 0, 0
+
+    def views(self, layer_idx, padding, projection, cache) -> list[KVView]:
+        raise RuntimeError("a sharing layer's views are its source layer's")
+
+    def drop_last(self, count: int) -> None: ...
     def settle(self, slack: int) -> None: ...
     def reset(self) -> None: ...
     def crop(self, tokens_to_remove: int) -> None: ...
 
 
-class SurgeryKVLayer(DynamicLayer):
+class SurgeryKVLayer(DynamicLayer, KVStore):
     """A layer's own K/V. Dense until a budget policy evicts tokens; then each (sequence, KV head) keeps its own
     slots, gathered into compact tensors, with `valid` marking real slots (sequences of a batch may keep different
     counts) and `positions` the original token position of each slot (kept keys already carry their RoPE).
@@ -168,9 +213,6 @@ class SurgeryKVLayer(DynamicLayer):
         slots = self.keys.shape[-2]
         valid = None if padding is None else padding[:, None, :slots]
         return [KVView(self.keys, self.values, None, valid, projection, ("dense",))]
-
-    def settle(self, slack: int) -> None:
-        """After a forward that keeps its cache: drop what the plan keeps only while that forward runs."""
 
     def _gather(self, tensor: torch.Tensor, index: torch.Tensor, side: int) -> torch.Tensor:
         """Select slots per KV head; a packed (MatryoshkaKV) tensor is gathered head block by head block."""

@@ -43,8 +43,8 @@ class SurgeryMoE(nn.Module):
         super().__init__()
         self.top_k = config.moe_top_k
         self.normalise = config.moe_norm_topk
-        self.null_experts = config.moe_null_experts
-        self.gate = nn.Linear(config.hidden_size, config.moe_experts + config.moe_null_experts, bias=False)
+        self.null_experts = config.adamoe_null_experts
+        self.gate = nn.Linear(config.hidden_size, config.moe_experts + config.adamoe_null_experts, bias=False)
         self.experts = nn.ModuleList(SurgeryMLP(config.hidden_size, config.moe_intermediate_size, config.hidden_act)
                                      for _ in range(config.moe_experts))
         shared = config.moe_shared_intermediate_size

@@ -1,12 +1,12 @@
 """The surgery decoder: one llama-family model whose layers are configured by a conversion plan.
 
-With an empty plan it computes exactly what the source family (llama, mistral, qwen2, qwen3) computes. It reads
-like transformers' `modeling_llama.py`: project, RoPE, cache, attend, output. What the plan changes lives in flat
-modules beside it: the cache layout (`cache_surgery.py`: sharing layers hold nothing), the attention over cache
-views (`attention_surgery.py`), reduced-width K/V (`projection_surgery.py`), token eviction after prefill
-(`budget_surgery.py` and one file per policy), learned eviction by a gate (`gate_surgery.py`), and mixture-of-depths
-routing (`routing_surgery.py`: a routed layer runs only the tokens its router sends through). There is one attention
-path and one cache for every plan.
+With an empty plan it computes exactly what the source family (llama, mistral, qwen2, qwen3 and the MoE families)
+computes. It reads like transformers' `modeling_llama.py`: project, RoPE, cache, attend, output. The core beside it
+is the attention over cache views (`attention_surgery.py`), the cache and its stores (`cache_surgery.py`,
+`kvlayer_surgery.py`) and the MLP or mixture of experts (`mlp_surgery.py`). What a recipe adds at run time lives in
+its own module (`pod_surgery.py`, `attention_gate_surgery.py`, ...), which plugs in through the hooks of
+`runtime_surgery.Runtime`: a cache store, a module on a layer, an eviction policy at prefill. The block below names
+the runtime modules this model may run; a checkpoint's copy names only those its plan uses.
 
 Shipped flat inside every converted checkpoint, so it imports only torch and the public API of transformers.
 """
@@ -22,25 +22,38 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from .attention_surgery import TRITON_IMPLEMENTATION, Queries, attend, decode_attention
-from .budget_surgery import BudgetPolicy
 from .cache_surgery import SurgeryCache
 from .configuration_surgery import SurgeryConfig
 from .mlp_surgery import layer_mlp
-from .policies_surgery import compress_context, policy_for_prefill
-from .projection_surgery import KVProjection
 
-# Every bundled module is named here once. transformers before 5.23 copies into its module cache only the files
-# that a checkpoint's main module imports itself, not the files those import in turn.
-from .dynamickv_surgery import DynamicKV  # noqa: E402,F401
-from .gate_surgery import AttentionGate  # noqa: E402
-from .h2o_surgery import H2O  # noqa: E402,F401
-from .routing_surgery import Route, Router  # noqa: E402
-from .kvlayer_surgery import SurgeryKVLayer  # noqa: E402,F401
-from .pod_surgery import PodKVLayer  # noqa: E402,F401
-from .pyramid_surgery import PyramidKV  # noqa: E402,F401
-from .snapkv_surgery import SnapKV  # noqa: E402,F401
-from .streamingllm_surgery import StreamingLLM  # noqa: E402,F401
-from .zigzag_surgery import ZigZagKV  # noqa: E402,F401
+# >>> runtime modules: the recipes' runtime modules this model may run (surgery writes this list per checkpoint)
+from .budget_surgery import LayerScores  # noqa: E402,F401
+from .kvlayer_surgery import PlainCacheLayer  # noqa: E402,F401
+from .policies_surgery import PolicyRuntime  # noqa: E402,F401
+from .runtime_surgery import Runtime  # noqa: E402,F401
+from .attention_gate_surgery import RUNTIME as attention_gate_runtime  # noqa: E402
+from .dynamickv_surgery import RUNTIME as dynamickv_runtime  # noqa: E402
+from .h2o_surgery import RUNTIME as h2o_runtime  # noqa: E402
+from .matryoshka_surgery import RUNTIME as matryoshka_runtime  # noqa: E402
+from .modification_surgery import RUNTIME as modification_runtime  # noqa: E402
+from .pod_surgery import RUNTIME as pod_runtime  # noqa: E402
+from .pyramid_surgery import RUNTIME as pyramid_runtime  # noqa: E402
+from .snapkv_surgery import RUNTIME as snapkv_runtime  # noqa: E402
+from .streamingllm_surgery import RUNTIME as streamingllm_runtime  # noqa: E402
+from .zigzag_surgery import RUNTIME as zigzag_runtime  # noqa: E402
+RUNTIMES = (
+    attention_gate_runtime,
+    dynamickv_runtime,
+    h2o_runtime,
+    matryoshka_runtime,
+    modification_runtime,
+    pod_runtime,
+    pyramid_runtime,
+    snapkv_runtime,
+    streamingllm_runtime,
+    zigzag_runtime,
+)
+# <<< runtime modules
 
 try:  # the kernels need triton; transformers skips imports inside try blocks when it checks requirements
     from .decode_surgery import kernels_usable  # noqa: F401
@@ -129,17 +142,17 @@ class LayerContext:
     positions: torch.Tensor
     padding: torch.Tensor | None
     projections: list
-    policy: BudgetPolicy | None = None
+    policy: object | None = None  # a budget_surgery.BudgetPolicy
     prompt_padding: torch.Tensor | None = None
     masks: dict = field(default_factory=dict)
     newest: bool = True
-    route: Route | None = None
+    route: object | None = None  # a modification_surgery.Route
 
     def real_tokens(self) -> torch.Tensor | None:
         """(batch, q) bool: this forward's tokens that are not left padding; None when nothing is padded."""
         return None if self.padding is None else self.padding[:, self.positions[0]]
 
-    def routed(self, route: Route, first_slot: int | None) -> "LayerContext":
+    def routed(self, route, first_slot: int | None) -> "LayerContext":
         """The context of a routed layer's run over the tokens it routed, with its own masks. Queries carry the
         tokens' positions; or, when `first_slot` is given (the layer's cache and this route have no holes, and no
         sliding window applies), the slot indices first_slot, first_slot + 1, ...: the routed tokens are then the
@@ -148,6 +161,17 @@ class LayerContext:
             slots = torch.arange(first_slot, first_slot + route.index.shape[1], device=route.index.device)[None]
             return replace(self, positions=slots, masks={}, newest=True, route=route)
         return replace(self, positions=route.positions, masks={}, newest=False, route=route)
+
+
+def active_runtimes(config: SurgeryConfig) -> tuple:
+    """The runtimes this config's plan uses, in the order they are asked; a plan that needs a runtime module this
+    checkpoint does not ship is refused by name rather than run without it."""
+    shipped = {runtime.module for runtime in RUNTIMES}
+    missing = [module for module in config.runtime_modules() if module not in shipped]
+    if missing:
+        raise ValueError(f"the plan in config.json needs {', '.join(m + '_surgery.py' for m in missing)}, which this "
+                         "checkpoint does not ship: re-export it with `surgery convert`")
+    return tuple(runtime for runtime in RUNTIMES if runtime.used_by(config))
 
 
 def attention_implementation(config: SurgeryConfig) -> str:
@@ -181,10 +205,10 @@ class SurgeryAttention(nn.Module):
             self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
             if config.qk_norm:
                 self.k_norm = SurgeryRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            ranks = config.projected_ranks(layer_idx)
-            self.kv_projection = KVProjection(self.head_dim, *ranks) if ranks else None
-            self.gate = AttentionGate(config.hidden_size, self.num_kv_heads, config.kv_gate_heads, config.kv_gate_width,
-                                      config.kv_gate_threshold) if config.kv_gate_heads else None
+        self.kv_projection = None  # reduced-width K/V bases (MatryoshkaKV), set by a runtime
+        self.gate = None  # learned eviction (Attention-Gate), set by a runtime
+        for runtime in active_runtimes(config):
+            runtime.build_attention(self, config)
 
     @property
     def owns_kv(self) -> bool:
@@ -241,8 +265,9 @@ class SurgeryDecoderLayer(nn.Module):
         self.mlp = layer_mlp(config, layer_idx)
         self.input_layernorm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        routed = config.mod_layers is not None and layer_idx in config.mod_layers
-        self.router = Router(config.hidden_size, config.mod_threshold) if routed else None
+        self.router = None  # mixture-of-depths routing (MoDification), set by a runtime
+        for runtime in active_runtimes(config):
+            runtime.build_layer(self, config)
 
     def forward(self, hidden_states, position_embeddings, context: LayerContext) -> torch.Tensor:
         if self.router is None:
@@ -313,6 +338,7 @@ class SurgeryModel(SurgeryPreTrainedModel):
         self.layers = nn.ModuleList(SurgeryDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = SurgeryRotaryEmbedding(config)
+        self.runtimes = active_runtimes(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -327,7 +353,7 @@ class SurgeryModel(SurgeryPreTrainedModel):
         output_hidden_states: bool | None = None,
         kv_budget: float | None = None,
         kv_budget_tokens: int | None = None,
-        kv_policy: BudgetPolicy | None = None,
+        kv_policy=None,
         cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
@@ -347,8 +373,9 @@ class SurgeryModel(SurgeryPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("the surgery model takes a 2-D (batch, keys) padding mask")
         padded = attention_mask is not None and not bool(attention_mask[:, : past_length + query_length].all())
-        policy = kv_policy or policy_for_prefill(self.config, kv_budget, kv_budget_tokens, past_length, query_length,
-                                                 attention_mask, batch, inputs_embeds.device)
+        policy = kv_policy or next((p for p in (runtime.prefill_policy(
+            self.config, kv_budget, kv_budget_tokens, past_length, query_length, attention_mask, batch,
+            inputs_embeds.device) for runtime in self.runtimes) if p is not None), None)
         context = LayerContext(
             cache=cache,
             positions=positions,
@@ -389,7 +416,7 @@ class SurgeryModel(SurgeryPreTrainedModel):
         if isinstance(past_key_values, SurgeryCache):
             return past_key_values
         if past_key_values is None or past_key_values.get_seq_length() == 0:
-            return SurgeryCache.for_config(self.config)
+            return SurgeryCache.for_config(self.config, self.runtimes)
         raise ValueError(
             f"a filled {type(past_key_values).__name__} cannot be used with this model; pass a SurgeryCache"
         )
@@ -409,8 +436,12 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
                          kv_budget_tokens: int | None = None, probe_ids: torch.LongTensor | None = None,
                          policy: str | None = None) -> SurgeryCache:
         """Prefill a context and evict down to the budget before any question is known; see
-        `policies_surgery.compress_context`."""
-        return compress_context(self, input_ids, kv_budget, kv_budget_tokens, probe_ids, policy)
+        `policies_surgery.compress_context` (shipped in checkpoints that evict with a token-budget policy)."""
+        runtime = next((r for r in RUNTIMES if hasattr(r, "compress_context")), None)
+        if runtime is None:
+            raise ValueError("compress_context needs a token-budget policy, which this checkpoint does not ship: "
+                             "convert with one (e.g. --recipe snapkv)")
+        return runtime.compress_context(self, input_ids, kv_budget, kv_budget_tokens, probe_ids, policy)
 
     def forward(
         self,
@@ -425,7 +456,7 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         kv_budget: float | None = None,
         kv_budget_tokens: int | None = None,
-        kv_policy: BudgetPolicy | None = None,
+        kv_policy=None,
         cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:

@@ -18,10 +18,39 @@ more here.
 Shipped flat inside every checkpoint: imports torch only.
 """
 
+from dataclasses import dataclass
+
 import torch
 
-from .attention_surgery import Band, KVView
+from .attention_surgery import KVView, ViewRule, ViewSkip
 from .kvlayer_surgery import SurgeryKVLayer
+from .runtime_surgery import Runtime
+
+
+@dataclass
+class Band(ViewRule):
+    """Which earlier tokens a view's slots serve, by distance from each query. Proximal: the first `sinks` real
+    tokens of the sequence and the last `recent` tokens up to the query itself; distant: every other one.
+
+    first: (batch,) position of each sequence's first real token (left padding); None: position 0.
+    """
+
+    sinks: int
+    recent: int
+    distant: bool
+    first: torch.Tensor | None = None
+
+    @property
+    def key(self) -> tuple:
+        return ("band", self.sinks, self.recent, self.distant)
+
+    def allows(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        offset = key_positions if self.first is None else key_positions - self.first[:, None, None, None]
+        proximal = (offset < self.sinks) | (key_positions > query_positions - self.recent)
+        return ~proximal if self.distant else proximal
+
+    def kernel_arguments(self) -> dict:
+        return {"band": self}
 
 
 class PodKVLayer(SurgeryKVLayer):
@@ -103,14 +132,14 @@ class PodKVLayer(SurgeryKVLayer):
         near_values = self.values.gather(2, slot[..., None].expand(-1, -1, -1, dim))
         near_layout = ("pod-near",) if self.positions is None else ("pod-near", layer_idx)  # eviction: per group
         near = KVView(near_keys, near_values, self.edge_positions()[:, None], held, layout=near_layout,
-                      band=Band(self.sinks, self.recent, distant=False, first=first))
+                      rules=(Band(self.sinks, self.recent, distant=False, first=first),))
         far_keys = self._far_keys(cache)
         if self.valid is not None:
             far = KVView(far_keys, self.values, self.positions, self.valid, layout=("kept", layer_idx))
         else:
             far = KVView(far_keys, self.values, None, None if padding is None else padding[:, None, : self.seen],
                          layout=("dense",))
-        far.band = Band(self.sinks, self.recent, distant=True, first=first)
+        far.rules = (Band(self.sinks, self.recent, distant=True, first=first),)
         return [near, far]
 
     def _far_keys(self, cache) -> torch.Tensor:
@@ -200,4 +229,23 @@ def _pad(tensor: torch.Tensor, width: int, fill) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_full((*tensor.shape[:-1], missing), fill)], dim=-1)
 
 
-__all__ = ["PodKVLayer"]
+class PodRuntime(Runtime):
+    """A layer some of whose KV heads borrow distant keys keeps those heads' keys for proximal tokens only; the
+    optional skip of the distant view lives on the cache, with its counts."""
+
+    module = "pod"
+
+    def cache_layer(self, config, layer_idx: int):
+        borrowed = config.borrowed_heads(layer_idx)
+        if not borrowed:
+            return None
+        return PodKVLayer(config.num_key_value_heads, borrowed, config.pod_sink_tokens, config.pod_recent_tokens)
+
+    def prepare_cache(self, cache, config) -> None:
+        if config.pod_distant_skip is not None:
+            cache.distant_skip = ViewSkip(config.pod_distant_skip)
+
+
+RUNTIME = PodRuntime()
+
+__all__ = ["RUNTIME", "PodKVLayer"]

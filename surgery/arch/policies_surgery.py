@@ -1,21 +1,38 @@
-"""The registry of KV budget policies, and context-only compression. Adding a policy: one file and one line here.
+"""The registry of KV budget policies, eviction at prefill, and context-only compression.
 
-Shipped flat inside every checkpoint.
+Adding a policy: one file with the policy class and `RUNTIME = PolicyRuntime(ThePolicy)`, which registers it here,
+and one line in `surgery/recipes/__init__.py` for its converter. A checkpoint ships this module, `budget_surgery.py`
+and its own policy's file only.
+
+Shipped flat inside checkpoints that evict.
 """
 
 import torch
 
 from .budget_surgery import BudgetPolicy
 from .cache_surgery import SurgeryCache
-from .dynamickv_surgery import DynamicKV
-from .h2o_surgery import H2O
-from .pyramid_surgery import PyramidKV
-from .snapkv_surgery import SnapKV
-from .streamingllm_surgery import StreamingLLM
-from .zigzag_surgery import ZigZagKV
+from .runtime_surgery import Runtime
 
-POLICIES: dict[str, type[BudgetPolicy]] = {policy.name: policy for policy in (SnapKV, PyramidKV, ZigZagKV, DynamicKV,
-                                                                                 StreamingLLM, H2O)}
+POLICIES: dict[str, type[BudgetPolicy]] = {}  # by name, filled as each policy module builds its RUNTIME
+
+
+class PolicyRuntime(Runtime):
+    """A token-eviction policy's run-time side: registered under its name, it evicts after a prefill when the
+    config names it, and serves `compress_context` for any policy registered."""
+
+    def __init__(self, policy: type[BudgetPolicy]):
+        self.policy = policy
+        self.module = policy.name
+        POLICIES[policy.name] = policy
+
+    def used_by(self, config) -> bool:
+        return config.kv_policy == self.policy.name
+
+    def prefill_policy(self, config, budget, budget_tokens, past_length, query_length, attention_mask, batch, device):
+        return policy_for_prefill(config, budget, budget_tokens, past_length, query_length, attention_mask, batch, device)
+
+    def compress_context(self, model, *args, **kwargs):
+        return compress_context(model, *args, **kwargs)
 
 
 def build_policy(name: str, budget: float | None, budget_tokens: int | None, owners: list[int],
@@ -72,7 +89,7 @@ def compress_context(model, input_ids: torch.LongTensor, kv_budget: float | None
     lengths = torch.full((ids.shape[0],), ids.shape[1])
     budget_policy = build_policy(name, None, tokens, config.owner_layers, lengths, window, config.kv_layer_weights,
                                  config.kv_pooling)
-    cache = SurgeryCache.for_config(config)
+    cache = SurgeryCache.for_config(config, model.model.runtimes)
     cache.slack = 0 if probe_ids is None else probe_ids.shape[1]  # PoD windows keep room for the dropped probe
     cache = model(ids, past_key_values=cache, use_cache=True, kv_policy=budget_policy).past_key_values
     if probe_ids is not None:

@@ -1,12 +1,13 @@
 """PyramidKV (Cai et al., arXiv 2406.02069): budgets fall linearly with depth, from 2(B − w) − (B − w)/β to
 (B − w)/β, plus the window w, with β = 20.
 
-Shipped flat inside every checkpoint.
+Shipped flat inside the checkpoints that evict with it.
 """
 
 import torch
 
 from .budget_surgery import BudgetPolicy
+from .policies_surgery import PolicyRuntime
 
 PYRAMID_BETA = 20
 
@@ -22,3 +23,6 @@ class PyramidKV(BudgetPolicy):
         high = 2 * (base - window) - low
         step = (high - low) / max(layers - 1, 1)
         return torch.tensor([high - i * step + window for i in range(layers)])
+
+
+RUNTIME = PolicyRuntime(PyramidKV)

@@ -6,12 +6,13 @@ The paper evicts while decoding, one token out as each comes in, so its cache ne
 as with the other policies, the cut happens once after the prefill (to the budget's sinks + recent tokens) and the
 decoded tokens are then all kept; a prompt of n tokens followed by g generated ones holds B + g per layer.
 
-Shipped flat inside every checkpoint.
+Shipped flat inside the checkpoints that evict with it.
 """
 
 import torch
 
 from .budget_surgery import BudgetPolicy, LayerScores
+from .policies_surgery import PolicyRuntime
 
 STREAMING_SINKS = 4
 
@@ -48,3 +49,6 @@ class StreamingLLM(BudgetPolicy):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.scorer = SinksAndRecentScorer(self.window)
+
+
+RUNTIME = PolicyRuntime(StreamingLLM)

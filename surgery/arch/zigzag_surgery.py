@@ -4,12 +4,13 @@ LMBA_l = the tokens needed to reach 90% of the window-averaged attention mass, p
 u_l = LMBA_l / Σ LMBA; B_l = B_min + (B − B_min)·L·u_l with B_min = 0.2·B, per prompt, or from calibration
 (`kv_layer_weights`, the u_l averaged over calibration prompts).
 
-Shipped flat inside every checkpoint.
+Shipped flat inside the checkpoints that evict with it.
 """
 
 import torch
 
 from .budget_surgery import BudgetPolicy, tokens_to_reach
+from .policies_surgery import PolicyRuntime
 
 ZIGZAG_MASS = 0.9
 ZIGZAG_MIN_FRACTION = 0.2
@@ -33,3 +34,6 @@ class ZigZagKV(BudgetPolicy):
         _, base, _ = self.sequence_budget(sequence)
         minimum = ZIGZAG_MIN_FRACTION * base
         return minimum + (base - minimum) * len(self.owners) * self.usage(sequence)
+
+
+RUNTIME = PolicyRuntime(ZigZagKV)

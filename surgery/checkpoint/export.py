@@ -3,15 +3,17 @@
 Callers write into `outputs.staging`, so a failed or interrupted run leaves `--out` as it was.
 """
 
+import ast
 import json
 import logging
-import shutil
+import re
 from pathlib import Path
 
 import torch
 
 from surgery.arch.configuration_surgery import SURGERY_FORMAT, SurgeryConfig
 from surgery.arch.modeling_surgery import SurgeryForCausalLM
+from surgery.arch.runtime_surgery import BLOCK_END, BLOCK_START
 from surgery.base.errors import SurgeryError
 from surgery.checkpoint.layouts import family_extras, family_name
 from surgery.checkpoint.rewrite import RewriteReport, TensorPlan, rewrite
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).parent.parent
 REMOTE_CODE_DIRS = (PACKAGE_ROOT / "arch", PACKAGE_ROOT / "kernels")
+MODELING, CONFIGURATION = "modeling_surgery.py", "configuration_surgery.py"
 AUTO_MAP = {
     "AutoConfig": "configuration_surgery.SurgeryConfig",
     "AutoModel": "modeling_surgery.SurgeryModel",
@@ -36,16 +39,77 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def remote_code_files() -> list[Path]:
-    """The files every checkpoint ships: arch/ and kernels/ modules, flat, importing each other relatively."""
+    """Every module a checkpoint may ship: arch/ and kernels/, flat, importing each other relatively."""
     return sorted(p for folder in REMOTE_CODE_DIRS for p in folder.glob("*.py") if p.name != "__init__.py")
 
 
-def bundle_remote_code(folder: Path) -> list[str]:
-    names = []
-    for path in remote_code_files():
-        shutil.copyfile(path, folder / path.name)
-        names.append(path.name)
-    return names
+RELATIVE_IMPORT = re.compile(r"^\s*from \.(\w+) import", re.MULTILINE)
+
+
+def _public_name(source: str) -> str:
+    """One name a module defines, to import it by: the first of `__all__`, else its first class or function."""
+    body = ast.parse(source).body
+    for node in body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return node.value.elts[0].value
+    return next(node.name for node in body if isinstance(node, (ast.ClassDef, ast.FunctionDef)))
+
+
+def _closure(sources: dict[str, str], roots: list[str]) -> list[str]:
+    """The modules `roots` import relatively, directly or not, the roots included."""
+    needed, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in needed or f"{name}.py" not in sources:
+            continue
+        needed.add(name)
+        todo += RELATIVE_IMPORT.findall(sources[f"{name}.py"])
+    return sorted(needed)
+
+
+def runtime_block(fixed_modeling: str, sources: dict[str, str], runtime_modules: list[str]) -> str:
+    """The block of `modeling_surgery.py` that names the recipes' runtime modules a plan uses, and every other module
+    the checkpoint ships that the rest of the file does not import itself: transformers before 5.23 copies only the
+    files that a checkpoint's main module imports directly."""
+    direct = set(RELATIVE_IMPORT.findall(fixed_modeling))
+    runtimes = [f"{module}_surgery" for module in runtime_modules]
+    shipped = _closure({**sources, MODELING: fixed_modeling}, [stem(MODELING), *runtimes])
+    helpers = [m for m in shipped if m not in runtimes and m not in direct and m != stem(MODELING)]
+    lines = [BLOCK_START + ": the recipes' runtime modules this model may run (surgery writes this list per checkpoint)"]
+    lines += [f"from .{m} import {_public_name(sources[m + '.py'])}  # noqa: E402,F401" for m in helpers]
+    lines += [f"from .{m} import RUNTIME as {m.removesuffix('_surgery')}_runtime  # noqa: E402" for m in runtimes]
+    names = [f"{m.removesuffix('_surgery')}_runtime" for m in runtimes]
+    lines.append("RUNTIMES = (" + "".join(f"\n    {name}," for name in names) + ("\n)" if names else ")"))
+    lines.append(BLOCK_END)
+    return "\n".join(lines)
+
+
+def with_runtime_block(modeling: str, sources: dict[str, str], runtime_modules: list[str]) -> str:
+    """`modeling_surgery.py` with its runtime block rewritten for these runtime modules."""
+    head, rest = modeling.split(BLOCK_START, 1)
+    tail = rest.split(BLOCK_END, 1)[1]
+    return head + runtime_block(head + tail, sources, runtime_modules) + tail
+
+
+def stem(name: str) -> str:
+    return name.removesuffix(".py")
+
+
+def remote_code(config) -> dict[str, bytes]:
+    """The files a checkpoint of this config ships, by name: the core, the runtime modules its plan uses (named in
+    the generated block of `modeling_surgery.py`), and what those import, the kernels included. An identity
+    checkpoint carries no recipe's runtime."""
+    sources = {path.name: path.read_text() for path in remote_code_files()}
+    sources[MODELING] = with_runtime_block(sources[MODELING], sources, config.runtime_modules())
+    files = _closure(sources, [stem(MODELING), stem(CONFIGURATION)])
+    return {f"{name}.py": sources[f"{name}.py"].encode() for name in files}
+
+
+def bundle_remote_code(folder: Path, config) -> list[str]:
+    files = remote_code(config)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return sorted(files)
 
 
 def is_surgery(config) -> bool:
@@ -170,7 +234,7 @@ def finish_checkpoint(folder: Path, config, dtype: torch.dtype, files_from: Path
 
     write_config(config, folder, dtype)
     if is_surgery(config):
-        bundle_remote_code(folder)
+        bundle_remote_code(folder, config)
     carry_files(files_from, folder, trust_remote_code)
     write_recipe(folder, record)
     if verify:

@@ -16,10 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from surgery.base.errors import SurgeryError
+from surgery.base.sizes import DEFAULT_SHARD_SIZE
 from surgery.checkpoint.families import read_model_type
 from surgery.checkpoint.tensor_io import ShardWriter, check_finite
 
-DEFAULT_SHARD_SIZE = 5 * 1024**3
 PROVENANCE_FILE = "gguf_source.json"
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from surgery.checkpoint.card import render_card
 from surgery.checkpoint.records import RECIPE_FILE
 from surgery.base.errors import SurgeryError, first_line
-from surgery.checkpoint.loading import read_json
+from surgery.checkpoint.loading import read_checkpoint_config, read_json
 from surgery.checkpoint.verify import verify_checkpoint
-from surgery.checkpoint.export import remote_code_files
+from surgery.checkpoint.export import remote_code
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def check_repo_id(repo_id: str) -> None:
 def check_own_code(folder: Path) -> None:
     """Verification runs the folder's Python files: only when they are the ones this surgery ships."""
 
-    shipped = {path.name: path.read_bytes() for path in remote_code_files()}
+    shipped = remote_code(read_checkpoint_config(folder))
     for path in sorted(folder.glob("*.py")):
         if shipped.get(path.name) != path.read_bytes():
             raise SurgeryError(f"{path} is not the code this surgery version ships, so it is not run to verify",
@@ -70,10 +70,10 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
         _check_can_upload(token)
     if verify:
         config = read_json(folder / "config.json")
-        remote_code = not isinstance(config, dict) or config.get("model_type") == "surgery"  # else a plain family one
-        if remote_code and not trust_remote_code:
+        ships_code = not isinstance(config, dict) or config.get("model_type") == "surgery"  # else a plain family one
+        if ships_code and not trust_remote_code:
             check_own_code(folder)
-        verify_checkpoint(folder, remote_code=remote_code)
+        verify_checkpoint(folder, remote_code=ships_code)
     render_card(folder, model_id=repo_id)  # the usage snippet names the Hub repo
     files = checkpoint_files(folder)
     if dry_run:

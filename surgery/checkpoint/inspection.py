@@ -46,7 +46,7 @@ def describe(model: str, allow_pickle: bool = False) -> dict[str, str]:
         info["sharing layers"] = ", ".join(f"{i}->{config.kv_source[i]}" for i in config.sharing_layers)
     if config.moe_layers:
         expert = 3 * config.hidden_size * config.moe_intermediate_size  # gate, up and down projections
-        null = config.moe_null_experts  # AdaMoE: a token runs at most top-k true experts, fewer when it picks nulls
+        null = config.adamoe_null_experts  # AdaMoE: a token runs at most top-k true experts, fewer when it picks nulls
         idle = len(config.moe_layers) * (config.moe_experts - min(config.moe_top_k, config.moe_experts)) * expert
         info["experts"] = (f"{config.moe_experts} per layer on {len(config.moe_layers)} of {config.num_hidden_layers} "
                            f"layers, top-{config.moe_top_k}" + (f" of them and {null} null experts" if null else "")

@@ -138,8 +138,27 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
                                hint="fix or re-download the tokenizer files") from None
 
 
+# Format 2 names every recipe's config keys after the recipe (`attention_gate_*`, `modification_*`, ...). A format-1
+# checkpoint keeps loading with stock transformers through the remote code it carries; this package reads it by
+# renaming its keys.
+FORMAT_1_KEYS = {"kv_gate_heads": "attention_gate_heads", "kv_gate_width": "attention_gate_width",
+                 "kv_gate_threshold": "attention_gate_threshold", "mod_layers": "modification_layers",
+                 "mod_threshold": "modification_threshold", "kv_key_source": "pod_key_source",
+                 "kv_sink_tokens": "pod_sink_tokens", "kv_recent_tokens": "pod_recent_tokens",
+                 "kv_distant_skip": "pod_distant_skip", "kv_key_ranks": "matryoshka_key_ranks",
+                 "kv_value_ranks": "matryoshka_value_ranks", "moe_null_experts": "adamoe_null_experts"}
+
+
+def upgraded(raw: dict[str, Any], found: int) -> dict[str, Any]:
+    """A config.json of an older format, in the keys of the current one."""
+    if found == 1:
+        raw = {FORMAT_1_KEYS.get(key, key): value for key, value in raw.items()}
+    return {**raw, "surgery_format": SURGERY_FORMAT}
+
+
 def read_checkpoint_config(folder: Path) -> SurgeryConfig:
-    """The config of a surgery checkpoint, refused when its format is newer than this package or its plan is invalid."""
+    """The config of a surgery checkpoint, refused when its format is newer than this package or its plan is invalid;
+    an older format is read in the current keys."""
 
     raw = read_json(Path(folder) / "config.json")
     found = raw.get("surgery_format", 1) if isinstance(raw, dict) else None
@@ -150,7 +169,9 @@ def read_checkpoint_config(folder: Path) -> SurgeryConfig:
         raise SurgeryError(f"{folder} is surgery format {found}; surgery {__version__} reads formats up to {SURGERY_FORMAT}",
                            hint="upgrade surgery: pip install -U surgery")
     try:
-        return SurgeryConfig.from_pretrained(folder)
+        if found == SURGERY_FORMAT:
+            return SurgeryConfig.from_pretrained(folder)
+        return SurgeryConfig.from_dict(upgraded(raw, found))
     except Exception as error:  # validation of the plan and of field types raises several types
         raise SurgeryError(f"{folder}/config.json is not a valid surgery config: {first_line(error)}",
                            hint="re-export the checkpoint with `surgery convert`") from None

@@ -100,7 +100,7 @@ def retrieval_report(model, tokenizer, haystack_text: str, tasks: Iterable[str],
     haystack = Haystack(tokenizer, haystack_text)
     evicts = getattr(model.config, "kv_policy", None) is not None
     # a causal gate's flags of context tokens never depend on the question: both protocols are the same run
-    alone = "gated" if getattr(model.config, "kv_gate_heads", None) else "full cache"
+    alone = "gated" if getattr(model.config, "attention_gate_heads", None) else "full cache"
     settings = [(protocol, model, keep) for protocol in (protocols if evicts else [alone])]
     if evicts:
         settings.append(("full cache", model, 1.0))

@@ -47,7 +47,7 @@ def expert_mlp_flops(config, experts_per_token: float) -> float:
     """Multiply-adds × 2 of one token through a mixture of experts: its router over every row (null experts' too),
     the true experts it was dispatched to, and the shared expert with its gate where there is one."""
     hidden = config.hidden_size
-    router = hidden * (config.moe_experts + getattr(config, "moe_null_experts", 0))
+    router = hidden * (config.moe_experts + getattr(config, "adamoe_null_experts", 0))
     shared = config.moe_shared_intermediate_size or 0
     shared = 3 * hidden * shared + hidden if shared else 0
     return 2 * (router + experts_per_token * 3 * hidden * config.moe_intermediate_size + shared)

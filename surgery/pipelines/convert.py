@@ -18,6 +18,7 @@ from surgery.checkpoint.card import render_card
 from surgery.checkpoint.records import EVAL_FILE
 from surgery.calibrate.corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from surgery.base.errors import SurgeryError
+from surgery.base.sizes import DEFAULT_SHARD_SIZE
 from surgery.checkpoint.export import DTYPES, check_source_tensors, finish_checkpoint, write_weights
 from surgery.checkpoint.families import plain_family_config, surgery_config_from_source
 from surgery.calibrate.layer_runner import LayerRunner
@@ -36,7 +37,6 @@ from surgery.evals.evaluate import quick_check
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ConvertRequest:
     seed: int = 0
     calib_batch_size: int = 8
     dtype: str | None = None
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    max_shard_size: int = DEFAULT_SHARD_SIZE
     overwrite: bool = False
     verify: bool = True
     evaluate: bool = False

@@ -71,7 +71,7 @@ class AdaMoE(ExpertTraining):
         return null, top_k
 
     def validate(self, config: SurgeryConfig) -> None:
-        if config.moe_null_experts:
+        if config.adamoe_null_experts:
             raise SurgeryError("the model already has null experts", hint="convert the original model instead")
         if config.moe_layers is not None:  # else an earlier recipe (upcycle) may add experts: checked when planning
             self.choices(config)
@@ -82,7 +82,7 @@ class AdaMoE(ExpertTraining):
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
         self.layers, self.added = list(config.moe_layers or []), plan["null_experts"]
-        config.moe_null_experts, config.moe_top_k = plan["null_experts"], plan["top_k"]
+        config.adamoe_null_experts, config.moe_top_k = plan["null_experts"], plan["top_k"]
         if self.added:
             config.moe_norm_topk = True  # the true experts' weights sum to 1, whatever the family did
         config.validate_architecture()

@@ -1,6 +1,6 @@
 """Attention-Gate (Zeng et al., arXiv 2410.12876): learned in-context KV eviction.
 
-Conversion adds one small gate per K/V-owning layer (`arch/gate_surgery.py`), initialised to keep every token, so
+Conversion adds one small gate per K/V-owning layer (`arch/attention_gate_surgery.py`), initialised to keep every token, so
 the converted model computes exactly what the source computes. `surgery adapt` then trains the gates alone, the
 base frozen: distillation from the source plus a regulariser that pulls each layer's mean keep rate towards
 `--target-keep`. The flags are hard in the forward pass and straight-through (the soft probability) backward.
@@ -66,7 +66,7 @@ class AttentionGateRecipe(Recipe):
         self.seed = 0
 
     def validate(self, config: SurgeryConfig) -> None:
-        if config.kv_gate_heads is not None:
+        if config.attention_gate_heads is not None:
             raise SurgeryError("the model already has Attention-Gates", hint="convert the original model instead")
         if config.kv_policy is not None:
             raise SurgeryError(f"the model already evicts with {config.kv_policy}", hint="convert the original model")
@@ -83,7 +83,7 @@ class AttentionGateRecipe(Recipe):
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
         width = plan["width"] or max(1, config.head_dim // 8)
-        config.kv_gate_heads, config.kv_gate_width, config.kv_gate_threshold = plan["heads"], width, plan["threshold"]
+        config.attention_gate_heads, config.attention_gate_width, config.attention_gate_threshold = plan["heads"], width, plan["threshold"]
         config.validate_architecture()
         inner = plan["heads"] * width
         self.seed = plan["seed"]

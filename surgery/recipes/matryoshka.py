@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from surgery.base.errors import SurgeryError
 from surgery.base.lazy import lazy_import
 from surgery.recipes.base import CalibrationRequest, Recipe
-projection_surgery = lazy_import("surgery.arch.projection_surgery")
+matryoshka_surgery = lazy_import("surgery.arch.matryoshka_surgery")
 orthogonal = lazy_import("surgery.train.orthogonal")
 
 torch = lazy_import("torch")
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from surgery.arch.configuration_surgery import SurgeryConfig
-    from surgery.arch.projection_surgery import KVProjection
+    from surgery.arch.matryoshka_surgery import KVProjection
     from surgery.calibrate.layer_runner import KV, LayerRunner
 
 STEPS_PER_HEAD = 8  # ranks move in steps of head_dim / 8, as in the paper
@@ -244,7 +244,7 @@ class MatryoshkaKV(Recipe):
                                hint="e.g. 0.25, 0.375, 0.5 or 0.75")
         if self.search not in SEARCHES:
             raise SurgeryError(f"unknown --search {self.search!r}", hint=f"choose from {', '.join(SEARCHES)}")
-        if config.kv_key_ranks is not None and any(r is not None for r in config.kv_key_ranks):
+        if config.matryoshka_key_ranks is not None and any(r is not None for r in config.matryoshka_key_ranks):
             raise SurgeryError("the model already projects its K/V", hint="convert the original model instead")
 
     def plan(self, runner: LayerRunner, calibration_ids: torch.Tensor, seed: int = 0,
@@ -289,7 +289,7 @@ class MatryoshkaKV(Recipe):
         full = [config.head_dim] * config.num_key_value_heads
         with torch.no_grad():  # the bases are filled in place
             for layer in tqdm(owners, desc="PCA", unit="layer", disable=not progress, leave=False):
-                projection = projection_surgery.KVProjection(config.head_dim, full, full).to(runner.device, runner.dtype)
+                projection = matryoshka_surgery.KVProjection(config.head_dim, full, full).to(runner.device, runner.dtype)
                 for kind in KINDS:
                     mean = projection.key_mean if kind == "key" else projection.value_mean
                     total, outer, count = statistics[layer, kind]
@@ -324,8 +324,8 @@ class MatryoshkaKV(Recipe):
         return self.tensors
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
-        config.kv_key_ranks = [None if r is None else list(r) for r in plan["key_ranks"]]
-        config.kv_value_ranks = [None if r is None else list(r) for r in plan["value_ranks"]]
+        config.matryoshka_key_ranks = [None if r is None else list(r) for r in plan["key_ranks"]]
+        config.matryoshka_value_ranks = [None if r is None else list(r) for r in plan["value_ranks"]]
         config.validate_architecture()
 
     def describe(self, plan: dict[str, Any]) -> list[str]:

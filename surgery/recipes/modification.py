@@ -3,7 +3,7 @@ routers with the threshold-p operator, added to a pretrained model and trained b
 
 Conversion adds a router g = σ(w·x̂ + b) to every other layer (1, 3, 5, ...; `--route-layers` picks others). A
 token with g ≥ p (`--route-threshold`, 0.5) goes through the layer, any other token skips it, computing nothing
-there and leaving no K/V in its cache (`arch/routing_surgery.py`). `surgery adapt` then trains the routers alone,
+there and leaving no K/V in its cache (`arch/modification_surgery.py`). `surgery adapt` then trains the routers alone,
 the base frozen.
 
 Choices where the paper leaves room or where this project deviates:
@@ -85,9 +85,9 @@ class MoDification(Recipe):
         return layers
 
     def validate(self, config: SurgeryConfig) -> None:
-        if config.mod_layers is not None:
+        if config.modification_layers is not None:
             raise SurgeryError("the model already has mixture-of-depths routers", hint="convert the original model instead")
-        if config.kv_policy is not None or config.kv_gate_heads is not None:
+        if config.kv_policy is not None or config.attention_gate_heads is not None:
             raise SurgeryError("the model already evicts tokens; routing is not combined with eviction",
                                hint="convert the original model")
         self.layers(config)
@@ -100,10 +100,10 @@ class MoDification(Recipe):
         return {"threshold": self.route_threshold, "skip": self.skip, "layers": self.route_layers}
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
-        config.mod_layers, config.mod_threshold = self.layers(config), plan["threshold"]
+        config.modification_layers, config.modification_threshold = self.layers(config), plan["threshold"]
         config.validate_architecture()
         self.shapes = {}
-        for layer in config.mod_layers:
+        for layer in config.modification_layers:
             self.shapes[f"model.layers.{layer}{ROUTER_MODULE}proj.weight"] = (1, config.hidden_size)
             self.shapes[f"model.layers.{layer}{ROUTER_MODULE}proj.bias"] = (1,)
 
@@ -121,7 +121,7 @@ class MoDification(Recipe):
 
     def is_trainable(self, name: str, config: SurgeryConfig) -> bool:
         """The routers, and with --train layers every weight of a routed layer."""
-        return ROUTER_MODULE in name or (self.train == "layers" and layer_of(name) in (config.mod_layers or ()))
+        return ROUTER_MODULE in name or (self.train == "layers" and layer_of(name) in (config.modification_layers or ()))
 
     def lr_scale(self, name: str) -> float:
         return 1.0 if ROUTER_MODULE in name else self.layer_lr_scale

@@ -120,7 +120,7 @@ class PoD(Recipe):
     skip_threshold: float | None = field(default=None, metadata={"help": "skip the distant tokens for query rows whose proximal attention mass is at least this (the paper's 0.7; default: never)", "above": 0, "max": 1})
 
     def validate(self, config: SurgeryConfig) -> None:
-        if config.kv_key_source is not None:
+        if config.pod_key_source is not None:
             raise SurgeryError("the model already shares keys with PoD", hint="convert the original model instead")
 
     def plan(self, runner: LayerRunner, calibration_ids: torch.Tensor, seed: int = 0,
@@ -141,10 +141,10 @@ class PoD(Recipe):
                 "recent": self.recent, "delta": self.delta, "skip_threshold": self.skip_threshold}
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
-        config.kv_key_source = [list(sources) for sources in plan["key_source"]]
-        config.kv_sink_tokens = plan["sinks"]
-        config.kv_recent_tokens = plan["recent"]
-        config.kv_distant_skip = plan.get("skip_threshold")
+        config.pod_key_source = [list(sources) for sources in plan["key_source"]]
+        config.pod_sink_tokens = plan["sinks"]
+        config.pod_recent_tokens = plan["recent"]
+        config.pod_distant_skip = plan.get("skip_threshold")
         config.validate_architecture()
 
     def describe(self, plan: dict[str, Any]) -> list[str]:

@@ -1,0 +1,51 @@
+"""Checkpoint formats: a format-1 checkpoint (recipe keys before they were named after their recipe) still loads
+with stock transformers through its own remote code, and this package reads it in the current keys."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from helpers import cli
+from surgery.checkpoint.loading import load_source_model, read_checkpoint_config
+from surgery.checkpoint.sources import resolve
+
+FORMAT_1 = Path(__file__).parents[1] / "data" / "format1_attention_gate"
+
+
+def test_format_1_is_read_in_the_current_keys(tmp_path):
+    folder = shutil.copytree(FORMAT_1, tmp_path / "old")
+    config = read_checkpoint_config(folder)
+    assert config.attention_gate_heads == 1 and config.attention_gate_width == 2
+    assert config.surgery_format == 2
+    result = cli("inspect", folder)
+    assert result.exit_code == 0, result.stderr
+    assert "attention-gate" in result.output
+
+
+# Stock transformers and the folder's own code, in an interpreter that cannot import surgery.
+STOCK = """
+import sys; sys.modules["surgery"] = None
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[2])
+"""
+
+
+def test_format_1_gives_the_same_logits_with_its_own_code_and_with_ours(tmp_path):
+    folder = shutil.copytree(FORMAT_1, tmp_path / "old")
+    subprocess.run([sys.executable, "-c", STOCK, str(folder), str(tmp_path / "logits.pt")], check=True)
+    expected = torch.load(tmp_path / "logits.pt")
+    ours = load_source_model(resolve(str(folder)))
+    ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = ours(ids).logits
+        cache = ours(ids, use_cache=True).past_key_values
+    assert cache.kept_fraction() < 1  # the redrawn gates evict, so the renamed gate keys really are read
+    assert (expected - got).abs().max() < 1e-5

@@ -1,0 +1,388 @@
+"""The one attention function of the surgery decoder: queries attend over *views* of the cache.
+
+A view is what one layer reads: keys, values, the original token position of every slot, which slots are valid
+(padding, eviction), and an optional reduced-width projection (MatryoshkaKV). `attend(query, positions, views)`
+serves every layout. Causality and sliding windows come from comparing query positions with the positions each
+view carries, never from slot order, so a layer that holds only some tokens (eviction, routing) masks correctly.
+Several views merge exactly by their row log-sum-exp: softmax over the union of their keys equals the
+log-sum-exp-weighted mix of the partial outputs (how PoD joins near and distant tokens, and how split-KV works).
+
+The PyTorch path and the Triton path both implement it. A single dense view with plain causal attention keeps
+SDPA's fast path; the log-sum-exp is computed only when it is asked for, and several views that nothing needs the
+log-sum-exp of run as one SDPA call over their concatenation (the same softmax over the union).
+
+Shipped flat inside every checkpoint: imports torch, transformers' public attention registries and, behind a guard,
+the Triton kernels.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+try:  # flat in a checkpoint, the kernels sit beside this file
+    from .decode_surgery import decode_attention, kernels_usable
+    from .prefill_surgery import prefill_attention, window_sums_from_lse
+except ImportError:  # inside the surgery package they live in surgery/kernels
+    try:
+        from surgery.kernels.decode_surgery import decode_attention, kernels_usable
+        from surgery.kernels.prefill_surgery import prefill_attention, window_sums_from_lse
+    except ImportError:  # no triton: the PyTorch path serves everything
+        decode_attention = kernels_usable = prefill_attention = window_sums_from_lse = None
+
+TRITON_IMPLEMENTATION = "surgery_triton"
+
+
+@dataclass
+class Band:
+    """Which earlier tokens a view's slots serve, by distance from each query (PoD). Proximal: the first `sinks`
+    real tokens of the sequence and the last `recent` tokens up to the query itself; distant: every other one.
+
+    first: (batch,) position of each sequence's first real token (left padding); None: position 0.
+    """
+
+    sinks: int
+    recent: int
+    distant: bool
+    first: torch.Tensor | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.sinks, self.recent, self.distant)
+
+    def allows(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """query_positions (batch|1, 1, q, 1), key_positions (batch|1, heads|1, 1, slots) -> bool, broadcast."""
+        offset = key_positions if self.first is None else key_positions - self.first[:, None, None, None]
+        proximal = (offset < self.sinks) | (key_positions > query_positions - self.recent)
+        return ~proximal if self.distant else proximal
+
+
+@dataclass
+class KVView:
+    """What a layer reads from the cache.
+
+    keys, values: (batch, kv_heads, slots, head_dim), or packed (batch, 1, slots, Σ widths) under a projection.
+    positions: (batch|1, kv_heads|1, slots) original token index of each slot; None: slot i holds token i.
+    valid: (batch, kv_heads|1, slots) slots that may be attended to; None: all of them.
+    projection: reduced-width bases the keys and values are stored in (see projection_surgery.KVProjection).
+    layout: a key naming where positions and valid come from, so layers reading the same layout share one mask.
+    band: the tokens by distance these slots serve (PoD's proximal and distant views); None: all of them.
+    until: (batch, kv_heads|1, slots) the last query position that may read each slot (a token flagged for
+        eviction is read by its own query only); None: every later query.
+    weights: (batch, kv_heads, slots) multiplicative weights on each slot's unnormalised attention for the queries
+        after it (a learned gate's straight-through keep flags, training only; the slot's own query sees it at
+        weight 1); None: weight 1.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    projection: object | None = None
+    layout: tuple | None = None
+    band: Band | None = None
+    until: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[-2]
+
+    @property
+    def masked(self) -> bool:
+        """Whether anything besides plain causality limits which slots a query reads."""
+        return any(t is not None for t in (self.positions, self.valid, self.band, self.until, self.weights))
+
+    def head(self, head: int, key_range: slice, value_range: slice) -> "KVView":
+        """One KV head's part of a packed view (its column blocks), for per-head attention."""
+        def pick(tensor):
+            return None if tensor is None else tensor[:, head : head + 1] if tensor.shape[1] > 1 else tensor
+
+        per_head = any(t is not None and t.shape[1] > 1 for t in (self.positions, self.valid, self.until))
+        layout = (*self.layout, "head", head) if self.layout is not None and per_head else self.layout
+        return KVView(self.keys[..., key_range], self.values[..., value_range], pick(self.positions), pick(self.valid),
+                      layout=layout, band=self.band, until=pick(self.until), weights=pick(self.weights))
+
+
+@dataclass
+class ViewSkip:
+    """PoD's optional skip: the last of several views is dropped for the query rows (per head) whose mass in the
+    views before it, g = exp(lse_before − lse_all), is at least `threshold`; those rows attend over the earlier
+    views alone. Counts what it does, so a benchmark can report the FLOPs the rule saves.
+
+    g is exact, so the last view's scores are still computed; what a skipped row saves is the probability-times-
+    values product over that view's slots (2·d multiply-adds per slot, half of the view's attention FLOPs).
+    """
+
+    threshold: float
+    rows: int = 0  # (batch, head, query) rows that had a view to skip
+    skipped: int = 0
+    attention_flops: float = 0.0  # 4·d per (row, allowed slot), over every view of every layer
+    skipped_flops: float = 0.0  # 2·d per (skipped row, allowed slot of the dropped view)
+
+    def count(self, queries: "Queries", views: list["KVView"], window: int | None) -> list[torch.Tensor]:
+        """Allowed slots per (batch, head, query) row of each view, and the FLOPs they cost."""
+        heads, dim = queries.states.shape[1], queries.states.shape[-1]
+        counts = []
+        for view in views:
+            allowed = allowed_slots(queries.positions, view, window).sum(-1)
+            counts.append(allowed.expand(queries.states.shape[0], -1, -1).repeat_interleave(
+                heads // allowed.shape[1], dim=1) if allowed.shape[1] != heads else allowed)
+            self.attention_flops += 4.0 * dim * float(counts[-1].sum())
+        return counts
+
+    def apply(self, before: tuple[torch.Tensor, torch.Tensor], last: tuple[torch.Tensor, torch.Tensor],
+              slots: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`last` with the rows to skip emptied (lse −inf, output 0), so merging it leaves them as they were."""
+        (_, lse_before), (out, lse) = before, last
+        mass_before = torch.exp(lse_before - torch.logaddexp(lse_before, lse))
+        skip = (mass_before >= self.threshold) & (slots > 0)
+        self.rows += int((slots > 0).sum())
+        self.skipped += int(skip.sum())
+        self.skipped_flops += 2.0 * dim * float(slots[skip].sum())
+        out = out.masked_fill(skip.transpose(1, 2)[..., None], 0.0)
+        return out, lse.masked_fill(skip, float("-inf"))
+
+
+@dataclass
+class Queries:
+    """The queries of one layer call: post-RoPE (batch, heads, q, head_dim) and the token index of each row.
+
+    `newest` is True when the rows are the newest tokens of the sequence, in order, which lets a dense view use
+    plain causal attention without building a mask.
+    """
+
+    states: torch.Tensor
+    positions: torch.Tensor  # (batch|1, q) long
+    newest: bool = True
+    masks: dict = field(default_factory=dict)  # additive masks already built this forward, by view layout
+
+
+def slot_positions(view: KVView, device: torch.device) -> torch.Tensor:
+    """(batch|1, kv_heads|1, slots): the token position of every slot."""
+    if view.positions is not None:
+        return view.positions
+    return torch.arange(view.slots, device=device)[None, None]
+
+
+def allowed_slots(positions: torch.Tensor, view: KVView, window: int | None) -> torch.Tensor:
+    """(batch|1, kv_heads|1, q, slots) bool: causal and windowed by position, and only valid slots."""
+    key_positions = slot_positions(view, positions.device)
+    query = positions[:, None, :, None]
+    keys = key_positions[:, :, None, :]
+    allowed = keys <= query
+    if window is not None:
+        allowed = allowed & (keys > query - window)
+    if view.valid is not None:
+        allowed = allowed & view.valid[:, :, None, :]
+    if view.band is not None:
+        allowed = allowed & view.band.allows(query, keys)
+    if view.until is not None:
+        allowed = allowed & (query <= view.until[:, :, None, :])
+    return allowed
+
+
+def mask_from_allowed(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def additive_mask(queries: Queries, view: KVView, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive mask of a view, or None where plain causal attention over the slots is exact."""
+    window_bites = window is not None and view.slots > window
+    if not view.masked and not window_bites and queries.newest and (
+            queries.states.shape[2] == 1 or queries.states.shape[2] == view.slots):
+        return None
+    band = None if view.band is None else view.band.key
+    key = None if view.layout is None else (view.layout, view.slots, window, band, view.until is not None, dtype)
+    if key is not None and key in queries.masks:
+        return queries.masks[key]
+    mask = mask_from_allowed(allowed_slots(queries.positions, view, window), dtype)
+    if key is not None:
+        queries.masks[key] = mask
+    return mask
+
+
+def _expand_heads(mask: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    if mask is None or mask.shape[1] in (1, heads):
+        return mask
+    return mask.repeat_interleave(heads // mask.shape[1], dim=1)
+
+
+def attend_dense(queries: Queries, query: torch.Tensor, view: KVView, scaling: float, implementation: str,
+                 window: int | None, dropout: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Grouped-query attention of (batch, heads, q, d) queries over one full-width view.
+
+    Returns the output (batch, q, heads, d) and, when asked, the row log-sum-exp (batch, heads, q) in float32.
+    """
+    heads, q_len = query.shape[1], query.shape[2]
+    n_rep = heads // view.keys.shape[1]
+    mask = _expand_heads(additive_mask(queries, view, window, query.dtype), heads)
+    if need_lse or implementation == "eager" or view.weights is not None:
+        keys = view.keys.repeat_interleave(n_rep, dim=1)
+        values = view.values.repeat_interleave(n_rep, dim=1)
+        precise = torch.promote_types(query.dtype, torch.float32)  # softmax statistics in fp32 or better
+        scores = torch.matmul(query, keys.transpose(2, 3)).to(precise) * scaling
+        if mask is not None:
+            scores = scores + mask
+        elif q_len > 1:
+            causal = torch.ones(q_len, view.slots, dtype=torch.bool, device=scores.device).tril(view.slots - q_len)
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        if view.weights is not None:
+            probs, lse = weighted_softmax(scores, slot_weights(queries, view, heads))
+        else:
+            lse = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - lse[..., None])
+        out = torch.matmul(F.dropout(probs.to(query.dtype), p=dropout), values)
+        return out.transpose(1, 2), lse if need_lse else None
+    is_causal = mask is None and q_len > 1
+    out = F.scaled_dot_product_attention(query, view.keys, view.values, attn_mask=mask, dropout_p=dropout,
+                                         is_causal=is_causal, scale=scaling, enable_gqa=n_rep > 1)
+    return out.transpose(1, 2), None
+
+
+def slot_weights(queries: Queries, view: KVView, heads: int) -> torch.Tensor:
+    """(batch, heads, q, slots): each slot's weight for each query row; a slot's own query sees it at weight 1."""
+    own = queries.positions[:, None, :, None] == slot_positions(view, queries.positions.device)[:, :, None, :]
+    weights = torch.where(own, torch.ones_like(view.weights[:, :, None, :]), view.weights[:, :, None, :])
+    return _expand_heads(weights, heads)
+
+
+def weighted_softmax(scores: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p_j = w_j·exp(s_j) / Σ_k w_k·exp(s_k) and its log-normaliser. With 0/1 weights this is the masked softmax;
+    with straight-through weights (hard forward, soft backward) a zero-weight slot still passes a gradient to its
+    weight: ∂p/∂w_j = exp(s_j − lse)·(...), which is how an evicted token can learn to come back."""
+    peak = scores.amax(-1, keepdim=True).detach()
+    mass = torch.exp(scores - peak) * weights
+    total = mass.sum(-1, keepdim=True)
+    return mass / total, (peak + torch.log(total))[..., 0]
+
+
+def merge(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]):
+    """Join two partial attentions over disjoint key sets: weights exp(lse_i − lse) make the softmax of the union."""
+    (out_a, lse_a), (out_b, lse_b) = first, second
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - lse).transpose(1, 2)[..., None]
+    weight_b = torch.exp(lse_b - lse).transpose(1, 2)[..., None]
+    precise = torch.promote_types(out_a.dtype, torch.float32)
+    out = out_a.to(precise) * weight_a + out_b.to(precise) * weight_b
+    return out.to(out_a.dtype), lse
+
+
+def use_kernels(implementation: str, query: torch.Tensor) -> bool:
+    return implementation == TRITON_IMPLEMENTATION and decode_attention is not None and kernels_usable(query)
+
+
+def kernel_valid(view: KVView, kv_heads: int) -> torch.Tensor | None:
+    """(batch, kv_heads, slots) slots a kernel may read."""
+    if view.valid is None:
+        return None
+    return view.valid.expand(-1, kv_heads, -1) if view.valid.shape[1] != kv_heads else view.valid
+
+
+def attend_view(queries: Queries, view: KVView, scaling: float, implementation: str, window: int | None = None,
+                dropout: float = 0.0, need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over one view, on the Triton kernels where they apply, else in PyTorch."""
+    query = queries.states
+    window_bites = window is not None and view.slots > window
+    if use_kernels(implementation, query) and not window_bites and view.weights is None:  # kernels have no backward
+        return attend_kernels(queries, view, scaling)
+    if view.projection is not None:
+        return view.projection.attend(queries, view, scaling, implementation, window, dropout, need_lse)
+    return attend_dense(queries, query, view, scaling, implementation, window, dropout, need_lse)
+
+
+def attend_kernels(queries: Queries, view: KVView, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton path: decode kernel for one query row, prefill kernel (with its log-sum-exp) otherwise."""
+    query = queries.states
+    if view.projection is not None:
+        return view.projection.attend_kernels(queries, view, scaling)
+    kv_heads = view.keys.shape[1]
+    valid = kernel_valid(view, kv_heads)
+    if query.shape[2] == 1 and queries.newest:  # every cached slot precedes the newest token
+        if view.band is not None or view.until is not None:  # one query: what it may read is a plain mask
+            allowed = allowed_slots(queries.positions[:, -1:], view, None)[:, :, 0]
+            valid = allowed.expand(query.shape[0], kv_heads, -1)
+        out, lse = decode_attention(query[:, :, 0], view.keys, view.values, scaling, valid=valid, return_lse=True)
+        return out[:, None], lse[..., None]
+    # slot order stands for token order only in a dense view; otherwise the kernel compares positions
+    by_position = not queries.newest or view.positions is not None
+    out, lse = prefill_attention(query, view.keys, view.values, scaling, valid=valid,
+                                 query_positions=queries.positions if by_position else None,
+                                 key_positions=view.positions, band=view.band, key_until=view.until)
+    return out.transpose(1, 2), lse
+
+
+def explicit_mask(queries: Queries, view: KVView, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """A view's additive mask, built even where plain causal attention would not need one."""
+    mask = additive_mask(queries, view, window, dtype)
+    return mask if mask is not None else mask_from_allowed(allowed_slots(queries.positions, view, window), dtype)
+
+
+def attend_union(queries: Queries, views: list[KVView], scaling: float, window: int | None,
+                 dropout: float) -> torch.Tensor:
+    """One SDPA call over the concatenated views: its softmax over the union of their slots is exactly what merging
+    the views' partial attentions by log-sum-exp computes, without the float32 score tensors that the log-sum-exp
+    needs (about 3× faster on CPU). The keys and values are a transient copy."""
+    query = queries.states
+    heads = query.shape[1]
+    layouts = tuple(view.layout for view in views)
+    key = ("union", layouts, tuple(view.slots for view in views), window,
+           tuple(None if view.band is None else view.band.key for view in views), query.dtype)
+    mask = queries.masks.get(key) if None not in layouts else None
+    if mask is None:
+        parts = [explicit_mask(queries, view, window, query.dtype) for view in views]
+        batch = max(part.shape[0] for part in parts)
+        kv_heads = max(part.shape[1] for part in parts)
+        mask = torch.cat([part.expand(batch, kv_heads, -1, -1) for part in parts], dim=-1)
+        mask = _expand_heads(mask, heads)
+        if None not in layouts:
+            queries.masks[key] = mask
+    keys = torch.cat([view.keys for view in views], dim=2)
+    values = torch.cat([view.values for view in views], dim=2)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                         enable_gqa=heads != keys.shape[1])
+    return out.transpose(1, 2)
+
+
+def attend(queries: Queries, views: list[KVView], scaling: float, implementation: str, window: int | None = None,
+           dropout: float = 0.0, need_lse: bool = False,
+           skip: ViewSkip | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of `queries` over the union of `views`; (batch, q, heads, d) and the row log-sum-exp if asked
+    for (always computed when several views merge). With `skip`, the last of several views is dropped for the
+    rows the earlier views already hold (see ViewSkip)."""
+    slots = skip.count(queries, views, window) if skip is not None else None
+    if len(views) == 1:
+        return attend_view(queries, views[0], scaling, implementation, window, dropout, need_lse)
+    if (slots is None and not need_lse and implementation != "eager" and not use_kernels(implementation, queries.states)
+            and all(view.projection is None for view in views)):
+        return attend_union(queries, views, scaling, window, dropout), None
+    result = None
+    for index, view in enumerate(views):
+        part = attend_view(queries, view, scaling, implementation, window, dropout, need_lse=True)
+        if slots is not None and index == len(views) - 1:
+            part = skip.apply(result, part, slots[index], queries.states.shape[-1])
+        result = part if result is None else merge(result, part)
+    return result
+
+
+def registry_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """`surgery_triton` as transformers' attention registry sees it (SDPA); the model dispatches to the kernels."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         is_causal=attention_mask is None and query.shape[2] > 1, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2), None
+
+
+def register_with_transformers() -> None:
+    """The public registries through which `attn_implementation="surgery_triton"` is accepted by transformers.
+
+    Registering a mask function too makes transformers pass the padding mask through, as it does for SDPA.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask  # public module; the mask format our kernels' fallback uses
+
+    AttentionInterface.register(TRITON_IMPLEMENTATION, registry_attention)
+    AttentionMaskInterface.register(TRITON_IMPLEMENTATION, sdpa_mask)
+
+
+register_with_transformers()
