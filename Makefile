@@ -20,10 +20,11 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
-# The arch tests against the oldest transformers pyproject.toml allows, in a venv that shares everything else.
+# The arch and kernel tests, what checkpoints ship, and every recipe's checkpoint loading in a fresh interpreter,
+# against the oldest transformers pyproject.toml allows, in a venv that shares everything else.
 OLDEST_TRANSFORMERS = 5.4.0
-ARCH_TESTS = tests/test_identity.py tests/test_attention_core.py tests/test_matryoshka_arch.py tests/test_kvbudget.py tests/test_pod_arch.py \
-             tests/test_gate_arch.py tests/test_routing_arch.py
+ARCH_TESTS = tests/arch tests/kernels tests/checkpoint/test_remote_code.py tests/checkpoint/test_formats.py \
+             "tests/recipes/test_conformance.py::test_loads_and_generates_without_surgery"
 test-oldest: install
 	$(PYTHON) -m venv --system-site-packages .venv-oldest
 	.venv-oldest/bin/python -m pip install -q "transformers==$(OLDEST_TRANSFORMERS)"

@@ -284,8 +284,14 @@ def test_an_out_that_appears_meanwhile_is_not_replaced(tiny_models, tmp_path, mo
 
 
 def test_loading_the_checkpoint_api_still_works_offline(kvsharer_checkpoint):
-    model = AutoModelForCausalLM.from_pretrained(kvsharer_checkpoint, trust_remote_code=True)
-    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    from surgery.checkpoint.loading import load_source_model
+    from surgery.checkpoint.sources import resolve
+
+    model = AutoModelForCausalLM.from_pretrained(kvsharer_checkpoint, trust_remote_code=True, dtype=torch.float32)
+    ours = load_source_model(resolve(str(kvsharer_checkpoint)))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ours(ids).logits)
 
 
 def test_checkpoints_written_before_the_format_field_still_load(kvsharer_checkpoint, tmp_path):

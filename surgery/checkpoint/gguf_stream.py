@@ -3,7 +3,7 @@
 The tensor names, and the Q/K permutation that llama-family GGUF files carry, are undone exactly as transformers'
 GGUF loader does it: its own name map (`get_gguf_hf_weights_map`, built from a model on the meta device) and its
 own tensor processors (`TENSOR_PROCESSORS`, which reverse the permutation). Only the loop differs: each tensor is
-dequantized with the `gguf` package, processed, and written at once. `tests/test_gguf.py` checks the result
+dequantized with the `gguf` package, processed, and written at once. `tests/checkpoint/test_gguf.py` checks the result
 against transformers' loader, tensor for tensor.
 """
 

@@ -2,7 +2,7 @@
 
 A converted checkpoint keeps most of its source's tensors unchanged; only what the recipes added, dropped or train
 differs. The teacher is built in the surgery architecture with the identity plan (which computes exactly what the
-family's transformers class computes, see tests/test_identity.py), tensor by tensor from the lazy checkpoint: a
+family's transformers class computes, see tests/arch/test_identity_equals_family.py), tensor by tensor from the lazy checkpoint: a
 tensor the student holds frozen with the same values is the student's own tensor, the same storage; only the rest
 (the sharing layers' k_proj/v_proj, the tensors the student trains in place) is read into new memory. So adapt
 holds the model once, plus what differs, the trainable parameters, their optimiser state and the activations.

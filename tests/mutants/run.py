@@ -19,7 +19,7 @@ GUARDS = {
     "dynamickv_builds_snapkv": "tests/recipes/test_conformance.py::test_a_budget_recipe_evicts_with_its_own_policy[dynamickv]",
     "replay_ignores_seed": "tests/recipes/test_conformance.py::test_recipe_yaml_replays_byte_for_byte_with_its_seed[matryoshka]",
     "adamoe_drops_norm_topk": "tests/recipes/test_conformance.py::test_zero_strength_is_the_identity[adamoe]",
-    "decode_kernel_ignores_valid": "tests/test_kernels.py::test_model_decode_with_kernels_matches_pytorch[pyramid-padded]",
+    "decode_kernel_ignores_valid": "tests/kernels/test_triton_kernels.py::test_model_decode_with_kernels_matches_pytorch[pyramid-padded]",
 }
 
 

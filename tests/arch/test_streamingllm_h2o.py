@@ -11,7 +11,7 @@ from helpers import cli, load_remote
 from surgery.arch.h2o_surgery import accumulated_attention
 from surgery.arch.modeling_surgery import apply_rope
 from surgery.arch.policies_surgery import build_policy
-from test_kvbudget import kept_positions, tiny
+from test_budget_policies import kept_positions, tiny
 
 
 def test_streamingllm_keeps_the_sinks_and_the_most_recent_tokens_with_left_padding():

@@ -35,7 +35,7 @@ except KeyboardInterrupt as error:
 @pytest.mark.parametrize("signum, exception", [("SIGINT", "KeyboardInterrupt"), ("SIGTERM", "Terminated")])
 def test_a_signal_during_an_import_is_raised_after_it(tmp_path, signum, exception):
     (tmp_path / "slow_module.py").write_text(SLOW_MODULE.format(signal=signum))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     done = subprocess.run([sys.executable, "-c", SCRIPT.format(folder=str(tmp_path))], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

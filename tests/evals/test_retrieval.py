@@ -118,7 +118,7 @@ def test_eval_retrieval_reports_every_setting_on_the_same_prompts(tiny_with_toke
     report = json.loads((out / "eval_results.json").read_text())["retrieval"]
     assert set(report["scores"]) == {"query-aware", "context-only", "full cache", "baseline"}
     assert set(report["scores"]["baseline"]) == {"niah_single_number", "common_words"}
-    assert all(0 <= row["200"] <= 1 for tasks in report["scores"].values() for row in tasks.values())
+    assert report["scores"]["full cache"] == report["scores"]["baseline"]  # a full cache is the source model
     assert "Retrieval" in (out / "README.md").read_text()
 
 

@@ -117,10 +117,11 @@ def test_chosen_layers_and_matryoshka_compose(tiny_models, tmp_path):
                       recipe_options={"route_layers": "0,2"}, num_samples=2, seq_len=16)
     model = load_remote(out)
     assert model.config.modification_layers == [0, 2] and model.config.matryoshka_key_ranks is not None
+    alone = load_remote(run_convert(tiny_models["llama"], tmp_path / "alone", recipe="matryoshka", num_samples=2,
+                                    seq_len=16))
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        logits = model(ids).logits
-    assert torch.isfinite(logits).all()
+    with torch.no_grad():  # the routers start routing every token: the projected model's own logits
+        assert (model(ids).logits - alone(ids).logits).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("recipes, needle", [

@@ -207,6 +207,6 @@ def test_fsdp_example_is_a_valid_accelerate_config():
 
     from surgery.arch.modeling_surgery import SurgeryDecoderLayer
 
-    config = ClusterConfig.from_yaml_file(str(Path(__file__).parents[1] / "examples" / "fsdp.yaml"))
+    config = ClusterConfig.from_yaml_file(str(Path(__file__).parents[2] / "examples" / "fsdp.yaml"))
     assert config.distributed_type == "FSDP"
     assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == SurgeryDecoderLayer.__name__

@@ -15,7 +15,7 @@ from surgery.evals.harness import CompressedContextLM, lm_eval_report, task_mana
 from surgery.checkpoint.loading import load_source_model  # noqa: E402
 from surgery.checkpoint.sources import resolve  # noqa: E402
 
-LOCAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
+LOCAL_TASKS = Path(__file__).parents[1] / "data" / "lm_eval"
 TASK = "surgery_local"
 
 

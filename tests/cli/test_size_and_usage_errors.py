@@ -103,3 +103,16 @@ def test_ratio_sets_the_number_of_sharing_layers():
 
     assert KVSharer(ratio=0.25).target(30) == 8 and KVSharer(share_layers=7).target(30) == 7
     assert KVSharer().target(32) == 8  # the default: a quarter of the layers
+
+
+@pytest.mark.parametrize("command", [
+    ["convert", "demo", "--out", "OUT", "--max-shard-size", "5Q"],
+    ["adapt", "CKPT", "--teacher", "demo", "--out", "OUT", "--max-shard-size", "lots"],
+    ["eval", "CKPT", "--max-memory", "4 gigs"],
+])
+def test_a_size_option_that_is_not_a_size_is_one_line(command, tmp_path):
+    """The shared size options fail at parse time, naming the option, before anything is read or written."""
+    args = [str(tmp_path / arg) if arg in ("OUT", "CKPT") else arg for arg in command]
+    flag = next(arg for arg in command if arg.startswith("--max"))
+    assert_clean_failure(cli(*args), flag, "cannot read size", code=2)
+    assert not (tmp_path / "OUT").exists()
