@@ -56,7 +56,7 @@ def quality(model, tokenizer, windows: dict[int, list[torch.Tensor]], prompts: d
     row = {}
     for length, segments in windows.items():
         row[f"ppl@{length}"], row[f"kv@{length}"], caches = window_quality(model, segments)
-        skips = [cache.distant_skip for cache in caches if getattr(cache, "distant_skip", None) is not None]
+        skips = [cache.view_skip for cache in caches if getattr(cache, "view_skip", None) is not None]
         all_flops = sum(skip.attention_flops for skip in skips)
         if all_flops:
             row[f"skipped_rows@{length}"] = sum(skip.skipped / max(skip.rows, 1) for skip in skips) / len(segments)

@@ -117,46 +117,6 @@ class KVView:
 
 
 @dataclass
-class ViewSkip:
-    """PoD's optional skip: the last of several views is dropped for the query rows (per head) whose mass in the
-    views before it, g = exp(lse_before − lse_all), is at least `threshold`; those rows attend over the earlier
-    views alone. Counts what it does, so a benchmark can report the FLOPs the rule saves.
-
-    g is exact, so the last view's scores are still computed; what a skipped row saves is the probability-times-
-    values product over that view's slots (2·d multiply-adds per slot, half of the view's attention FLOPs).
-    """
-
-    threshold: float
-    rows: int = 0  # (batch, head, query) rows that had a view to skip
-    skipped: int = 0
-    attention_flops: float = 0.0  # 4·d per (row, allowed slot), over every view of every layer
-    skipped_flops: float = 0.0  # 2·d per (skipped row, allowed slot of the dropped view)
-
-    def count(self, queries: "Queries", views: list["KVView"], window: int | None) -> list[torch.Tensor]:
-        """Allowed slots per (batch, head, query) row of each view, and the FLOPs they cost."""
-        heads, dim = queries.states.shape[1], queries.states.shape[-1]
-        counts = []
-        for view in views:
-            allowed = allowed_slots(queries.positions, view, window).sum(-1)
-            counts.append(allowed.expand(queries.states.shape[0], -1, -1).repeat_interleave(
-                heads // allowed.shape[1], dim=1) if allowed.shape[1] != heads else allowed)
-            self.attention_flops += 4.0 * dim * float(counts[-1].sum())
-        return counts
-
-    def apply(self, before: tuple[torch.Tensor, torch.Tensor], last: tuple[torch.Tensor, torch.Tensor],
-              slots: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`last` with the rows to skip emptied (lse −inf, output 0), so merging it leaves them as they were."""
-        (_, lse_before), (out, lse) = before, last
-        mass_before = torch.exp(lse_before - torch.logaddexp(lse_before, lse))
-        skip = (mass_before >= self.threshold) & (slots > 0)
-        self.rows += int((slots > 0).sum())
-        self.skipped += int(skip.sum())
-        self.skipped_flops += 2.0 * dim * float(slots[skip].sum())
-        out = out.masked_fill(skip.transpose(1, 2)[..., None], 0.0)
-        return out, lse.masked_fill(skip, float("-inf"))
-
-
-@dataclass
 class Queries:
     """The queries of one layer call: post-RoPE (batch, heads, q, head_dim) and the token index of each row.
 
@@ -358,10 +318,11 @@ def attend_union(queries: Queries, views: list[KVView], scaling: float, window: 
 
 def attend(queries: Queries, views: list[KVView], scaling: float, implementation: str, window: int | None = None,
            dropout: float = 0.0, need_lse: bool = False,
-           skip: ViewSkip | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           skip=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of `queries` over the union of `views`; (batch, q, heads, d) and the row log-sum-exp if asked
     for (always computed when several views merge). With `skip`, the last of several views is dropped for the
-    rows the earlier views already hold (see ViewSkip)."""
+    rows the earlier views already hold: `skip` counts each view's allowed slots (`count`) and empties the rows to
+    drop from the last view's partial result (`apply`), as PoD's `DistantSkip` does."""
     slots = skip.count(queries, views, window) if skip is not None else None
     if len(views) == 1:
         return attend_view(queries, views[0], scaling, implementation, window, dropout, need_lse)

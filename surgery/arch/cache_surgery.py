@@ -21,13 +21,13 @@ class SurgeryCache(Cache):
 
     slack: extra recent keys PoD layers keep past their window until the next forward (a scoring probe that is
     dropped again, as in `compress_context`, must not shorten the window).
-    distant_skip: a skip of the last view for rows the earlier views already hold (PoD sets it), with its counts.
+    view_skip: a skip of the last view for rows the earlier views already hold (PoD's `DistantSkip`), with its counts.
     """
 
     def __init__(self, kv_source: list[int], stores: dict[int, object] | None = None):
         self.kv_source = list(kv_source)
         self.slack = 0
-        self.distant_skip = None
+        self.view_skip = None
         stores = stores or {}
         layers = [SharedKVSlot(source) if source != layer else stores.get(layer) or SurgeryKVLayer()
                   for layer, source in enumerate(kv_source)]

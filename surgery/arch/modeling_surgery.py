@@ -251,7 +251,7 @@ class SurgeryAttention(nn.Module):
         queries = Queries(query, context.positions, newest=context.newest, masks=context.masks)
         dropout = self.config.attention_dropout if self.training else 0.0
         out, lse = attend(queries, views, self.scaling, attention_implementation(self.config), self.sliding_window,
-                          dropout, skip=context.cache.distant_skip)
+                          dropout, skip=context.cache.view_skip)
         if self.owns_kv and context.policy is not None:
             context.policy.score_layer(self.layer_idx, query, full_key, context.prompt_padding, self.scaling,
                                        context.cache, lse)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention_surgery import KVView, ViewRule, ViewSkip
+from .attention_surgery import KVView, Queries, ViewRule, allowed_slots
 from .kvlayer_surgery import SurgeryKVLayer
 from .runtime_surgery import Runtime
 
@@ -51,6 +51,46 @@ class Band(ViewRule):
 
     def kernel_arguments(self) -> dict:
         return {"band": self}
+
+
+@dataclass
+class DistantSkip:
+    """PoD's optional skip (the paper's τ): the last of several views (the distant one) is dropped for the query rows (per head) whose mass in the
+    views before it, g = exp(lse_before − lse_all), is at least `threshold`; those rows attend over the earlier
+    views alone. Counts what it does, so a benchmark can report the FLOPs the rule saves.
+
+    g is exact, so the last view's scores are still computed; what a skipped row saves is the probability-times-
+    values product over that view's slots (2·d multiply-adds per slot, half of the view's attention FLOPs).
+    """
+
+    threshold: float
+    rows: int = 0  # (batch, head, query) rows that had a view to skip
+    skipped: int = 0
+    attention_flops: float = 0.0  # 4·d per (row, allowed slot), over every view of every layer
+    skipped_flops: float = 0.0  # 2·d per (skipped row, allowed slot of the dropped view)
+
+    def count(self, queries: Queries, views: list[KVView], window: int | None) -> list[torch.Tensor]:
+        """Allowed slots per (batch, head, query) row of each view, and the FLOPs they cost."""
+        heads, dim = queries.states.shape[1], queries.states.shape[-1]
+        counts = []
+        for view in views:
+            allowed = allowed_slots(queries.positions, view, window).sum(-1)
+            counts.append(allowed.expand(queries.states.shape[0], -1, -1).repeat_interleave(
+                heads // allowed.shape[1], dim=1) if allowed.shape[1] != heads else allowed)
+            self.attention_flops += 4.0 * dim * float(counts[-1].sum())
+        return counts
+
+    def apply(self, before: tuple[torch.Tensor, torch.Tensor], last: tuple[torch.Tensor, torch.Tensor],
+              slots: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`last` with the rows to skip emptied (lse −inf, output 0), so merging it leaves them as they were."""
+        (_, lse_before), (out, lse) = before, last
+        mass_before = torch.exp(lse_before - torch.logaddexp(lse_before, lse))
+        skip = (mass_before >= self.threshold) & (slots > 0)
+        self.rows += int((slots > 0).sum())
+        self.skipped += int(skip.sum())
+        self.skipped_flops += 2.0 * dim * float(slots[skip].sum())
+        out = out.masked_fill(skip.transpose(1, 2)[..., None], 0.0)
+        return out, lse.masked_fill(skip, float("-inf"))
 
 
 class PodKVLayer(SurgeryKVLayer):
@@ -243,7 +283,7 @@ class PodRuntime(Runtime):
 
     def prepare_cache(self, cache, config) -> None:
         if config.pod_distant_skip is not None:
-            cache.distant_skip = ViewSkip(config.pod_distant_skip)
+            cache.view_skip = DistantSkip(config.pod_distant_skip)
 
 
 RUNTIME = PodRuntime()

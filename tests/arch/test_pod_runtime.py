@@ -107,7 +107,7 @@ def test_distant_skip_follows_the_rule_and_counts_what_it_skips(path):
     counts = [0, 0, 0]
     expected = reference_logits(model, ids, skip=0.6, counts=counts)
     out = model(ids, use_cache=True)
-    skip = out.past_key_values.distant_skip
+    skip = out.past_key_values.view_skip
     assert 0 < counts[1] < counts[0]
     assert (out.logits - expected).abs().max() < PATHS[path][1]
     assert (skip.rows, skip.skipped) == (counts[0], counts[1])
