@@ -57,6 +57,7 @@ class Eviction(ViewRule):
     until: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     key: tuple = ("until",)
+    per_slot: bool = True
 
     def allows(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor | None:
         return None if self.until is None else query_positions <= self.until[:, :, None, :]

@@ -49,6 +49,14 @@ class Band(ViewRule):
         proximal = (offset < self.sinks) | (key_positions > query_positions - self.recent)
         return ~proximal if self.distant else proximal
 
+    def key_ranges(self, first_query: int, last_query: int) -> list[tuple[int, int]]:
+        """Distant keys end `recent` before the last query; proximal keys are the sinks (after the first real token
+        of any sequence) and the recent window of the block."""
+        if self.distant:
+            return [(-2**62, last_query - self.recent)]
+        last_first = 0 if self.first is None else int(self.first.max())
+        return [(-2**62, last_first + self.sinks - 1), (first_query - self.recent + 1, last_query)]
+
     def kernel_arguments(self) -> dict:
         return {"band": self}
 

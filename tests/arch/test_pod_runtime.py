@@ -232,3 +232,37 @@ def test_pod_refuses_kv_sharing():
     with pytest.raises(StrictDataclassClassValidationError, match="cannot be combined"):
         SurgeryConfig(num_hidden_layers=2, num_key_value_heads=1, num_attention_heads=2, hidden_size=16,
                       kv_source=[0, 0], pod_key_source=[[0], [0]])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_long_prefill_attends_block_by_block_to_what_each_block_reaches(padded, monkeypatch):
+    """Past 2 blocks of queries, the two views are attended one query block at a time over the slots each block can
+    reach (the distant view ends `recent` before the block, the proximal view is the sinks and the block's window):
+    the same logits as the rule, and about half the (row, slot) pairs of attending every slot of both views."""
+    import surgery.arch.attention_surgery as core
+
+    model = pod_model(path="sdpa")
+    ids = torch.randint(1, 97, (1 if not padded else 2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :5] = 0
+    pairs = []
+    union = core.attend_union
+
+    def counting(queries, views, *args):
+        pairs.append(queries.states.shape[2] * sum(view.slots for view in views))
+        return union(queries, views, *args)
+
+    monkeypatch.setattr(core, "attend_union", counting)
+    monkeypatch.setattr(core, "QUERY_BLOCK", 4)
+    with torch.no_grad():
+        tiled = model(ids, attention_mask=mask).logits
+    tiled_pairs, pairs[:] = sum(pairs), []
+    monkeypatch.setattr(core, "QUERY_BLOCK", 10**6)
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask).logits
+    expected = reference_logits(model, ids, first=torch.tensor([0, 5][: ids.shape[0]]))
+    for row, start in enumerate([0, 5][: ids.shape[0]]):
+        assert (tiled[row, start:] - expected[row, start:]).abs().max() < 1e-10
+        assert (tiled[row, start:] - whole[row, start:]).abs().max() < 1e-10
+    assert tiled_pairs < 0.6 * sum(pairs)
