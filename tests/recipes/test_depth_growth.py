@@ -84,13 +84,24 @@ def test_solar_drops_seven_and_eight_for_30_to_45():
     assert [layer for _, layer in layout] == list(range(0, 30 - 7)) + list(range(8, 30))
 
 
-def test_latent_blocks_reconstruct_every_layer():
-    weights = [torch.randn(6, 5, dtype=torch.float64) for _ in range(4)]
-    basis, blocks = latent_blocks(weights)
+@pytest.mark.parametrize("out,width", [(6, 5), (12, 2)])
+def test_latent_blocks_from_the_gram_matrix_are_the_direct_svds(out, width):
+    """Accumulated layer by layer, the blocks are those of one SVD of the layers side by side (up to each
+    component's sign, which the SVD leaves open), and every layer is reconstructed; a rank below `out` too."""
+    torch.manual_seed(0)
+    weights = [torch.randn(out, width, dtype=torch.float64) for _ in range(4)]
+    read_layers = []
+    basis, blocks = latent_blocks(lambda i: read_layers.append(i) or weights[i], len(weights))
     u, s, vh = torch.linalg.svd(torch.cat(weights, dim=1), full_matrices=False)
+    rank = min(out, 4 * width)
+    assert len(blocks) == 4 and blocks[0].shape == (rank, width)
+    signs = torch.sign((basis.double() * u[:, :rank]).sum(0))  # +1 or −1 per component
+    assert torch.allclose(basis.double().abs(), (u[:, :rank] * s[:rank]).abs(), atol=1e-5)
     for layer, weight in enumerate(weights):
-        assert torch.allclose(basis @ blocks[layer], weight, atol=1e-10)
-        assert torch.allclose(blocks[layer], vh[:, layer * 5:(layer + 1) * 5], atol=1e-10)
+        assert torch.allclose((basis @ blocks[layer]).double(), weight, atol=1e-5)
+        direct = vh[:rank, layer * width:(layer + 1) * width] * signs[:, None]
+        assert torch.allclose(blocks[layer].double(), direct, atol=1e-5)
+    assert read_layers == [0, 1, 2, 3] * 2  # one pass for the Gram matrix, one for the blocks: a layer at a time
 
 
 def test_lesa_loss_is_the_official_weighting():
@@ -105,8 +116,8 @@ def test_predictor_learns_a_smooth_depth_trend_better_than_chance():
     torch.manual_seed(0)
     base, slope, curve = torch.randn(16, 12), torch.randn(16, 12), torch.randn(16, 12)
     weights = [base + slope * (i / 10) + curve * math.sin(i / 3) for i in range(10)]
-    basis, blocks = latent_blocks(weights)
-    _, errors = fit_predictor(basis, blocks, weights, held_out=6, epochs=60, hidden=64, seed=0)
+    basis, blocks = latent_blocks(lambda i: weights[i], len(weights))
+    _, errors = fit_predictor(basis, blocks, weights[6], held_out=6, epochs=60, hidden=64, seed=0)
     assert errors["predictor"] < 0.2 and errors["neighbour_mean"] < 0.2
 
 
