@@ -22,7 +22,7 @@ from surgery.base.sizes import DEFAULT_SHARD_SIZE
 from surgery.checkpoint.export import DTYPES, check_source_tensors, finish_checkpoint, write_weights
 from surgery.checkpoint.families import plain_family_config, surgery_config_from_source
 from surgery.calibrate.layer_runner import LayerRunner
-from surgery.calibrate.source_model import load_calibration_model
+from surgery.calibrate.source_model import load_sampling_model
 from surgery.checkpoint.loading import has_tokenizer, load_tokenizer
 from surgery.base.memory import available_memory
 from surgery.base.outputs import check_output, exclusive, staging
@@ -116,16 +116,6 @@ def float32_bytes(source: Source) -> int:
     return 4 * sum(math.prod(shape) for shape in LazyCheckpoint(source.folder).shapes().values())
 
 
-def check_fits_in_memory(source: Source) -> None:
-    """Sampling calibration text holds the whole source in float32: refuse it, in one line, when that cannot fit."""
-    needed = float32_bytes(source)
-    available = available_memory()
-    if available and needed > 0.8 * available:
-        raise SurgeryError(f"self-generated calibration text needs the whole source in float32 ({needed / 2**30:.1f} GiB), more than this "
-                           f"machine can spare ({available / 2**30:.1f} GiB available)",
-                           hint=f"drop --calib {SELF_GENERATED} (the default, {DEFAULT_CALIBRATION}, or any --calib FILE runs one layer at a time)")
-
-
 def fits_twice(source: Source) -> bool:
     """Whether the source and its conversion fit in memory together, in float32, for the quality check."""
     needed = 2 * float32_bytes(source)
@@ -152,9 +142,8 @@ def plan_recipes(request: ConvertRequest, source: Source, config: SurgeryConfig,
     torch.manual_seed(request.seed)
     tokenizer = load_tokenizer(source.folder, request.trust_remote_code)
     model = None
-    if settings.source == SELF_GENERATED:
-        check_fits_in_memory(source)
-        model = load_calibration_model(source, config)
+    if settings.source == SELF_GENERATED:  # sampled over the mapped shards: no copy of the model in memory
+        model = load_sampling_model(source, config)
     log.info("calibration: %d × %d tokens of %s", settings.num_samples, settings.seq_len, settings.description)
     ids = calibration_ids(settings, tokenizer, model)
     del model
