@@ -321,12 +321,16 @@ def test_allow_pickle_is_accepted_by_every_command_that_loads_a_model(pickled, c
     assert (tmp_path / "both" / "model.safetensors").is_file()
 
 
-def test_whole_model_calibration_that_cannot_fit_is_refused(tiny_with_tokenizer, tmp_path, monkeypatch):
+def test_calibration_runs_with_little_memory_left(tiny_with_tokenizer, tmp_path, monkeypatch):
+    """Self-generated text is sampled over the mapped shards and real text runs layer by layer: neither needs the
+    whole model in memory, so neither is refused when little is left (the quality check is skipped then)."""
     import surgery.pipelines.convert
 
     monkeypatch.setattr(surgery.pipelines.convert, "available_memory", lambda: 10 * 2**20)  # 10 MiB left
-    result = convert(tiny_with_tokenizer, tmp_path, "--share-layers", "1", "--calib", "self-generated", recipe="kvsharer")
-    assert_clean_failure(result, "self-generated calibration text", "GiB", "--calib")
+    result = convert(tiny_with_tokenizer, tmp_path, "--share-layers", "1", "--threshold", "-1", "--calib",
+                     "self-generated", recipe="kvsharer")
+    assert result.exit_code == 0, result.stderr
+    shutil.rmtree(tmp_path / "out")
     calib = tmp_path / "calib.txt"
     calib.write_text("Rivers of Europe include the Danube, the Rhine and the Elbe. " * 200)
     result = convert(tiny_with_tokenizer, tmp_path, "--share-layers", "1", "--threshold", "-1", "--calib", calib,
