@@ -1,17 +1,24 @@
-"""Prefill and decode time of surgery checkpoints against stock transformers on the demo model.
+"""Prefill and decode time of every recipe's checkpoint against stock transformers on the demo model.
 
-    python bench/speed.py [--lengths 2048,8192] [--repeats 5] [--decode 32]
+    python bench/speed.py [--lengths 2048,8192] [--long 16384] [--rounds 5] [--decode 128] [--only NAME,...]
 
-Models: stock `LlamaForCausalLM`, the identity conversion (`--recipe none`), KVSharer (7 of 30 layers share) and
-DynamicKV at a 20% budget. Timings on a shared 2-core machine swing widely, so every repetition runs every model
-once, interleaved, and the table gives the median with the min-max spread, and each model's median relative to
-stock's. The kept KV fraction is measured from the cache's tensors after the prefill. Writes
-bench/results/speed.md.
+Protocol (issue 30): each measurement runs in its own process (`--child`), and each round runs stock transformers
+and then every checkpoint, interleaved, so a machine's drift falls on all alike. Per checkpoint and length: the
+median over rounds of prefill seconds and of decode milliseconds per token (the median of the greedy steps of a
+round), each as a ratio to the same round's stock run, with the min–max of those ratios; and the K/V bytes the
+cache holds after the prefill, from its tensors. `--long` runs only stock, identity, DynamicKV, StreamingLLM and PoD,
+with the demo checkpoints' positions raised (config.json copies). Run it on a quiet machine with 2 threads:
+oversubscribed OpenMP threads slow small decode steps several times over. Writes bench/results/speed.md after each
+length. Unchanged on CUDA, where the checkpoints take the Triton kernels.
 """
 
 import argparse
+import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -20,12 +27,21 @@ from surgery.evals.evaluate import timed_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path("/tmp/surgery-speed")
-CHECKPOINTS = {
+KEEP = ["--keep", "0.2", "--keep-at-least", "0"]
+RECIPES = {  # every recipe that rewrites attention, at its paper's operating point (or the untrained start)
     "identity": ["--recipe", "none"],
-    "kvsharer (7 layers)": ["--recipe", "kvsharer", "--share-layers", "7", "--order", "similar",
-                            "--num-samples", "8", "--seq-len", "64"],
-    "dynamickv 20%": ["--recipe", "dynamickv", "--keep", "0.2"],
+    "kvsharer (7 of 30 layers)": ["--recipe", "kvsharer", "--share-layers", "7", "--order", "similar"],
+    "matryoshka (50% width)": ["--recipe", "matryoshka", "--kv-fraction", "0.5"],
+    "pod (defaults)": ["--recipe", "pod"],
+    "attention-gate (untrained: keeps all)": ["--recipe", "attention-gate"],
+    "modification (untrained: routes all)": ["--recipe", "modification"],
+    **{f"{policy} 20%": ["--recipe", policy, *KEEP]
+       for policy in ("snapkv", "pyramid", "zigzag", "dynamickv", "streamingllm", "h2o")},
 }
+LONG = ("identity", "dynamickv 20%", "streamingllm 20%", "pod (defaults)")
+NOT_TIMED = {"lesa, depth-up": "grow the model (more layers, more time by design)",
+             "upcycle, adamoe": "need a mixture of experts; timed in bench/adamoe.py on the upcycled demo model"}
+
 
 
 def checkpoint(name: str) -> Path:
@@ -35,7 +51,7 @@ def checkpoint(name: str) -> Path:
 
     folder = WORK / name.split()[0]
     if not (folder / "config.json").is_file():
-        result = CliRunner().invoke(main, ["-q", "convert", "demo", *CHECKPOINTS[name], "--out", str(folder),
+        result = CliRunner().invoke(main, ["-q", "convert", "demo", *RECIPES[name], "--out", str(folder),
                                            "--no-verify", "--overwrite"])
         assert result.exit_code == 0, result.stderr
     return folder
@@ -69,47 +85,106 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--lengths", default="2048,8192")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--decode", type=int, default=32)
-    args = parser.parse_args()
+def child(folder: str, length: int, decode: int) -> None:
+    """One measurement in this process: prefill `length` held-out tokens, then `decode` greedy steps, each timed."""
+    import time
+
     from surgery.calibrate.text import heldout_text
     from surgery.checkpoint.loading import load_model
 
+    torch.set_num_threads(int(os.environ.get("SPEED_THREADS", "2")))
+    model, tokenizer = load_model(folder)
+    if tokenizer is None:
+        _, tokenizer = load_model("demo")
+    text_ids = tokenizer(heldout_text() * 4, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([text_ids[:length]])
+    with torch.no_grad():
+        timed_decode(model, ids[:, :32], 2)  # warm-up
+        begin = time.perf_counter()
+        out = model(ids, use_cache=True)
+        prefill = time.perf_counter() - begin
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        kv_bytes, steps = cache_bytes(cache), []
+        for _ in range(decode):
+            begin = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            steps.append(time.perf_counter() - begin)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    print(json.dumps({"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps), "kv_bytes": kv_bytes}))
+
+
+def measure(folder: Path, length: int, decode: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--length", str(length),
+                          "--decode", str(decode)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def long_copy(folder: Path, positions: int) -> Path:
+    """A copy of a checkpoint (weights linked, not copied) whose config allows `positions` tokens."""
+    target = folder.parent / f"{folder.name}-{positions}"
+    if not target.exists():
+        target.mkdir()
+        for path in folder.iterdir():
+            (target / path.name).symlink_to(path.resolve()) if path.name != "config.json" else None
+        config = json.loads((folder / "config.json").read_text())
+        config["max_position_embeddings"] = max(config.get("max_position_embeddings", 0), positions)
+        (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
+def ratio_cell(values: list[float], base: list[float]) -> str:
+    ratios = [v / b for v, b in zip(values, base)]
+    return f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", default="2048,8192")
+    parser.add_argument("--long", default="16384")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--decode", type=int, default=128)
+    parser.add_argument("--only", default=None, help="comma-separated checkpoint names (default: all)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.md")
+    parser.add_argument("--child", default=None)
+    parser.add_argument("--length", type=int, default=0)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.length, args.decode)
+    from surgery.checkpoint.sources import resolve
+
     WORK.mkdir(exist_ok=True)
-    stock, tokenizer = load_model("demo")
-    models = {"stock transformers": stock}
-    models.update({name: load_model(str(checkpoint(name)))[0] for name in CHECKPOINTS})
-    text_ids = tokenizer(heldout_text(), add_special_tokens=False)["input_ids"]
-    lines = ["# Speed: surgery checkpoints against stock transformers (demo model, fp32)", "",
-             f"`python bench/speed.py --lengths {args.lengths} --repeats {args.repeats} --decode {args.decode}`; "
-             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-             f"{torch.__version__}. Each repetition runs every model once, interleaved; median (min–max) seconds, "
-             "and the median relative to stock. Decode: greedy steps after the prefill, with the cache.", ""]
-    for length in [int(n) for n in args.lengths.split(",")]:
-        ids = torch.tensor([text_ids[:length]])
-        times = {name: ([], [], 0) for name in models}
-        for repeat in range(args.repeats):
-            for name, model in models.items():
-                prefill, decode, kv_bytes = run_once(model, ids, args.decode)
-                times[name][0].append(prefill)
-                times[name][1].append(decode)
-                times[name] = (times[name][0], times[name][1], kv_bytes)
-                print(f"{length} #{repeat} {name}: prefill {prefill:.2f} s, decode {decode:.2f} s", flush=True)
-        base_prefill = statistics.median(times["stock transformers"][0])
-        base_decode = statistics.median(times["stock transformers"][1])
-        base_bytes = times["stock transformers"][2]
-        lines += [f"## {length} tokens", "",
-                  "| model | KV kept | prefill s | prefill vs stock | decode s | decode vs stock |",
-                  "|---|---|---|---|---|---|"]
-        for name, (prefill, decode, kv_bytes) in times.items():
-            lines.append(f"| {name} | {kv_bytes / base_bytes:.1%} | {summary(prefill)} | "
-                         f"{statistics.median(prefill) / base_prefill:.3f}× | {summary(decode)} | "
-                         f"{statistics.median(decode) / base_decode:.3f}× |")
+    stock = resolve("demo").folder  # the dequantized demo source: stock LlamaForCausalLM loads it
+    names = [n for n in RECIPES if args.only is None or n.split()[0] in args.only.split(",")]
+    folders = {name: checkpoint(name) for name in names}
+    lines = ["# Speed: every recipe's checkpoint against stock transformers (demo model, fp32)", "",
+             f"`python bench/speed.py --lengths {args.lengths} --long {args.long} --rounds {args.rounds} --decode "
+             f"{args.decode}`; {platform.processor() or platform.machine()}, {os.environ.get('SPEED_THREADS', '2')} "
+             f"threads, torch {torch.__version__}; each measurement in its own process, stock and the checkpoints "
+             "interleaved in each round. Cells: median ratio to the same round's stock run (min–max over rounds); "
+             "decode is the median step of a round. Not timed: " +
+             "; ".join(f"{k} ({v})" for k, v in NOT_TIMED.items()) + ".", ""]
+    plan = [(int(n), names) for n in args.lengths.split(",") if n]
+    plan += [(int(n), [name for name in names if name in LONG]) for n in args.long.split(",") if n]
+    for length, run in plan:
+        long = length > 8192
+        source = long_copy(stock, length + args.decode) if long else stock
+        targets = {name: long_copy(folders[name], length + args.decode) if long else folders[name] for name in run}
+        results = {name: [] for name in ["stock transformers", *run]}
+        for round_index in range(args.rounds):
+            results["stock transformers"].append(measure(source, length, args.decode))
+            for name in run:
+                results[name].append(measure(targets[name], length, args.decode))
+                print(f"{length} round {round_index} {name}: {results[name][-1]}", flush=True)
+        base = results["stock transformers"]
+        lines += [f"## {length} tokens", "", "| checkpoint | KV bytes after prefill | prefill s (median) | prefill × stock "
+                  "| decode ms/token (median) | decode × stock |", "|---|---|---|---|---|---|"]
+        for name, rows in results.items():
+            lines.append(f"| {name} | {rows[0]['kv_bytes']:,} | {statistics.median(r['prefill_s'] for r in rows):.2f} | "
+                         f"{ratio_cell([r['prefill_s'] for r in rows], [b['prefill_s'] for b in base])} | "
+                         f"{statistics.median(r['decode_ms'] for r in rows):.1f} | "
+                         f"{ratio_cell([r['decode_ms'] for r in rows], [b['decode_ms'] for b in base])} |")
         lines.append("")
-        (ROOT / "bench" / "results" / "speed.md").write_text("\n".join(lines) + "\n")
+        args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
