@@ -29,6 +29,7 @@ import torch
 from surgery.calibrate import source_model
 from surgery.checkpoint.families import surgery_config_from_source
 from surgery.checkpoint.sources import resolve
+from surgery.checkpoint.tensor_io import release_freed_memory
 
 def anonymous_mib():
     return int(re.search(r"RssAnon:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
@@ -38,6 +39,8 @@ config = surgery_config_from_source(source.config)
 gc.collect()
 before = anonymous_mib()
 model = getattr(source_model, sys.argv[2])(source, config)
+gc.collect()
+release_freed_memory()  # what the allocator keeps of freed temporaries is not the model
 dtypes = sorted({str(p.dtype) for p in model.parameters()})
 weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 print(anonymous_mib() - before, weights, *dtypes)
