@@ -2,6 +2,8 @@
 
     python bench/scale.py                 # demo model, and random llamas of 16 and 32 layers (hidden 1024)
     python bench/scale.py --llama-7b      # also a random Llama-2-7B-shaped checkpoint (13 GB of bf16 on disk)
+    python bench/scale.py --every-recipe --llama-7b   # every recipe on the 7B shape, the self-generated calibration
+                                                      # path, upcycling it, and AdaMoE on 4 layers of Mixtral's shape
 
 Conversions: KVSharer (8 sharing layers) and MatryoshkaKV (--kv-fraction 0.5 --uniform), 8 samples × 64 tokens of
 calibration. On the demo model it also measures `surgery adapt` with the teacher sharing the student's weights
@@ -62,6 +64,50 @@ def random_llama(folder: Path, layers: int, hidden: int, intermediate: int, head
         add(p + "mlp.gate_proj.weight", intermediate, hidden)
         add(p + "mlp.up_proj.weight", intermediate, hidden)
         add(p + "mlp.down_proj.weight", hidden, intermediate)
+        writer.add(p + "input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+        writer.add(p + "post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+    writer.add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+    add("lm_head.weight", 49152, hidden)
+    writer.finish()
+    return folder
+
+
+def random_mixtral(folder: Path, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
+                   experts: int = 8) -> Path:
+    """A random Mixtral-shaped checkpoint in bf16 (8 experts, top-2), sharded, with the demo model's tokenizer."""
+    from transformers import MixtralConfig
+
+    from surgery.checkpoint.sources import resolve
+    from surgery.checkpoint.tensor_io import ShardWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    demo = resolve("demo").folder
+    MixtralConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, num_local_experts=experts,
+                  num_experts_per_tok=2, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=False, dtype="bfloat16").save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo / name, folder / name)
+    generator = torch.Generator().manual_seed(layers)
+    writer = ShardWriter(folder, 1024**3)
+    head_dim = hidden // heads
+
+    def add(name, *shape, scale=0.02):
+        writer.add(name, (torch.randn(*shape, generator=generator) * scale).to(torch.bfloat16))
+
+    add("model.embed_tokens.weight", 49152, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        add(p + "self_attn.q_proj.weight", heads * head_dim, hidden)
+        add(p + "self_attn.k_proj.weight", kv_heads * head_dim, hidden)
+        add(p + "self_attn.v_proj.weight", kv_heads * head_dim, hidden)
+        add(p + "self_attn.o_proj.weight", hidden, heads * head_dim)
+        add(p + "block_sparse_moe.gate.weight", experts, hidden, scale=0.5)
+        for e in range(experts):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            add(q + "w1.weight", intermediate, hidden)
+            add(q + "w3.weight", intermediate, hidden)
+            add(q + "w2.weight", hidden, intermediate)
         writer.add(p + "input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
         writer.add(p + "post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
     writer.add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
@@ -141,9 +187,54 @@ def adapt_memory(calib: Path) -> list[tuple[str, dict]]:
     return rows
 
 
+KEEP = ["--keep", "0.2", "--keep-at-least", "0"]
+EVERY_RECIPE = [  # (label, options): every registered recipe at its default or paper setting
+    ("kvsharer", ["--recipe", "kvsharer", "--share-layers", "L/4", "--threshold", "-1"]),
+    ("matryoshka", ["--recipe", "matryoshka", "--kv-fraction", "0.5"]),
+    ("pod", ["--recipe", "pod"]),  # calibrated on 2 × 1,024 tokens, its minimum
+    ("attention-gate", ["--recipe", "attention-gate"]),
+    ("modification", ["--recipe", "modification"]),
+    ("snapkv", ["--recipe", "snapkv", *KEEP]), ("pyramid", ["--recipe", "pyramid", *KEEP]),
+    ("zigzag --calibrated", ["--recipe", "zigzag", *KEEP, "--calibrated"]), ("dynamickv", ["--recipe", "dynamickv", *KEEP]),
+    ("streamingllm", ["--recipe", "streamingllm", *KEEP]), ("h2o", ["--recipe", "h2o", *KEEP]),
+    ("lesa", ["--recipe", "lesa", "--target-layers", "+2"]), ("depth-up", ["--recipe", "depth-up", "--target-layers", "+2"]),
+    ("upcycle", ["--recipe", "upcycle"]),
+]
+
+
+def replaced(options: list[str], changes: dict[str, str]) -> list[str]:
+    """`options` with the values of some flags changed, e.g. {"--calib": "self-generated"}."""
+    out = list(options)
+    for flag, value in changes.items():
+        out[out.index(flag) + 1] = value
+    return out
+
+
+def every_recipe(folder: Path, layers: int, common: list[str], size: str) -> list[tuple]:
+    """Each recipe converting `folder`, and the self-generated calibration path (KVSharer, 8 × 64 tokens)."""
+    rows = []
+    sizes = {"+2": str(layers + 2), "L/4": str(max(1, layers // 4))}
+    runs = [(label, [sizes.get(opt, opt) for opt in options], common) for label, options in EVERY_RECIPE if label != "pod"]
+    runs.append(("pod", ["--recipe", "pod"], replaced(common, {"--seq-len": "1024", "--num-samples": "2"})))
+    runs.append(("kvsharer, self-generated calibration", ["--recipe", "kvsharer", "--share-layers", sizes["L/4"],
+                                                           "--threshold", "-1"],
+                 replaced(common, {"--calib": "self-generated"})))
+    for label, options, calibration in runs:
+        try:
+            result = measure(["convert", str(folder), *options, *calibration, "--out", str(WORK / "out")])
+        except RuntimeError as error:
+            result = {"anon_mib": float("nan"), "rss_mib": float("nan"), "seconds": 0, "stages": f"failed: {error}"}
+        rows.append((size, label, "bf16, 1 GiB shards", float("nan"), float("nan"), result))
+        print(size, label, result, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--llama-7b", action="store_true")
+    parser.add_argument("--every-recipe", action="store_true", help="every recipe on the largest shape, and AdaMoE")
+    parser.add_argument("--shape", default=None, help="LAYERS,HIDDEN,INTERMEDIATE,HEADS,KV_HEADS: only this one")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.md")
     args = parser.parse_args()
     from surgery.calibrate.text import heldout_text
 
@@ -155,6 +246,8 @@ def main() -> None:
     recipes = [("kvsharer", ["--recipe", "kvsharer", "--share-layers", "8", "--threshold", "-1"], False),
                ("matryoshka --uniform", ["--recipe", "matryoshka", "--kv-fraction", "0.5", "--uniform"], True)]
     rows = []
+    if args.every_recipe:
+        return every_recipe_table(args, common, baseline)
     demo_runs = [("demo, self-generated calibration", "kvsharer",
                   ["demo", "--recipe", "kvsharer", "--share-layers", "7", *common[:-2]], False)]
     demo_runs += [("demo", label, ["demo", *recipe, *common], head) for label, recipe, head in recipes]
@@ -197,7 +290,40 @@ def main() -> None:
     lines += ["", "The demo model is 513 MiB in float32: one copy of it is what sharing the teacher should save. Read "
               "peak RSS here: transformers maps a float32 safetensors file instead of copying it, so a copied "
               "teacher's weights are file pages (RSS), not anonymous memory (RssAnon).", ""]
-    (ROOT / "bench" / "results" / "scale.md").write_text("\n".join(lines) + "\n")
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+def every_recipe_table(args, common: list[str], baseline: float) -> None:
+    """`--every-recipe`: one row per recipe on the 7B shape (or `--shape`), the self-generated path, and AdaMoE on
+    four layers of Mixtral's shape (a full 8×7B does not fit the disk). Target: peak RssAnon under 4 GiB."""
+    shape = tuple(int(n) for n in args.shape.split(",")) if args.shape else (32, 4096, 11008, 32, 32)
+    layers, hidden, intermediate, heads, kv_heads = shape
+    size = f"random llama, {layers} layers × hidden {hidden}"
+    folder = random_llama(WORK / f"llama-{layers}x{hidden}", *shape)
+    try:
+        rows = every_recipe(folder, layers, common, size)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    moe_shape = (4, hidden, 14336 if hidden == 4096 else intermediate, heads, 8 if hidden == 4096 else kv_heads)
+    moe = random_mixtral(WORK / "mixtral", *moe_shape)
+    try:
+        result = measure(["convert", str(moe), "--recipe", "adamoe", "--no-verify", "--overwrite",
+                          "--out", str(WORK / "out")])
+        rows.append((f"random mixtral, 4 layers × hidden {hidden}", "adamoe", "bf16, 1 GiB shards", float("nan"),
+                     float("nan"), result))
+    finally:
+        shutil.rmtree(moe, ignore_errors=True)
+        shutil.rmtree(WORK / "out", ignore_errors=True)
+    lines = ["# Peak memory of every recipe's conversion (CPU)", "",
+             f"`python bench/scale.py --every-recipe{' --shape ' + args.shape if args.shape else ''}`: each conversion "
+             "in its own process, peak RssAnon sampled every 50 ms and peak RSS (ru_maxrss, with mapped shard pages); "
+             f"calibration {SAMPLES} × {TOKENS} tokens from a file unless the row says otherwise (PoD: 2 × 1024, its "
+             f"minimum). Interpreter with torch and transformers imported: {baseline:.0f} MiB RssAnon. Target: peak "
+             "RssAnon under 4 GiB.", "",
+             "| model | recipe | peak RssAnon (MiB) | peak RSS (MiB) | wall (s) | stages |", "|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {recipe} | {r['anon_mib']:.0f} | {r['rss_mib']:.0f} | {r['seconds']:.0f} | {r['stages']} |"
+              for label, recipe, _, _, _, r in rows]
+    args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
