@@ -156,8 +156,18 @@ def fit_predictor(basis: torch.Tensor, blocks: list[torch.Tensor], truth: torch.
     generator = torch.Generator().manual_seed(seed)
     scale = math.sqrt(len(blocks))
     middles = [i for i in range(1, len(blocks) - 1) if i != held_out]
-    inputs = torch.cat([torch.cat([blocks[i - 1], blocks[i + 1]], dim=1) for i in middles]) * scale
-    targets = torch.cat([blocks[i] for i in middles]) * scale
+    rows = blocks[0].shape[0]
+
+    def batch_of(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample k is row k % rows of the triplet centred on middles[k // rows]; gathered per batch, so the rows
+        of every triplet are never all in memory at once (at 1.2B, 2.7 GB for down_proj)."""
+        layer = torch.tensor(middles)[samples // rows]
+        row = samples % rows
+        lower = torch.stack([blocks[i - 1][j] for i, j in zip(layer.tolist(), row.tolist())])
+        upper = torch.stack([blocks[i + 1][j] for i, j in zip(layer.tolist(), row.tolist())])
+        target = torch.stack([blocks[i][j] for i, j in zip(layer.tolist(), row.tolist())])
+        return torch.cat([lower, upper], dim=1) * scale, target * scale
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         predictor = make_predictor(blocks[0].shape[1], hidden)
@@ -165,9 +175,10 @@ def fit_predictor(basis: torch.Tensor, blocks: list[torch.Tensor], truth: torch.
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=lr)
     with torch.enable_grad():
         for _ in range(epochs):
-            order = torch.randperm(len(inputs), generator=generator)
+            order = torch.randperm(len(middles) * rows, generator=generator)
             for batch in order.split(batch_size):
-                loss = lesa_loss(predictor(inputs[batch]), targets[batch])
+                inputs, targets = batch_of(batch)
+                loss = lesa_loss(predictor(inputs), targets)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

@@ -216,3 +216,26 @@ def test_llama_pro_grows_moe_models_exactly(tiny_models, tmp_path, family):
     source_sparse = {i for i, layer in enumerate(source.model.layers) if hasattr(layer.mlp, "experts")}
     grown_sparse = [i for i, layer in enumerate(grown.model.layers) if hasattr(layer.mlp, "experts")]
     assert grown_sparse == [i for i, (_, layer) in enumerate(layout) if layer in source_sparse]
+
+
+def test_predictor_training_gathers_its_rows_batch_by_batch():
+    """No tensor of every triplet's rows is made: the largest tensor training creates is a batch's, not the data's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor):
+                    self.largest = max(self.largest, tensor.numel())
+            return out
+
+    torch.manual_seed(0)
+    weights = [torch.randn(40, 30) for _ in range(8)]
+    basis, blocks = latent_blocks(lambda i: weights[i], len(weights))
+    with Largest() as probe:
+        fit_predictor(basis, blocks, weights[5], held_out=5, epochs=1, hidden=16, seed=0, batch_size=8)
+    every_row = 5 * 30 * 2 * 30  # 5 training triplets × 30 latent rows × both neighbours' 30 columns
+    assert probe.largest < every_row / 2  # the held-out prediction at the end is the largest: one layer's rows
