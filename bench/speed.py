@@ -121,11 +121,12 @@ def measure(folder: Path, length: int, decode: int) -> dict:
 
 def long_copy(folder: Path, positions: int) -> Path:
     """A copy of a checkpoint (weights linked, not copied) whose config allows `positions` tokens."""
-    target = folder.parent / f"{folder.name}-{positions}"
+    target = WORK / f"{folder.name}-{positions}"  # beside the benchmark's checkpoints, never in the source cache
     if not target.exists():
         target.mkdir()
         for path in folder.iterdir():
-            (target / path.name).symlink_to(path.resolve()) if path.name != "config.json" else None
+            if path.name != "config.json":
+                (target / path.name).symlink_to(path.resolve())
         config = json.loads((folder / "config.json").read_text())
         config["max_position_embeddings"] = max(config.get("max_position_embeddings", 0), positions)
         (target / "config.json").write_text(json.dumps(config, indent=2))

@@ -131,7 +131,7 @@ class Run:
     teacher_bytes: int
     trainable: list
     lora_targets: list
-    data: torch.Tensor | None = None
+    data: torch.Tensor  # the training token windows
 
 
 def adapt(checkpoint: Path, out: Path, settings: AdaptSettings, resume: bool = False, overwrite: bool = False,
@@ -195,10 +195,10 @@ def prepare(job: AdaptJob, record: dict) -> Run:
     lora_targets = linear_targets(model, trainable_names) if settings.lora_rank else []
     teacher, teacher_bytes = load_teacher(teacher_source, model, settings, accelerator,
                                           trainable_names - {f"{target}.weight" for target in lora_targets})
-    run = Run(recipes, settings, alpha, precision, accelerator, model, family, teacher, teacher_bytes,
-              mark_trainable(model, recipes, settings, lora_targets), lora_targets)
-    run.data = training_tokens(settings, load_tokenizer(teacher_source.folder), teacher)
-    return run
+    trainable = mark_trainable(model, recipes, settings, lora_targets)  # before the data: LoRA's init draws first
+    data = training_tokens(settings, load_tokenizer(teacher_source.folder), teacher)
+    return Run(recipes, settings, alpha, precision, accelerator, model, family, teacher, teacher_bytes, trainable,
+               lora_targets, data)
 
 
 def load_teacher(source, model, settings: AdaptSettings, accelerator, in_place: set[str]):

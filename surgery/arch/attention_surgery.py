@@ -334,8 +334,8 @@ def reachable(view: KVView, positions: torch.Tensor, first: int, last: int, wind
 
 def tileable(queries: Queries, views: list[KVView]) -> bool:
     """A prefill long enough to attend by query blocks, over views whose slots keep one position per slot across
-    heads. (A decode step is not tiled: finding the reachable slots each step cost more than it saved, 2k tokens on
-    the demo model: 59 against 47 ms per token.)"""
+    heads. (A decode step is not tiled: in one run on the demo model at 2k tokens, finding the reachable slots each
+    step cost more than it saved; bench/results/pod_prefill_tiling.md.)"""
     rows = queries.states.shape[2]
     return (queries.newest and rows > 2 * QUERY_BLOCK and queries.positions.shape[0] == 1
             and all(not rule.per_slot for view in views for rule in view.rules)

@@ -16,14 +16,7 @@ from surgery.checkpoint.tensor_io import LazyCheckpoint, check_finite
 def load_calibration_model(source: Source, config: SurgeryConfig) -> SurgeryForCausalLM:
     """The source weights in the surgery architecture with the identity plan, in float32 for calibration; read by
     surgery name (`LazyCheckpoint`), so families that store their experts under other names load too."""
-
-    model = SurgeryForCausalLM(copy.deepcopy(config)).to(torch.float32)
-    reader = LazyCheckpoint(source.folder)
-    model.load_state_dict({name: reader.get(name) for name in expected_tensors(config)}, strict=False)
-    model.tie_weights()
-    for name, parameter in model.named_parameters():
-        check_finite(name, parameter)
-    return model.eval()
+    return _with_source_weights(SurgeryForCausalLM(copy.deepcopy(config)).to(torch.float32), source, config)
 
 
 def load_sampling_model(source: Source, config: SurgeryConfig) -> SurgeryForCausalLM:
@@ -33,11 +26,17 @@ def load_sampling_model(source: Source, config: SurgeryConfig) -> SurgeryForCaus
     must reassemble (fused experts) are the only copies. A float32 source samples exactly as a float32 copy would."""
     with torch.device("meta"):
         model = SurgeryForCausalLM(copy.deepcopy(config))
-    reader = LazyCheckpoint(source.folder)
-    state = {name: reader.get(name) for name in expected_tensors(config)}
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
     model.model.rotary_emb = SurgeryRotaryEmbedding(model.config)  # float32 buffers, not weights: built, not read
+    return _with_source_weights(model, source, config, assign=True)
+
+
+def _with_source_weights(model: SurgeryForCausalLM, source: Source, config: SurgeryConfig,
+                         assign: bool = False) -> SurgeryForCausalLM:
+    """`model` holding the source's tensors: copied into its parameters, or (`assign`) the mapped tensors themselves;
+    every weight checked finite."""
+    reader = LazyCheckpoint(source.folder)
+    model.load_state_dict({name: reader.get(name) for name in expected_tensors(config)}, strict=False, assign=assign)
+    model.tie_weights()
     for name, parameter in model.named_parameters():
         check_finite(name, parameter)
     return model.eval()

@@ -49,3 +49,19 @@ def test_format_1_gives_the_same_logits_with_its_own_code_and_with_ours(tmp_path
         cache = ours(ids, use_cache=True).past_key_values
     assert cache.kept_fraction() < 1  # the redrawn gates evict, so the renamed gate keys really are read
     assert (expected - got).abs().max() < 1e-5
+
+
+def test_a_broken_format_1_config_is_one_line_and_changes_nothing(tmp_path):
+    """Reading an older format renames keys in memory only: a bad value in it fails in one line, and the folder
+    is left exactly as it was."""
+    import json
+
+    from helpers import assert_clean_failure
+
+    folder = shutil.copytree(FORMAT_1, tmp_path / "old")
+    config = json.loads((folder / "config.json").read_text())
+    config["kv_gate_threshold"] = 2.0  # a format-1 key, out of its range
+    (folder / "config.json").write_text(json.dumps(config))
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert_clean_failure(cli("inspect", folder), "not a valid surgery config")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
