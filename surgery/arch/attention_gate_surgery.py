@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention_surgery import KVView, Queries, ViewRule, attend, pick_head
+from .attention_surgery import HeadViews, KVView, Queries, ViewRule, attend, pick_head
 from .kvlayer_surgery import PlainCacheLayer
 from .runtime_surgery import Runtime
 
@@ -179,8 +179,9 @@ class GatedKVLayer(PlainCacheLayer):
     Keys of a MatryoshkaKV layer arrive packed (batch, 1, seq, Σ rank); `widths` says how wide each head's block is.
     """
 
-    def __init__(self, kv_heads: int):
+    def __init__(self, kv_heads: int, window: int | None = None):
         self.kv_heads = kv_heads
+        self.window = window  # the layer's sliding window: then even a single query compares positions
         self.seen = 0
         self.widths: tuple[list[int], list[int]] | None = None
         self.heads: list[HeadSlots] | None = None  # settled: what earlier forwards kept
@@ -190,7 +191,7 @@ class GatedKVLayer(PlainCacheLayer):
         self.real: torch.Tensor | None = None  # (batch, q): this forward's tokens that are not left padding
 
     def __repr__(self) -> str:
-        return f"GatedKVLayer(kv_heads={self.kv_heads}, seen={self.seen})"
+        return f"GatedKVLayer(kv_heads={self.kv_heads}, window={self.window}, seen={self.seen})"
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -250,6 +251,31 @@ class GatedKVLayer(PlainCacheLayer):
         if self.heads is None:  # the first forward: its tokens are the whole cache, read in place
             valid = None if padding is None else padding[:, None, : self.seen]
             return [KVView(keys, values, None, valid, projection, layout, eviction_rules(until, retention.weights))]
+        if self.widths is None:
+            return [self._settled_view(q), self._fresh_view(until, retention.weights)]
+        return self._assembled_view(until, retention, projection)
+
+    def _settled_view(self, q: int) -> HeadViews:
+        """What earlier forwards kept, each head's own tensors as they are (no copy). Every kept slot precedes this
+        forward's tokens, so a single query needs neither positions nor a mask where every slot is real."""
+        views = []
+        for head in self.heads:
+            plain = q == 1 and self.window is None and bool(head.valid.all())
+            views.append(KVView(head.keys[:, None], head.values[:, None], None if plain else head.positions[:, None],
+                                None if plain else head.valid[:, None]))
+        return HeadViews(views)
+
+    def _fresh_view(self, until: torch.Tensor | None, weights: torch.Tensor | None) -> KVView:
+        """This forward's tokens, every head: a token flagged for eviction is read by its own query only."""
+        keys, values, _ = self.fresh
+        q = values.shape[-2]
+        positions = torch.arange(self.seen - q, self.seen, device=values.device)[None, None]
+        return KVView(keys, values, positions, self.real[:, None], None, None, eviction_rules(until, weights))
+
+    def _assembled_view(self, until: torch.Tensor | None, retention: Retention, projection) -> list[KVView]:
+        """Packed reduced-width heads (MatryoshkaKV): one view, the kept slots and this forward's padded to the
+        longest head and stacked (a transient copy of the layer)."""
+        batch = self.fresh[1].shape[0]
         columns: dict[str, list[torch.Tensor]] = {name: [] for name in PADDING_FILL}
         for h, (old, new) in enumerate(zip(self.heads, self._fresh_heads(kept_only=False))):
             for name, pair in zip(("keys", "values", "positions", "valid"), zip(old.tensors(), new.tensors())):
@@ -266,11 +292,8 @@ class GatedKVLayer(PlainCacheLayer):
         def stacked(name: str) -> torch.Tensor | None:
             return torch.stack(padded[name], dim=1) if padded[name] else None
 
-        if self.widths is not None:  # packed reduced-width heads: side by side along the last dim
-            keys, values = (torch.cat(padded[name], dim=-1)[:, None] for name in ("keys", "values"))
-        else:
-            keys, values = stacked("keys"), stacked("values")
-        return [KVView(keys, values, stacked("positions"), stacked("valid"), projection, layout,
+        keys, values = (torch.cat(padded[name], dim=-1)[:, None] for name in ("keys", "values"))  # side by side
+        return [KVView(keys, values, stacked("positions"), stacked("valid"), projection, None,
                        eviction_rules(stacked("until"), stacked("weights")))]
 
     def settle(self, slack: int) -> None:
@@ -328,7 +351,7 @@ class GatedKVLayer(PlainCacheLayer):
         raise NotImplementedError("cannot crop a gated cache: evicted tokens are gone")
 
     def reset(self) -> None:
-        self.__init__(self.kv_heads)
+        self.__init__(self.kv_heads, self.window)
 
 
 class AttentionGateRuntime(Runtime):
@@ -337,7 +360,8 @@ class AttentionGateRuntime(Runtime):
     module = "attention_gate"
 
     def cache_layer(self, config, layer_idx: int):
-        return GatedKVLayer(config.num_key_value_heads)
+        sliding = config.layer_types[layer_idx] == "sliding_attention"
+        return GatedKVLayer(config.num_key_value_heads, config.sliding_window if sliding else None)
 
     def build_attention(self, attention, config) -> None:
         if attention.owns_kv:

@@ -124,6 +124,36 @@ class KVView:
 
 
 @dataclass
+class HeadViews:
+    """A view whose KV heads hold different numbers of slots (an Attention-Gate keeps, per head, what that head's
+    gate flags): one single-head `KVView` per KV head, attended head by head. Stacking them into one tensor would
+    pad and copy the whole layer's cache at every step; `joined` does that only where one tensor is needed (the
+    Triton kernels)."""
+
+    heads: list[KVView]
+
+    def joined(self) -> KVView:
+        width = max(view.slots for view in self.heads)
+        batch = max(view.keys.shape[0] for view in self.heads)
+
+        def pad(tensor: torch.Tensor, fill) -> torch.Tensor:
+            tensor = tensor.expand(batch, *tensor.shape[1:])
+            missing = width - tensor.shape[2]
+            return torch.cat([tensor, tensor.new_full((*tensor.shape[:2], missing, *tensor.shape[3:]), fill)], dim=2)
+
+        device = self.heads[0].keys.device
+        joined = {"keys": [], "values": [], "positions": [], "valid": []}
+        for view in self.heads:
+            positions = slot_positions(view, device)  # slot i is token i where a view carries no positions
+            valid = view.valid if view.valid is not None else torch.ones(1, 1, view.slots, dtype=torch.bool,
+                                                                        device=device)
+            for name, tensor, fill in (("keys", view.keys, 0.0), ("values", view.values, 0.0),
+                                       ("positions", positions, 0), ("valid", valid, False)):
+                joined[name].append(pad(tensor, fill))
+        return KVView(*(torch.cat(joined[name], dim=1) for name in ("keys", "values", "positions", "valid")))
+
+
+@dataclass
 class Queries:
     """The queries of one layer call: post-RoPE (batch, heads, q, head_dim) and the token index of each row.
 
@@ -186,6 +216,18 @@ def _expand_heads(mask: torch.Tensor | None, heads: int) -> torch.Tensor | None:
     return mask.repeat_interleave(heads // mask.shape[1], dim=1)
 
 
+# PyTorch's fused CPU attention, which returns the row log-sum-exp that public SDPA drops: several views then merge
+# without float32 score tensors and a softmax written out op by op (bench/results/speed.md, PoD's decode). Private
+# API, so only used where it exists; the explicit path below computes the same.
+FUSED_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def fused_lse_usable(query: torch.Tensor, view: "KVView") -> bool:
+    """On CPU, and never under autograd: the op's backward drops the log-sum-exp's gradient, which a merge needs."""
+    return (FUSED_LSE is not None and query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16)
+            and not any(t.requires_grad for t in (query, view.keys, view.values)))
+
+
 def attend_dense(queries: Queries, query: torch.Tensor, view: KVView, scaling: float, implementation: str,
                  window: int | None, dropout: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Grouped-query attention of (batch, heads, q, d) queries over one full-width view.
@@ -196,11 +238,16 @@ def attend_dense(queries: Queries, query: torch.Tensor, view: KVView, scaling: f
     n_rep = heads // view.keys.shape[1]
     mask = _expand_heads(additive_mask(queries, view, window, query.dtype), heads)
     weights = view.weights
+    if need_lse and weights is None and implementation != "eager" and dropout == 0.0 and fused_lse_usable(query, view):
+        if mask is None and q_len > 1 and q_len != view.slots:  # the fused op's causal flag is top-left aligned
+            causal = torch.ones(q_len, view.slots, dtype=torch.bool, device=query.device).tril(view.slots - q_len)
+            mask = mask_from_allowed(causal, query.dtype)
+        out, lse = FUSED_LSE(query, view.keys, view.values, 0.0, mask is None and q_len > 1, attn_mask=mask,
+                             scale=scaling)
+        return out.transpose(1, 2), lse
     if need_lse or implementation == "eager" or weights is not None:
-        keys = view.keys.repeat_interleave(n_rep, dim=1)
-        values = view.values.repeat_interleave(n_rep, dim=1)
         precise = torch.promote_types(query.dtype, torch.float32)  # softmax statistics in fp32 or better
-        scores = torch.matmul(query, keys.transpose(2, 3)).to(precise) * scaling
+        scores = grouped(torch.matmul, query, view.keys.transpose(2, 3)).to(precise) * scaling
         if mask is not None:
             scores = scores + mask
         elif q_len > 1:
@@ -211,12 +258,24 @@ def attend_dense(queries: Queries, query: torch.Tensor, view: KVView, scaling: f
         else:
             lse = torch.logsumexp(scores, dim=-1)
             probs = torch.exp(scores - lse[..., None])
-        out = torch.matmul(F.dropout(probs.to(query.dtype), p=dropout), values)
+        out = grouped(torch.matmul, F.dropout(probs.to(query.dtype), p=dropout), view.values)
         return out.transpose(1, 2), lse if need_lse else None
     is_causal = mask is None and q_len > 1
     out = F.scaled_dot_product_attention(query, view.keys, view.values, attn_mask=mask, dropout_p=dropout,
                                          is_causal=is_causal, scale=scaling, enable_gqa=n_rep > 1)
     return out.transpose(1, 2), None
+
+
+def grouped(op, rows: torch.Tensor, per_kv_head: torch.Tensor) -> torch.Tensor:
+    """`op(rows, per_kv_head)` for (batch, heads, q, ·) rows against (batch, kv_heads, ·, ·) operands, each query head
+    paired with its KV head (head h with KV head h // group) by folding a group's heads into the row dimension: no
+    copy of the keys or values per query head, which would cost a pass over the whole cache per decode step."""
+    batch, heads, q_len = rows.shape[:3]
+    kv_heads = per_kv_head.shape[1]
+    if kv_heads == heads:
+        return op(rows, per_kv_head)
+    folded = op(rows.reshape(batch, kv_heads, heads // kv_heads * q_len, rows.shape[-1]), per_kv_head)
+    return folded.reshape(batch, heads, q_len, folded.shape[-1])
 
 
 def slot_weights(queries: Queries, view: KVView, weights: torch.Tensor, heads: int) -> torch.Tensor:
@@ -268,6 +327,16 @@ def attend_view(queries: Queries, view: KVView, scaling: float, implementation: 
     if view.projection is not None:
         return view.projection.attend(queries, view, scaling, implementation, window, dropout, need_lse)
     return attend_dense(queries, query, view, scaling, implementation, window, dropout, need_lse)
+
+
+def attend_heads(queries: Queries, views: HeadViews, scaling: float, implementation: str, window: int | None,
+                 dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a `HeadViews`, each KV head's query group against that head's own slots; with the lse."""
+    query = queries.states
+    group = query.shape[1] // len(views.heads)
+    parts = [attend_dense(queries, query[:, h * group : (h + 1) * group], view, scaling, implementation, window,
+                          dropout, need_lse=True) for h, view in enumerate(views.heads)]
+    return torch.cat([out for out, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=1)
 
 
 def attend_kernels(queries: Queries, view: KVView, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -396,16 +465,30 @@ def attend(queries: Queries, views: list[KVView], scaling: float, implementation
     slots = skip.count(queries, views, window) if skip is not None else None
     if len(views) == 1:
         return attend_view(queries, views[0], scaling, implementation, window, dropout, need_lse)
-    if (slots is None and not need_lse and implementation != "eager" and not use_kernels(implementation, queries.states)
-            and all(view.projection is None for view in views)):
+    one_row = queries.states.shape[2] == 1  # a decode step: merging costs nothing, concatenating copies the cache
+    kernels = use_kernels(implementation, queries.states)
+    views = [view.joined() if isinstance(view, HeadViews) and kernels else view for view in views]
+    if any(isinstance(view, HeadViews) for view in views):
+        return merge_views(queries, views, scaling, implementation, window, dropout, None)
+    if (slots is None and not need_lse and not one_row and implementation != "eager"
+            and not kernels and all(view.projection is None for view in views)):
         if tileable(queries, views):
             return attend_tiled(queries, views, scaling, window, dropout), None
         return attend_union(queries, views, scaling, window, dropout), None
+    return merge_views(queries, views, scaling, implementation, window, dropout, (skip, slots) if skip else None)
+
+
+def merge_views(queries: Queries, views: list, scaling: float, implementation: str, window: int | None,
+                dropout: float, skip) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each view's partial attention with its log-sum-exp, merged; `skip` (rule, slots) may empty rows of the last."""
     result = None
     for index, view in enumerate(views):
-        part = attend_view(queries, view, scaling, implementation, window, dropout, need_lse=True)
-        if slots is not None and index == len(views) - 1:
-            part = skip.apply(result, part, slots[index], queries.states.shape[-1])
+        if isinstance(view, HeadViews):
+            part = attend_heads(queries, view, scaling, implementation, window, dropout)
+        else:
+            part = attend_view(queries, view, scaling, implementation, window, dropout, need_lse=True)
+        if skip is not None and index == len(views) - 1:
+            part = skip[0].apply(result, part, skip[1][index], queries.states.shape[-1])
         result = part if result is None else merge(result, part)
     return result
 

@@ -69,6 +69,36 @@ def test_two_views_merge_exactly_by_log_sum_exp(path, dtype):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_a_decode_row_merges_views_without_concatenating_them(path):
+    """One query row over a distant and a near view, grouped heads: the merge (fused on CPU) equals float64."""
+    query, keys, values = random_qkv(torch.float32, heads=9, kv_heads=3, q_len=1, slots=40)
+    positions = torch.arange(40)
+    distant = KVView(keys[:, :, :30], values[:, :, :30], positions[None, None, :30], torch.rand(2, 3, 30) > 0.3)
+    near = KVView(keys[:, :, 30:], values[:, :, 30:], positions[None, None, 30:])
+    out, _ = attend(Queries(query, torch.tensor([[39]])), [distant, near], 16**-0.5, path)
+    valid = torch.cat([distant.valid, torch.ones(2, 3, 10, dtype=torch.bool)], dim=-1)
+    expected, _ = reference(query, keys, values, torch.tensor([39]), positions, valid)
+    assert (out.double() - expected).abs().max() < 1e-5
+
+
+def test_merged_views_carry_the_gradient_of_their_log_sum_exp():
+    """Training through a merge (PoD's two views) needs d lse: the fused CPU op drops it, so autograd takes the
+    explicit path. Gradients match float64 autograd through the plain formula."""
+    query, keys, values = random_qkv(torch.float32)
+    query.requires_grad_(True)
+    positions = torch.arange(24)
+    query_positions = torch.arange(18, 24)
+    views = [KVView(keys[:, :, :16], values[:, :, :16], positions[None, None, :16]),
+             KVView(keys[:, :, 16:], values[:, :, 16:], positions[None, None, 16:])]
+    out, lse = attend(Queries(query, query_positions[None], newest=False), views, 16**-0.5, "sdpa", need_lse=True)
+    (out.sum() + lse.sum()).backward()
+    exact = query.detach().double().requires_grad_(True)
+    expected, expected_lse = reference(exact, keys, values, query_positions, positions)
+    (expected.sum() + expected_lse.sum()).backward()
+    assert (query.grad.double() - exact.grad).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("window", [None, 3])
 def test_masks_come_from_positions_for_a_token_subset(path, window):
     """A layer that holds only some tokens (kept or routed), queried by only some tokens, masks by position."""

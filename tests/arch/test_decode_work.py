@@ -47,3 +47,23 @@ def decode_step_work(policy: str, prompt: int, kept: int) -> int:
 def test_a_decode_step_after_eviction_does_not_grow_with_the_evicted_prompt(policy):
     short, long = decode_step_work(policy, 200, 32), decode_step_work(policy, 600, 32)
     assert long - short <= 2 * (600 - 200)  # the padding mask generate() passes is one O(prompt) read; nothing else
+
+
+def gated_decode_work(prompt: int, **gate) -> int:
+    model = tiny_surgery_model(seed=0, **gate)
+    ids = torch.randint(3, 97, (1, prompt + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(ids[:, :prompt], use_cache=True).past_key_values
+        with ElementsRead() as work:
+            model(ids[:, prompt:], past_key_values=cache, use_cache=True)
+    return work.elements
+
+
+def test_a_gated_decode_step_reads_its_heads_in_place():
+    """An Attention-Gate keeps a different count per KV head; a decode step attends head by head over the kept
+    tensors as they are. Per prompt token, it touches what an ungated step touches plus the gate's own prefix
+    attention and its bookkeeping, never a padded, stacked copy of the layer (which made it 2.6× an ungated step)."""
+    gate = {"attention_gate_heads": 1, "attention_gate_width": 4, "attention_gate_threshold": 0.5}
+    per_token = (gated_decode_work(600, **gate) - gated_decode_work(200, **gate)) / 400
+    plain = (gated_decode_work(600) - gated_decode_work(200)) / 400
+    assert per_token <= 1.3 * plain
