@@ -113,7 +113,25 @@ def child(folder: str, length: int, decode: int) -> None:
     print(json.dumps({"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps), "kv_bytes": kv_bytes}))
 
 
+def wait_while_paused() -> None:
+    """Between measurements, wait while the file named by SPEED_PAUSE exists: other work can then run on the
+    machine without overlapping a measurement (the file is made, the "paused" line awaited, the work run, the file
+    removed)."""
+    import time
+
+    pause = os.environ.get("SPEED_PAUSE")
+    announced = False
+    while pause and Path(pause).exists():
+        if not announced:
+            print("paused", flush=True)
+            announced = True
+        time.sleep(2)
+    if announced:
+        print("resumed", flush=True)
+
+
 def measure(folder: Path, length: int, decode: int) -> dict:
+    wait_while_paused()
     out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--length", str(length),
                           "--decode", str(decode)], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention_surgery import HeadViews, KVView, Queries, ViewRule, attend, pick_head
+from .attention_surgery import KVView, Queries, ViewRule, attend, attend_dense, pick_head, slot_positions
 from .kvlayer_surgery import PlainCacheLayer
 from .runtime_surgery import Runtime
 
@@ -159,6 +159,43 @@ class HeadSlots:
         return HeadSlots(self.keys.gather(1, index[..., None].expand(-1, -1, self.keys.shape[-1])),
                          self.values.gather(1, index[..., None].expand(-1, -1, self.values.shape[-1])),
                          self.positions.gather(1, index), self.valid.gather(1, index))
+
+
+@dataclass
+class HeadViews:
+    """What a gated layer's queries read of earlier forwards: each KV head's kept slots (heads keep different
+    counts), one single-head `KVView` per head, attended head by head where they lie. Stacking them into one
+    tensor would pad and copy the whole layer's cache at every step; `joined` does that only where one tensor is
+    needed (the Triton kernels). The attention core asks a view that is not a KVView for `partial` and `joined`."""
+
+    heads: list[KVView]
+
+    def partial(self, queries: Queries, scaling: float, implementation: str, window: int | None,
+                dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, q, heads, d) and the lse: each KV head's query group against that head's own slots."""
+        query = queries.states
+        group = query.shape[1] // len(self.heads)
+        parts = [attend_dense(queries, query[:, h * group : (h + 1) * group], view, scaling, implementation, window,
+                              dropout, need_lse=True) for h, view in enumerate(self.heads)]
+        return torch.cat([out for out, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=1)
+
+    def joined(self) -> KVView:
+        """One view: the heads padded to the longest and stacked (a transient copy of the layer)."""
+        width = max(view.slots for view in self.heads)
+        batch = max(view.keys.shape[0] for view in self.heads)
+        device = self.heads[0].keys.device
+        joined: dict[str, list[torch.Tensor]] = {"keys": [], "values": [], "positions": [], "valid": []}
+        for view in self.heads:
+            positions = slot_positions(view, device)  # where a view carries none, its slots precede every query
+            valid = view.valid if view.valid is not None else torch.ones(1, 1, view.slots, dtype=torch.bool,
+                                                                        device=device)
+            for name, tensor, fill in (("keys", view.keys, 0.0), ("values", view.values, 0.0),
+                                       ("positions", positions, 0), ("valid", valid, False)):
+                tensor = tensor.expand(batch, *tensor.shape[1:])
+                missing = width - tensor.shape[2]
+                joined[name].append(torch.cat([tensor, tensor.new_full((*tensor.shape[:2], missing,
+                                                                        *tensor.shape[3:]), fill)], dim=2))
+        return KVView(*(torch.cat(joined[name], dim=1) for name in ("keys", "values", "positions", "valid")))
 
 
 PADDING_FILL = {"keys": 0.0, "values": 0.0, "positions": 0, "valid": False, "until": NEVER, "weights": 0.0}

@@ -124,36 +124,6 @@ class KVView:
 
 
 @dataclass
-class HeadViews:
-    """A view whose KV heads hold different numbers of slots (an Attention-Gate keeps, per head, what that head's
-    gate flags): one single-head `KVView` per KV head, attended head by head. Stacking them into one tensor would
-    pad and copy the whole layer's cache at every step; `joined` does that only where one tensor is needed (the
-    Triton kernels)."""
-
-    heads: list[KVView]
-
-    def joined(self) -> KVView:
-        width = max(view.slots for view in self.heads)
-        batch = max(view.keys.shape[0] for view in self.heads)
-
-        def pad(tensor: torch.Tensor, fill) -> torch.Tensor:
-            tensor = tensor.expand(batch, *tensor.shape[1:])
-            missing = width - tensor.shape[2]
-            return torch.cat([tensor, tensor.new_full((*tensor.shape[:2], missing, *tensor.shape[3:]), fill)], dim=2)
-
-        device = self.heads[0].keys.device
-        joined = {"keys": [], "values": [], "positions": [], "valid": []}
-        for view in self.heads:
-            positions = slot_positions(view, device)  # slot i is token i where a view carries no positions
-            valid = view.valid if view.valid is not None else torch.ones(1, 1, view.slots, dtype=torch.bool,
-                                                                        device=device)
-            for name, tensor, fill in (("keys", view.keys, 0.0), ("values", view.values, 0.0),
-                                       ("positions", positions, 0), ("valid", valid, False)):
-                joined[name].append(pad(tensor, fill))
-        return KVView(*(torch.cat(joined[name], dim=1) for name in ("keys", "values", "positions", "valid")))
-
-
-@dataclass
 class Queries:
     """The queries of one layer call: post-RoPE (batch, heads, q, head_dim) and the token index of each row.
 
@@ -329,16 +299,6 @@ def attend_view(queries: Queries, view: KVView, scaling: float, implementation: 
     return attend_dense(queries, query, view, scaling, implementation, window, dropout, need_lse)
 
 
-def attend_heads(queries: Queries, views: HeadViews, scaling: float, implementation: str, window: int | None,
-                 dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over a `HeadViews`, each KV head's query group against that head's own slots; with the lse."""
-    query = queries.states
-    group = query.shape[1] // len(views.heads)
-    parts = [attend_dense(queries, query[:, h * group : (h + 1) * group], view, scaling, implementation, window,
-                          dropout, need_lse=True) for h, view in enumerate(views.heads)]
-    return torch.cat([out for out, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=1)
-
-
 def attend_kernels(queries: Queries, view: KVView, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton path: decode kernel for one query row, prefill kernel (with its log-sum-exp) otherwise."""
     query = queries.states
@@ -462,14 +422,16 @@ def attend(queries: Queries, views: list[KVView], scaling: float, implementation
     for (always computed when several views merge). With `skip`, the last of several views is dropped for the
     rows the earlier views already hold: `skip` counts each view's allowed slots (`count`) and empties the rows to
     drop from the last view's partial result (`apply`), as PoD's `DistantSkip` does."""
+    kernels = use_kernels(implementation, queries.states)
+    # A view that is not a KVView attends itself (`partial`: output and lse) or, for the kernels, becomes one
+    # (`joined`): an Attention-Gate's heads that each keep their own count of slots.
+    views = [view.joined() if not isinstance(view, KVView) and kernels else view for view in views]
+    if not all(isinstance(view, KVView) for view in views):
+        return merge_views(queries, views, scaling, implementation, window, dropout, None)
     slots = skip.count(queries, views, window) if skip is not None else None
     if len(views) == 1:
         return attend_view(queries, views[0], scaling, implementation, window, dropout, need_lse)
     one_row = queries.states.shape[2] == 1  # a decode step: merging costs nothing, concatenating copies the cache
-    kernels = use_kernels(implementation, queries.states)
-    views = [view.joined() if isinstance(view, HeadViews) and kernels else view for view in views]
-    if any(isinstance(view, HeadViews) for view in views):
-        return merge_views(queries, views, scaling, implementation, window, dropout, None)
     if (slots is None and not need_lse and not one_row and implementation != "eager"
             and not kernels and all(view.projection is None for view in views)):
         if tileable(queries, views):
@@ -483,8 +445,8 @@ def merge_views(queries: Queries, views: list, scaling: float, implementation: s
     """Each view's partial attention with its log-sum-exp, merged; `skip` (rule, slots) may empty rows of the last."""
     result = None
     for index, view in enumerate(views):
-        if isinstance(view, HeadViews):
-            part = attend_heads(queries, view, scaling, implementation, window, dropout)
+        if not isinstance(view, KVView):
+            part = view.partial(queries, scaling, implementation, window, dropout)
         else:
             part = attend_view(queries, view, scaling, implementation, window, dropout, need_lse=True)
         if skip is not None and index == len(views) - 1:

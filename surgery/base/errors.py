@@ -7,6 +7,14 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def root_reason(error: BaseException) -> str:
+    """The first line of the innermost cause: a wrapper (huggingface_hub's strict-dataclass validation, say) puts its
+    own heading first and the reason that tells the user what to fix below it, or in its cause."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return first_line(error)
+
+
 class SurgeryError(Exception):
     """Bad input or an impossible request. The CLI prints it as one line and exits non-zero, without a traceback."""
 

@@ -15,20 +15,16 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from surgery.base.disk import full_disk_error, nearest_existing, out_of_space
 from surgery.base.errors import SurgeryError
 from surgery.base.interrupts import raise_if_received
+from surgery.base.sizes import format_size
 
 log = logging.getLogger(__name__)
 
 
 def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
-
-
-def nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def check_output(out: Path, inputs: list[Path], option: str = "--out") -> Path:
@@ -112,8 +108,9 @@ def exclusive(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def staging(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A fresh folder beside `out` that replaces `out` only if the block finishes without an exception."""
+def staging(out: Path, overwrite: bool, needed: int = 0) -> Iterator[Path]:
+    """A fresh folder beside `out` that replaces `out` only if the block finishes without an exception. A write the
+    disk refused is named as a full disk (with `needed`, the bytes the output takes, where the caller knows)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise SurgeryError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")
@@ -127,7 +124,15 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
     try:
-        yield temp
+        try:
+            yield temp
+        except Exception as error:
+            if not out_of_space(error):
+                raise
+            written = sum(path.stat().st_size for path in temp.rglob("*") if path.is_file())
+            raise full_disk_error(out.parent, needed or None,
+                                  hint=f"{format_size(written)} were written before it filled; nothing was kept; free "
+                                       "space there, or pass another --out") from None
         raise_if_received()
         if out.exists():
             if not overwrite:

@@ -4,6 +4,7 @@ Metadata keys: "min" and "max" (inclusive), "above" and "below" (exclusive). The
 types; `check_ranges` applies the same bounds to a dataclass built from Python.
 """
 
+import math
 import types
 import typing
 from dataclasses import Field, fields
@@ -58,13 +59,38 @@ def in_range(spec: Field, value: Any) -> bool:
                 or ("max" in meta and value > meta["max"]) or ("below" in meta and value >= meta["below"]))
 
 
+class FiniteFloat(click.ParamType):
+    """A float option that must be a finite number, within optional bounds. The one click type of every float
+    option: NaN fails every comparison, so a range alone lets `--keep nan` through into a config."""
+
+    name = "float"
+
+    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False):
+        bounded = low is not None or high is not None
+        self.range = click.FloatRange(low, high, min_open=low_open, max_open=high_open) if bounded else None
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return self.range.convert(number, param, ctx) if self.range is not None else number
+
+    def get_metavar(self, *args, **kwargs):
+        return self.range.get_metavar(*args, **kwargs) if self.range is not None else None
+
+    def __repr__(self) -> str:
+        return repr(self.range) if self.range is not None else "FLOAT"
+
+
 def click_range(spec: Field, kind: type) -> click.ParamType:
-    """A click IntRange/FloatRange with the field's bounds."""
+    """A click type with the field's bounds: IntRange, or for a float a `FiniteFloat`."""
     meta = spec.metadata
     low = meta.get("min", meta.get("above"))
     high = meta.get("max", meta.get("below"))
-    range_type = click.IntRange if kind is int else click.FloatRange
-    return range_type(min=low, max=high, min_open="above" in meta, max_open="below" in meta)
+    if kind is float:
+        return FiniteFloat(low, high, "above" in meta, "below" in meta)
+    return click.IntRange(min=low, max=high, min_open="above" in meta, max_open="below" in meta)
 
 
 def check_ranges(instance: Any) -> None:
@@ -86,6 +112,8 @@ def check_ranges(instance: Any) -> None:
             raise SurgeryError(f"{flag_name(spec.name)} must be a whole number, got {value!r}")
         if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise SurgeryError(f"{flag_name(spec.name)} must be a number, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise SurgeryError(f"{flag_name(spec.name)} must be a finite number, got {value}")
         if kind is str and not isinstance(value, str):
             raise SurgeryError(f"{flag_name(spec.name)} must be text, got {value!r}")
         if not has_range(spec):

@@ -13,3 +13,12 @@ def parse_size(text: str) -> int:
     if not match:
         raise SurgeryError(f"cannot read size {text!r}", hint="give bytes, e.g. 2000000000 or 2G")
     return int(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " ")
+
+
+def format_size(count: int) -> str:
+    """Bytes as a person reads them: 3.4 MiB, 12.0 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024:
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1024
+    return f"{count:.1f} TiB"

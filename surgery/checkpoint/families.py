@@ -11,7 +11,7 @@ import transformers
 from transformers import AutoConfig
 
 from surgery.arch.configuration_surgery import SurgeryConfig
-from surgery.base.errors import SurgeryError, first_line
+from surgery.base.errors import SurgeryError, first_line, root_reason
 
 # The files of a tokenizer that a checkpoint carries over from its source.
 TOKENIZER_FILES = (
@@ -166,7 +166,7 @@ def source_config(config_dict: dict[str, Any]):
     try:
         return AutoConfig.for_model(model_type, **fields)
     except Exception as error:  # strict dataclass validation raises its own types
-        raise SurgeryError(f"config.json is not a valid {model_type} config: {first_line(error)}",
+        raise SurgeryError(f"config.json is not a valid {model_type} config: {root_reason(error)}",
                            hint="fix config.json of the source model") from None
 
 
@@ -182,7 +182,7 @@ def surgery_config_from_source(config_dict: dict[str, Any]) -> SurgeryConfig:
     try:
         return SurgeryConfig(**kwargs)
     except Exception as error:  # strict dataclass validation raises its own types
-        raise SurgeryError(f"config.json cannot be converted: {first_line(error)}", hint="fix config.json of the source model") from None
+        raise SurgeryError(f"config.json cannot be converted: {root_reason(error)}", hint="fix config.json of the source model") from None
 
 
 # The MoE family that keeps a dense family's attention, for a model that upcycling gave experts.

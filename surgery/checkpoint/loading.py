@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from surgery.arch.configuration_surgery import SURGERY_FORMAT, SurgeryConfig
 from surgery.arch.modeling_surgery import SurgeryForCausalLM
-from surgery.base.errors import SurgeryError, first_line
+from surgery.base.errors import SurgeryError, first_line, root_reason
 from surgery.checkpoint.families import TOKENIZER_FILES, family_model_class, source_config
 from surgery.checkpoint.sources import Source, resolve
 from surgery.checkpoint.tensor_io import LazyCheckpoint
@@ -173,7 +173,7 @@ def read_checkpoint_config(folder: Path) -> SurgeryConfig:
             return SurgeryConfig.from_pretrained(folder)
         return SurgeryConfig.from_dict(upgraded(raw, found))
     except Exception as error:  # validation of the plan and of field types raises several types
-        raise SurgeryError(f"{folder}/config.json is not a valid surgery config: {first_line(error)}",
+        raise SurgeryError(f"{folder}/config.json is not a valid surgery config: {root_reason(error)}",
                            hint="re-export the checkpoint with `surgery convert`") from None
 
 

@@ -9,6 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.base.disk import full_disk_error, out_of_space
 from surgery.base.errors import SurgeryError, first_line
 from surgery.base.interrupts import raise_if_received
 from surgery.checkpoint.families import read_model_type
@@ -139,6 +140,8 @@ def _gguf_to_folder(gguf: Path) -> Path:
     except SurgeryError:
         raise
     except Exception as error:  # gguf and transformers raise many types for a damaged file
+        if out_of_space(error):
+            raise cache_full(target, 4 * gguf_elements(gguf)) from None
         reason = first_line(error)
         raise SurgeryError(f"cannot read the GGUF file {gguf}: {reason}",
                            hint="re-download it; it must be a GGUF that transformers can dequantize") from None
@@ -154,8 +157,26 @@ def _pickle_to_folder(folder: Path) -> Path:
     except SurgeryError:
         raise
     except Exception as error:  # torch.load raises many types for a damaged pickle
+        if out_of_space(error):
+            raise cache_full(target, None) from None
         reason = first_line(error)
         raise SurgeryError(f"cannot load the pickled weights of {folder}: {reason}", hint="re-download them") from None
+
+
+def cache_full(target: Path, needed: int | None) -> SurgeryError:
+    """The cache's disk filled while a source was being unpacked into it: the source itself is intact."""
+    return full_disk_error(target.parent, needed, hint="the source is intact; free space there, or point SURGERY_CACHE "
+                                                       "at a disk with room")
+
+
+def gguf_elements(gguf: Path) -> int:
+    """Elements of every tensor a GGUF holds (from its header), what dequantizing to float32 writes 4 bytes for."""
+    from gguf import GGUFReader
+
+    try:
+        return sum(int(tensor.n_elements) for tensor in GGUFReader(gguf).tensors)
+    except Exception:  # the size is a courtesy in an error message; never a second failure
+        return 0
 
 
 def _materialize(target: Path, build) -> Path:

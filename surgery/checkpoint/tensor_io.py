@@ -31,6 +31,23 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise SurgeryError(f"{name} holds NaN or infinite values", hint="the source weights are corrupt; re-download them")
 
 
+def check_all_finite(folder: Path, progress: bool = True) -> None:
+    """Stream every tensor of a source once, before any recipe reads it, and name the first that holds NaN or inf.
+    Calibrating on such weights fails later as the recipe's own complaint (no layer pair similar enough, a
+    singular fit), which sends the user the wrong way."""
+    from tqdm.auto import tqdm
+
+    checkpoint = LazyCheckpoint(folder)
+    total = sum(1 for _ in checkpoint.stored_map)
+    with tqdm(total=total, desc="checking the weights are finite", unit="tensor", disable=not progress) as bar:
+        for shard in sorted(set(checkpoint.stored_map.values())):
+            with safe_open(checkpoint.folder / shard, framework="pt") as handle:
+                for name in handle.keys():
+                    check_finite(name, handle.get_tensor(name))
+                    bar.update()
+            release_freed_memory()
+
+
 def _read_weight_map(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")

@@ -10,6 +10,7 @@ import typing
 
 import click
 
+from surgery.base.disk import out_of_space
 from surgery.base.errors import SurgeryError, first_line
 from surgery.base.interrupts import Terminated, raise_if_received, raised_at_safe_points, received
 
@@ -32,7 +33,7 @@ def fail(message: str, code: int = EXIT_ERROR) -> typing.NoReturn:
 
 def os_error_line(error: OSError) -> str:
     where = f" ({error.filename})" if error.filename else ""
-    if error.errno == errno.ENOSPC:
+    if out_of_space(error):  # ENOSPC, or a library's short write
         return f"no space left on the device{where}; nothing was written to the output (free some space and run again)"
     if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"cannot write{where}: {error.strerror} (choose a writable location)"

@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 
 from surgery.base.errors import SurgeryError
+from surgery.base.ranges import FiniteFloat
 from surgery.cli.errors import friendly_errors
 from surgery.cli.options import (ALLOW_PICKLE, MAX_MEMORY, SectionedCommand, check_json_target, parse_lengths,
                                  quality_options, require_extra, retrieval_options, section_option)
@@ -18,7 +19,7 @@ HARNESS = "lm-evaluation-harness options (pip install 'surgery[lm-eval]')"
 @click.argument("checkpoint")
 @click.option("--task", type=click.Choice(["quality", "passkey", "retrieval"]), default="quality", show_default=True, help="quality: perplexity, KV bytes, agreement, speed; passkey: one pass key; retrieval: the RULER-style suite.")
 @click.option("--baseline", default=None, help="Model to compare with on the same prompts (any MODEL that convert accepts).")
-@click.option("--keep", type=click.FloatRange(min=0, max=1, min_open=True), default=None, help="Fraction of each prompt an eviction policy keeps (default: the checkpoint's; 1 = full cache).")
+@click.option("--keep", type=FiniteFloat(0, 1, low_open=True), default=None, help="Fraction of each prompt an eviction policy keeps (default: the checkpoint's; 1 = full cache).")
 @click.option("--data", default=None, help="Text (file, folder, dataset or corpus name). Default: python-reference for quality, stdlib-haystack for passkey, both offline and disjoint from calibration.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Where to write the results (default: CHECKPOINT/eval_results.json, or ./eval_results.json for a Hub id).")
 @ALLOW_PICKLE

@@ -94,7 +94,7 @@ def dataclass_options(owner: type, specs, command, section: str = "Options"):
         help_text += f" [{default}]" if default is not None else ""
         choices = spec.metadata.get("choices")
         kind = click.Choice(choices) if choices else value_type(owner, spec)
-        if has_range(spec) and kind in (int, float):
+        if kind is float or (has_range(spec) and kind is int):
             kind = click_range(spec, kind)
         command = section_option(flag, spec.name, type=kind, default=None, help=help_text, section=section)(command)
     return command

@@ -19,7 +19,7 @@ from surgery.checkpoint.records import EVAL_FILE
 from surgery.calibrate.corpora import DEFAULT_CALIBRATION, SELF_GENERATED
 from surgery.base.errors import SurgeryError
 from surgery.base.sizes import DEFAULT_SHARD_SIZE
-from surgery.checkpoint.export import DTYPES, check_source_tensors, finish_checkpoint, write_weights
+from surgery.checkpoint.export import DTYPES, check_source_tensors, expected_tensors, finish_checkpoint, write_weights
 from surgery.checkpoint.families import plain_family_config, surgery_config_from_source
 from surgery.calibrate.layer_runner import LayerRunner
 from surgery.calibrate.source_model import load_sampling_model
@@ -29,7 +29,7 @@ from surgery.base.outputs import check_output, exclusive, staging
 from surgery.recipes import Recipe, check_composition
 from surgery.checkpoint.rewrite import TensorPlan
 from surgery.checkpoint.sources import Source, resolve
-from surgery.checkpoint.tensor_io import LazyCheckpoint
+from surgery.checkpoint.tensor_io import LazyCheckpoint, check_all_finite
 from surgery.checkpoint.gguf_stream import read_provenance
 from surgery.checkpoint.records import write_results
 from surgery.evals.evaluate import evaluate, far_from_source, print_report
@@ -114,6 +114,12 @@ def compute_dtype(name: str, device: str) -> torch.dtype:
 
 def float32_bytes(source: Source) -> int:
     return 4 * sum(math.prod(shape) for shape in LazyCheckpoint(source.folder).shapes().values())
+
+
+def output_bytes(config: SurgeryConfig, family, dtype: torch.dtype) -> int:
+    """The weights the checkpoint will hold, from its planned shapes (what a full disk is told is needed)."""
+    shapes = expected_tensors(family if family is not None else config)
+    return dtype.itemsize * sum(math.prod(shape) for shape in shapes.values())
 
 
 def fits_twice(source: Source) -> bool:
@@ -233,6 +239,7 @@ def _convert(request: ConvertRequest, source: Source, out: Path) -> Path:
     for recipe in request.recipes:
         recipe.validate(config)
     check_source_tensors(source.folder, config)
+    check_all_finite(source.folder, request.progress)
     dtype = DTYPES[request.dtype] if request.dtype else LazyCheckpoint(source.folder).dtype()
 
     settings = calibration_settings(request, source)
@@ -242,7 +249,7 @@ def _convert(request: ConvertRequest, source: Source, out: Path) -> Path:
 
     # depth growth and upcycling alone: a plain checkpoint of a transformers family, no remote code
     family = plain_family_config(source.config, config) if all(r.keeps_family for r in request.recipes) else None
-    with staging(out, request.overwrite) as folder:
+    with staging(out, request.overwrite, needed=output_bytes(config, family, dtype)) as folder:
         with stage("writing the weights"):
             write_weights(source.folder, config, folder, dtype, request.max_shard_size, request.progress,
                           tensor_plan(request.recipes), family=family.model_type if family is not None else None)

@@ -95,11 +95,32 @@ def test_tensor_of_the_wrong_shape(source, tmp_path, recipe):
     assert_clean_failure(convert(source, tmp_path, recipe=recipe), "model.layers.1.mlp.up_proj.weight has shape (95, 64)")
 
 
-@pytest.mark.parametrize("recipe", ["none", "kvsharer"])
-def test_nan_weights_are_named(source, tmp_path, recipe):
-    edit_weights(source, _nan)
-    assert_clean_failure(convert(source, tmp_path, recipe=recipe), "model.layers.2.self_attn.o_proj.weight", "NaN")
+def every_recipe() -> list[str]:
+    from surgery.recipes import RECIPES
+
+    return sorted(RECIPES)
+
+
+@pytest.mark.parametrize("recipe,value", [(recipe, "nan") for recipe in every_recipe()]
+                         + [("none", "inf"), ("kvsharer", "-inf")])
+def test_non_finite_weights_are_named_before_any_recipe_reads_them(tiny_models, tmp_path, recipe, value):
+    """Checked once, streaming, before calibration: KVSharer used to say no layer pair passed --threshold 0."""
+    source = tmp_path / "src"
+    shutil.copytree(tiny_models["mixtral" if recipe == "adamoe" else "llama"], source)
+    edit_weights(source, lambda tensors: tensors["model.layers.1.self_attn.o_proj.weight"].__setitem__(
+        (0, 0), float(value)))
+    options = ["--share-layers", "1", "--threshold", "0"] if recipe == "kvsharer" else []
+    result = convert(source, tmp_path, *options, recipe=recipe)
+    assert_clean_failure(result, "model.layers.1.self_attn.o_proj.weight holds NaN or infinite values")
     assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_weights_keep_an_existing_output(source, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    edit_weights(source, _nan)
+    assert_clean_failure(convert(source, tmp_path, "--overwrite", recipe="kvsharer"), "NaN")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("content", ["truncated", "random", "empty"])
@@ -241,15 +262,39 @@ def test_surgery_cache_is_a_file(tmp_path, monkeypatch):
     assert_clean_failure(cli("inspect", tmp_path / "m.gguf"), "is a file", "SURGERY_CACHE")
 
 
-def test_disk_full_is_one_line_and_leaves_nothing(source, tmp_path, monkeypatch):
+DISK_FULL = {  # what a full disk looks like from the writers: the OS's errno, and safetensors' short write
+    "ENOSPC": lambda *args: OSError(errno.ENOSPC, "No space left on device", str(args[1])),
+    "short write": lambda *args: OSError("3538944 requested and 3078912 written"),
+}
+
+
+@pytest.mark.parametrize("how", DISK_FULL)
+def test_disk_full_names_the_disk_and_the_bytes_and_leaves_nothing(source, tmp_path, monkeypatch, how):
     import surgery.checkpoint.tensor_io
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
+        raise DISK_FULL[how](*args)
 
     monkeypatch.setattr(surgery.checkpoint.tensor_io.shutil, "copyfileobj", full)
-    assert_clean_failure(convert(source, tmp_path), "no space left")
+    result = convert(source, tmp_path)
+    assert_clean_failure(result, f"the disk holding {tmp_path} is full", "free", "needed", "nothing was kept")
+    assert "requested and" not in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_full_cache_disk_does_not_blame_the_gguf(tmp_path, cache, monkeypatch):
+    """Unpacking a GGUF into a full SURGERY_CACHE: the disk is named, and the intact file is not to be re-downloaded."""
+    import surgery.checkpoint.sources
+
+    def full(gguf, folder):
+        raise OSError(errno.ENOSPC, "Not enough free space to write the shard")
+
+    monkeypatch.setattr(surgery.checkpoint.sources, "stream_gguf", full)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(60))
+    result = cli("inspect", tmp_path / "m.gguf")
+    assert_clean_failure(result, f"the disk holding {cache / 'gguf'} is full", "the source is intact", "SURGERY_CACHE")
+    assert "re-download" not in result.stderr
+    assert not any(path.name.startswith(".") or ".tmp-" in path.name for path in (cache / "gguf").iterdir())
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "inspect"])
@@ -265,8 +310,10 @@ def test_truncated_checkpoint(checkpoint, tmp_path, command):
 def test_bad_kv_source(checkpoint, tmp_path, command):
     folder = tmp_path / "bad"
     shutil.copytree(checkpoint, folder)
-    edit_json(folder / "config.json", lambda c: c.update(kv_source=[0, 0, 5, 0]))
-    assert_clean_failure(cli(command, folder), "not a valid surgery config", "re-export")
+    edit_json(folder / "config.json", lambda c: c.update(kv_source=[0, 0, 3, 0]))
+    # the reason itself, not the validator's heading that precedes it
+    assert_clean_failure(cli(command, folder), "not a valid surgery config: layer 2 cannot read the cache of layer 3",
+                         "re-export")
 
 
 def test_push_without_token_says_so(checkpoint, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import click
 import pytest
 from helpers import cli
 from hypothesis import HealthCheck, given, settings
@@ -53,7 +54,7 @@ def test_fuzzed_config_json(tiny_models, tmp_path_factory, changes):
 
 numbers = st.one_of(st.integers(min_value=1, max_value=4), st.integers(min_value=1, max_value=4),
                     st.floats(min_value=0.05, max_value=1.0), st.integers(min_value=-5, max_value=40), st.floats(min_value=-2, max_value=3, allow_nan=False),
-                    st.sampled_from(["abc", "", "1e3", "nan", "inf"]))
+                    st.sampled_from(["abc", "", "1e3", "nan", "inf", "-inf", "NaN", "1e400"]))
 RECIPE_OPTIONS = {
     "kvsharer": ("--share-layers", "--ratio", "--threshold", "--calib-batch-size", "--num-samples", "--seq-len"),
     "snapkv": ("--keep", "--keep-tokens", "--window"),
@@ -87,3 +88,53 @@ def test_every_numeric_adapt_option_is_range_checked():
         if has_range(spec):
             result = cli("adapt", "ckpt", "--teacher", "demo", "--out", "o", f"--{spec.name.replace('_', '-')}", "-7")
             assert result.exit_code == 2 and f"--{spec.name.replace('_', '-')}" in result.stderr
+
+
+def float_options() -> list[tuple[str, str]]:
+    """(command, flag) of every float option of every command, recipes' included."""
+    from surgery.base.ranges import FiniteFloat
+    from surgery.cli.main import main
+
+    found = []
+    for name, command in sorted(main.commands.items()):
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.is_flag:
+                float_like = isinstance(param.type, (FiniteFloat, click.FloatRange)) or param.type is click.FLOAT
+                if float_like:
+                    found.append((name, param.opts[0]))
+    return found
+
+
+def test_every_float_option_is_the_finite_float_type():
+    """One click type for every float option: a plain FloatRange lets NaN through every bound."""
+    from surgery.base.ranges import FiniteFloat
+    from surgery.cli.main import main
+
+    plain = [(name, param.opts[0]) for name, command in main.commands.items() for param in command.params
+             if isinstance(param.type, click.FloatRange) or param.type is click.FLOAT]
+    assert not plain
+    assert ("convert", "--keep") in float_options() and ("convert", "--kv-fraction") in float_options()
+    assert all(isinstance(p.type, FiniteFloat) for c in main.commands.values() for p in c.params
+               if (c.name, p.opts[0]) in float_options())
+
+
+@pytest.mark.parametrize("command,flag", float_options())
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_non_finite_floats_are_refused_at_parse_time(command, flag, value):
+    """Given first, the option is parsed first: exit 2 and its own name, before any argument or file is looked at."""
+    result = cli(command, flag, value)
+    assert result.exit_code == 2, result.output
+    assert flag in result.stderr and "not a finite number" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_non_finite_options_from_python_are_refused_too():
+    from surgery.base.errors import SurgeryError
+    from surgery.base.ranges import check_ranges
+    from surgery.recipes import RECIPES
+
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(SurgeryError, match="--keep must be a finite number"):
+            check_ranges(RECIPES["snapkv"](keep=value))
+        with pytest.raises(SurgeryError, match="--kv-fraction must be a finite number"):
+            check_ranges(RECIPES["matryoshka"](kv_fraction=value))
