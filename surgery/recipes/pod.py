@@ -7,7 +7,11 @@ Grouping, as the paper does it offline (the choices it leaves open are marked):
    and average them over the query heads of each KV head.
 3. Similarity of layer l to layer b, per KV head: 1 − JSD(P_l ‖ P_b), the Jensen–Shannon divergence in bits
    (so it lies in [0, 1]), averaged over those queries and the samples. (Choice: the paper names a JS-based
-   similarity; 1 − JSD in bits is the plain one.)
+   similarity; 1 − JSD in bits is the plain one.) P is, by default, the attention over the *distant* keys only
+   (those that will be shared: after the first `sinks`, more than `recent` before the query), renormalised: the
+   paper's motivating observation is that attention over distant tokens is alike across neighbouring layers, and
+   only those keys are shared, so the proximal keys each layer keeps must not decide the groups. `--similarity
+   whole` compares the whole attention rows instead, as this recipe did first.
 4. Per KV head, bottom-up: layer 0 opens a group; each next layer joins the open group while its similarity to the
    group's bottom layer is at least δ (default 0.5), else it opens a new group. (Choice: compared with the bottom
    layer, whose keys the layer will use, not with its neighbour.)
@@ -51,10 +55,25 @@ def last_query_attention(layer, hidden: torch.Tensor, rotary, config, last: int)
     key = modeling_surgery.apply_rope(key, cos, sin).double()
     group = config.num_attention_heads // config.num_key_value_heads
     scores = query @ key.repeat_interleave(group, dim=1).transpose(2, 3) * attention.scaling
-    causal = torch.arange(n, device=hidden.device)[None, :] <= torch.arange(n - last, n, device=hidden.device)[:, None]
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    keys, queries = torch.arange(n, device=hidden.device)[None, :], torch.arange(n - last, n, device=hidden.device)[:, None]
+    allowed = keys <= queries
+    if attention.sliding_window is not None:  # a sliding layer reads only its window, as the source does
+        allowed &= keys > queries - attention.sliding_window
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     batch = probs.shape[0]
     return probs.view(batch, config.num_key_value_heads, group, last, n).mean(2)
+
+
+def distant_attention(probs: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
+    """The last queries' attention (…, last, n) restricted to the distant keys and renormalised: key j is distant
+    for the query at position t when sinks <= j <= t − recent (the keys PoD shares). A row with no distant key
+    stays all zero, and `js_similarity` leaves it out."""
+    last, n = probs.shape[-2:]
+    keys = torch.arange(n, device=probs.device)
+    queries = torch.arange(n - last, n, device=probs.device)[:, None]
+    distant = (keys >= sinks) & (keys <= queries - recent)
+    part = probs * distant
+    return part / part.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
 def js_similarity(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -65,7 +84,11 @@ def js_similarity(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return torch.where(a > 0, a * (torch.log2(a.clamp_min(1e-300)) - torch.log2(b.clamp_min(1e-300))), 0.0).sum(-1)
 
     divergence = 0.5 * (kl(p, mixture) + kl(q, mixture))
-    return 1.0 - divergence.transpose(0, 1).flatten(1).mean(-1)
+    rows = ((p.sum(-1) > 0) & (q.sum(-1) > 0)).to(divergence.dtype)  # rows that have a distribution on both sides
+    counted = rows.transpose(0, 1).flatten(1).sum(-1)
+    divergence = (divergence * rows).transpose(0, 1).flatten(1).sum(-1) / counted.clamp_min(1)
+    # no row to compare (a sliding layer has no distant attention): not similar, so the layer is not grouped
+    return torch.where(counted > 0, 1.0 - divergence, torch.zeros_like(divergence))
 
 
 class GreedyGrouping:
@@ -117,6 +140,7 @@ class PoD(Recipe):
     recent: int = field(default=256, metadata={"help": "last tokens every layer keeps its own keys for (the paper: 4,080 at 32K)", "min": 1})
     delta: float = field(default=0.5, metadata={"help": "min. similarity (1 − JSD) to a group's bottom layer to join it; above 1: no sharing", "min": 0})
     last_queries: int = field(default=64, metadata={"help": "queries per calibration sample whose attention is compared", "min": 1})
+    similarity: str = field(default="distant", metadata={"help": "which attention groups the layers: over the distant keys only, the ones shared (distant), or whole rows (whole)", "choices": ["distant", "whole"]})
     skip_threshold: float | None = field(default=None, metadata={"help": "skip the distant tokens for query rows whose proximal attention mass is at least this (the paper's 0.7; default: never)", "above": 0, "max": 1})
 
     def validate(self, config: SurgeryConfig) -> None:
@@ -132,13 +156,17 @@ class PoD(Recipe):
                                f"{calibration_ids.shape[1]}", hint="pass --seq-len 1024 or more")
         grouping = GreedyGrouping(self.delta)
 
+        def signal(attention: torch.Tensor) -> torch.Tensor:
+            return distant_attention(attention, self.sinks, self.recent) if self.similarity == "distant" else attention
+
         def inspect(index, layer, hidden):
-            grouping.add(index, torch.cat([last_query_attention(layer, h, runner.rotary, config, self.last_queries)
-                                           for h in hidden]))
+            grouping.add(index, torch.cat([signal(last_query_attention(layer, h, runner.rotary, config,
+                                                                       self.last_queries)) for h in hidden]))
 
         runner.run(list(range(config.num_hidden_layers)), record=False, inspect=inspect)
         return {"key_source": grouping.key_source, "similarity": grouping.similarity, "sinks": self.sinks,
-                "recent": self.recent, "delta": self.delta, "skip_threshold": self.skip_threshold}
+                "recent": self.recent, "delta": self.delta, "skip_threshold": self.skip_threshold,
+                "signal": self.similarity}
 
     def apply(self, config: SurgeryConfig, plan: dict[str, Any]) -> None:
         config.pod_key_source = [list(sources) for sources in plan["key_source"]]
@@ -153,7 +181,7 @@ class PoD(Recipe):
         total = sum(len(sources) for sources in key_source)
         lines = [f"{borrowing} of {total} (layer, KV head) pairs read their group's bottom layer's keys for distant "
                  f"tokens; proximal tokens (first {plan.get('sinks')}, last {plan.get('recent')}) keep their own "
-                 f"(groups at similarity ≥ {plan.get('delta')})"]
+                 f"(groups at similarity ≥ {plan.get('delta')} of {plan.get('signal', 'whole')} attention)"]
         if plan.get("skip_threshold") is not None:
             lines.append(f"a query row skips the distant tokens when its proximal attention mass is ≥ {plan['skip_threshold']}")
         for head in range(len(key_source[0]) if key_source else 0):

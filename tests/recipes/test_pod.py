@@ -1,13 +1,14 @@
 """The PoD recipe: the similarity and the grouping against plain formulas, conversion, composition, bad input."""
 
 import math
+import shutil
 
 import pytest
 import torch
 import yaml
 
 from helpers import assert_clean_failure, cli, load_reference, load_remote, run_convert
-from surgery.recipes.pod import GreedyGrouping, js_similarity
+from surgery.recipes.pod import GreedyGrouping, distant_attention, js_similarity
 
 
 def plain_js_similarity(p: list[float], q: list[float]) -> float:
@@ -44,6 +45,78 @@ def test_groups_grow_from_the_bottom_while_similar_to_its_bottom_layer():
         grouping.add(layer, torch.stack([head0[layer], head1[layer]])[None, :, None, :])
     assert grouping.key_source == [[0, 0], [0, 1], [0, 2], [3, 3]]
     assert grouping.similarity[2][0] == pytest.approx(plain_js_similarity(near.tolist(), one_hot[0].tolist()), abs=1e-6)
+
+
+def test_distant_attention_is_the_shared_keys_renormalised():
+    """Key j is distant for the query at t when sinks <= j <= t − recent: those are the keys PoD shares."""
+    probs = torch.rand(1, 1, 3, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = distant_attention(probs, sinks=2, recent=3)
+    for row, t in enumerate(range(7, 10)):
+        part = [probs[0, 0, row, j].item() if 2 <= j <= t - 3 else 0.0 for j in range(10)]
+        assert got[0, 0, row].tolist() == pytest.approx([x / sum(part) for x in part], abs=1e-12)
+
+
+def plain_attention(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, (samples, kv_heads, last 64 queries, keys) float64 attention of transformers' own eager model,
+    averaged over each KV head's query heads: the reference the recipe's attention is checked against."""
+    model = model.double()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions
+    kv, n = model.config.num_key_value_heads, ids.shape[1]
+    return [a.view(a.shape[0], kv, -1, n, n).mean(2)[:, :, n - 64 :] for a in attentions]
+
+
+def plain_similarity(p: torch.Tensor, q: torch.Tensor, head: int) -> float:
+    rows = [plain_js_similarity(p[s, head, r].tolist(), q[s, head, r].tolist())
+            for s in range(p.shape[0]) for r in range(p.shape[2]) if p[s, head, r].sum() > 0 and q[s, head, r].sum() > 0]
+    return sum(rows) / len(rows) if rows else 0.0  # nothing to compare (a sliding layer's distant part): not alike
+
+
+def local_layer_model(tiny_models, folder):
+    """A tiny Qwen2 (q/k biases; layers 2-3 slide over a window of 6) whose layer 1 has constant queries and keys:
+    its attention depends on distance alone through RoPE, peaked on the nearest tokens, so its proximal and distant
+    attention tell different stories."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_models["qwen2"], folder)
+    weights = load_file(folder / "model.safetensors")
+    for projection in ("q_proj", "k_proj"):
+        weights[f"model.layers.1.self_attn.{projection}.weight"].zero_()
+        weights[f"model.layers.1.self_attn.{projection}.bias"].fill_(1.0)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_grouping_on_distant_attention_differs_from_whole_rows_on_a_tiny_model(tiny_models, tmp_path):
+    """The similarity the recipe computes equals a plain float64 one from transformers' own attention, both
+    ways; where a layer's proximal and distant attention disagree, a δ between the two signals groups the layers
+    differently."""
+    from surgery.calibrate.layer_runner import LayerRunner
+    from surgery.checkpoint.families import surgery_config_from_source
+    from surgery.checkpoint.sources import resolve
+    from surgery.recipes.pod import PoD
+
+    folder = local_layer_model(tiny_models, tmp_path / "qwen2")
+    source = resolve(str(folder))
+    ids = torch.randint(0, source.config["vocab_size"], (2, 1024), generator=torch.Generator().manual_seed(3))
+    config = surgery_config_from_source(source.config)
+    plans = {signal: PoD(delta=0.0, sinks=4, recent=256, similarity=signal).plan(
+        LayerRunner(folder, config, ids, batch_size=2), ids, progress=False) for signal in ("whole", "distant")}
+    reference = plain_attention(load_reference(folder), ids)
+    signals = {"whole": reference, "distant": [distant_attention(a, 4, 256) for a in reference]}
+    for signal, attention in signals.items():
+        for layer in range(1, len(attention)):  # δ = 0: every layer is compared with layer 0
+            for head in range(attention[0].shape[1]):
+                expected = plain_similarity(attention[layer], attention[0], head)
+                assert plans[signal]["similarity"][layer][head] == pytest.approx(expected, abs=1e-6)
+    whole, distant = plans["whole"]["similarity"][1][0], plans["distant"]["similarity"][1][0]
+    assert distant - whole > 0.01  # its distant attention is closer to layer 0's than its whole rows are
+    groups = {signal: GreedyGrouping((whole + distant) / 2) for signal in signals}
+    for signal, grouping in groups.items():
+        for layer, attention in enumerate(signals[signal]):
+            grouping.add(layer, attention)
+    assert groups["whole"].key_source[1][0] == 1 and groups["distant"].key_source[1][0] == 0
 
 
 @pytest.fixture(scope="module")
