@@ -59,9 +59,16 @@ class SurgeryMoE(nn.Module):
         experts weigh 0, and the true experts' weights are renormalised where the family (or AdaMoE) does, a
         token that chose only null experts keeping weights 0."""
         probabilities = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, experts = torch.topk(probabilities, self.top_k, dim=-1)
         if self.null_experts:
+            # Null rows start as copies of the true rows, so each true expert ties with its copies; a stable sort
+            # gives ties to the lower index, the true expert, where topk's order is implementation-defined.
+            # Untrained, every token then runs the source's top-k true experts (the source model, exactly);
+            # training moves the null rows away from the ties.
+            weights, experts = torch.sort(probabilities, dim=-1, descending=True, stable=True)
+            weights, experts = weights[:, : self.top_k], experts[:, : self.top_k]
             weights = weights.masked_fill(experts >= len(self.experts), 0.0)
+        else:
+            weights, experts = torch.topk(probabilities, self.top_k, dim=-1)
         if self.normalise:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
         if self.training:

@@ -4,6 +4,10 @@ arXiv 2406.13233): m null experts join each router, so a token can spend fewer t
 - Null experts are m extra router rows after the E true ones, initialised, as in the paper, by repeating the true
   experts' rows (null j starts as a copy of row j mod E). top-k is raised (the paper: m = 16 and k = 4 for
   Mixtral's E = 8 and k = 2; the defaults here are m = 2E and k = 2 × the source's).
+- Each true expert then ties with its copies. The routing gives ties to the true expert, explicitly (a stable
+  sort; topk's order among equal values is implementation-defined, and the official code leaves it to topk), so
+  the untrained model runs the source's top-k true experts for every token and computes the source exactly; any
+  adaptivity is learnt. (Before this, which experts a token picked was decided by tie-breaking.)
 - Routing (`arch/mlp_surgery.py`): softmax over all E + m logits, top-k; the chosen true experts' weights are
   renormalised to sum 1; a null expert outputs zero and is never dispatched to, so it costs nothing, and a token
   that chose only null experts gets a zero MLP update.

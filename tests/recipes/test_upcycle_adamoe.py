@@ -117,6 +117,25 @@ def test_adamoe_router_rows_repeat_the_true_experts(tiny_models, tmp_path):
         assert all(torch.equal(router[4 + j], true[j % 4]) for j in range(6))
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_untrained_adamoe_is_the_source_because_ties_go_to_the_true_experts(tiny_models, tmp_path, family):
+    """Null rows start as copies of the true rows (the paper), so each true expert ties with its copies. Ties are
+    broken in favour of the true expert, explicitly (a stable sort), not by topk's implementation-defined order:
+    before training every token runs the source's top-k true experts, and the logits are the source's."""
+    source = load_reference(tiny_models[family])
+    out = run_convert(tiny_models[family], tmp_path / "ada", recipe="adamoe")  # m = 2E, k = 2 × the source's
+    model = load_remote(out)
+    tokens = ids(batch=4, length=32)
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits, source(tokens).logits, atol=1e-5)
+        for layer in model.model.layers:
+            if isinstance(layer.mlp, SurgeryMoE):
+                x = torch.randn(256, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+                weights, experts = layer.mlp.route(x)
+                true = (experts < len(layer.mlp.experts)) & (weights > 0)
+                assert true.sum(-1).tolist() == [source.config.num_experts_per_tok] * 256
+
+
 def reference_moe(block: SurgeryMoE, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """AdaMoE's routing written plainly, token by token, in float64: softmax over E + m, top-k, the chosen true
     experts' weights renormalised (none chosen: zero update)."""
