@@ -11,8 +11,8 @@ against the plain top-2 model trained for the same number of steps.
 4. AdaMoE: `surgery convert <warm model> --recipe adamoe` (8 null experts per layer, top-4, the paper's doubling),
    then --steps steps of `surgery adapt` on the same batches as the baseline.
 Both runs train the routers and experts of the MoE layers (`--moe-train experts`), 2 × 512-token sequences per step
-from the calibration corpus (stdlib docstrings), cross-entropy plus the load-balancing loss (0.01 for the top-2
-baseline, the upcycling recipe's; 1e-4 for AdaMoE, its paper's). Perplexity: 4,096 tokens of Python's reference
+from the calibration corpus (stdlib docstrings), cross-entropy plus the load-balancing loss with one weight,
+--balance-coef (1e-4, AdaMoE's paper's), for the warm-up, the baseline and AdaMoE alike. Perplexity: 4,096 tokens of Python's reference
 manual prose in 512-token windows, which training never reads. Experts per token and MLP FLOPs: counted from the
 tokens each expert actually ran over those windows. Writes bench/results/adamoe.md and adamoe.json.
 """
@@ -117,7 +117,9 @@ def render(state: dict, results: Path) -> None:
              f"- Then {meta['steps']} more steps for each of: plain top-2 (baseline), and AdaMoE with 8 null experts "
              "and top-4 (`--recipe adamoe` on the warm model). Both train the routers and experts of the MoE layers, "
              f"{meta['batch']} × 512 tokens a step of the calibration corpus (stdlib docstrings), the same batches, "
-             "cross-entropy + load-balancing loss (0.01 for top-2, the upcycling recipe's; 1e-4 for AdaMoE, its paper's).",
+             "cross-entropy + load-balancing loss " + (f"weighted {meta['balance_coef']} for all" if "balance_coef" in meta
+                                                      else "weighted 0.01 for top-2 and 1e-4 for AdaMoE (an earlier "
+                                                           "protocol: not like for like)") + ".",
              f"- Perplexity: {meta['eval_tokens']:,} tokens of Python's reference manual prose (`pydoc_data.topics`, "
              "never trained on) in 512-token windows. True experts per token and MLP FLOPs per token: counted from the "
              "tokens each expert ran over those windows (15 MoE layers; router and expert matmuls, the 15 dense MLPs "
@@ -166,6 +168,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=80)
     parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--balance-coef", type=float, default=1e-4,
+                        help="one load-balancing weight for the warm-up, the top-2 baseline and AdaMoE alike "
+                             "(AdaMoE's paper's; the upcycling recipe alone defaults to 0.01)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--speed-prompt", type=int, default=256)
@@ -181,7 +186,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     ids = torch.tensor([tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][: args.eval_tokens]])
     state["meta"].update(warmup=args.warmup, steps=args.steps, batch=args.batch_size, eval_tokens=ids.shape[1],
-                         speed_prompt=args.speed_prompt, speed_decode=args.speed_decode, speed_repeats=args.speed_repeats)
+                         speed_prompt=args.speed_prompt, speed_decode=args.speed_decode, speed_repeats=args.speed_repeats,
+                         balance_coef=args.balance_coef)
     rows = state["rows"]
 
     def save() -> None:
@@ -203,7 +209,8 @@ def main() -> None:
             rows["dense source"] = measure("demo", ids)
             save()
         if "upcycled (before)" not in rows:
-            convert(ConvertRequest(model="demo", recipes=[Upcycle(moe_train="experts")], out=work / "upcycled",
+            convert(ConvertRequest(model="demo", recipes=[Upcycle(moe_train="experts", balance_coef=args.balance_coef)],
+                                   out=work / "upcycled",
                                    verify=False, overwrite=True, progress=False))
             warm_s = train(work / "upcycled", work / "warm", args.warmup, seed=0)
             rows["upcycled (before)"] = {**measure(paths["upcycled (before)"], ids), "train_s": warm_s}
@@ -213,7 +220,8 @@ def main() -> None:
             rows["top-2 (after)"] = {**measure(paths["top-2 (after)"], ids), "train_s": seconds}
             save()
         if "adamoe (before)" not in rows:
-            convert(ConvertRequest(model=str(work / "warm"), recipes=[AdaMoE()], out=work / "adamoe", verify=False,
+            convert(ConvertRequest(model=str(work / "warm"), recipes=[AdaMoE(balance_coef=args.balance_coef)],
+                                   out=work / "adamoe", verify=False,
                                    overwrite=True, progress=False))
             rows["adamoe (before)"] = measure(paths["adamoe (before)"], ids)
             save()

@@ -202,8 +202,8 @@ def main() -> None:
                 adapt(ckpt, trained, adapt_settings, verify=False, progress=True)
                 state["meta"]["adapt"] = (
                     f"`surgery adapt --steps {args.adapt_steps} --batch-size 1 --seq-len {args.adapt_len}` (n_recent "
-                    f"256; {args.adapt_steps * args.adapt_len:,} tokens of the calibration corpus, seed 1; q_proj of "
-                    f"the borrowing layers only; α = {PoD.distill_alpha}, KL to the source) took "
+                    f"256; {args.adapt_steps * args.adapt_len:,} tokens of the calibration corpus, seed 1; q_proj and "
+                    f"k_proj of the borrowing layers only; α = {PoD.distill_alpha}, KL to the source) took "
                     f"{time.perf_counter() - start:.0f} s.")
             model, _ = load_model(str(trained))
             for name, options in settings:

@@ -2,7 +2,9 @@
 
 - `llama-pro` (Wu et al., LLaMA Pro: Progressive LLaMA with Block Expansion, arXiv 2401.02415): a new layer is a
   copy of the layer below it with o_proj and down_proj zeroed, so it starts as the identity (its residual updates
-  are zero) and the grown model computes exactly what the source computes. Only the new layers train.
+  are zero) and the grown model computes exactly what the source computes. Only the new layers train. Placed as
+  the paper places them: the L layers split into n groups of L/n, one new layer after the top of each group (30 →
+  45: after layers 1, 3, ..., 29, the last included), unless --insert-range says otherwise.
 - `solar` (Kim et al., SOLAR 10.7B: Scaling Large Language Models with Simple yet Effective Depth Up-Scaling,
   arXiv 2312.15166): the stack twice, the first copy without its last m₁ layers and the second without its first
   m₂, m₁ + m₂ = 2L − target (m₁ = ⌊·/2⌋: 7 and 8 for 30 → 45). Every weight trains, as in its paper.
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.base.errors import SurgeryError
-from surgery.recipes.growth import GrowthRecipe, Layout, layer_name, zeros_like
+from surgery.recipes.growth import GrowthRecipe, Layout, interleave, layer_name, zeros_like
 
 if TYPE_CHECKING:
     from surgery.arch.configuration_surgery import SurgeryConfig
@@ -25,6 +27,15 @@ METHODS = ("llama-pro", "solar", "copy")
 def writes_residual(suffix: str) -> bool:
     """LLaMA-Pro zeroes what writes to the residual stream: o_proj and every down_proj (each expert's too)."""
     return suffix.startswith("self_attn.o_proj.") or ".down_proj." in f".{suffix}"
+
+
+def llama_pro_gaps(num_layers: int, added: int) -> list[int]:
+    """LLaMA-Pro's block expansion: n = `added` groups of L/n layers (rounded where n does not divide L), a new
+    layer after the last layer of each group, the top layer's group included."""
+    if not 0 <= added <= num_layers:
+        raise SurgeryError(f"LLaMA-Pro adds at most one layer per source layer: {added} new for {num_layers}",
+                           hint=f"ask for at most {2 * num_layers} layers")
+    return [round((group + 1) * num_layers / added) - 1 for group in range(added)]
 
 
 @dataclass
@@ -38,6 +49,9 @@ class DepthUp(GrowthRecipe):
     method: str = field(default="llama-pro", metadata={"help": "how new layers are made: llama-pro (identity copies), solar (two overlapping stacks) or copy", "choices": METHODS})
 
     def make_layout(self, num_layers: int) -> Layout:
+        if self.method == "llama-pro" and self.insert_range is None:
+            added = self.target(num_layers) - num_layers
+            return interleave(num_layers, llama_pro_gaps(num_layers, added))
         if self.method != "solar":
             return super().make_layout(num_layers)
         target = self.target(num_layers)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 NORM_CHOICES = ("neighbours", "first")
+NORM_TERMS = ("official", "rows")  # the loss's norm term: see lesa_loss
 
 
 @dataclass
@@ -49,6 +50,7 @@ class LESA(GrowthRecipe):
     norms: str = field(default="neighbours", metadata={"help": "new layers' RMSNorm weights: neighbours (their mean) or first (layer 0's, as the official code)", "choices": NORM_CHOICES})
     predictor_epochs: int = field(default=10, metadata={"help": "epochs of the predictor's training", "min": 1})
     predictor_width: int = field(default=256, metadata={"help": "the predictor's hidden width", "min": 1})
+    norm_term: str = field(default="official", metadata={"help": "the loss's norm term: official (one squared difference of the whole batch's 2-norms, the official notebook's) or rows (MSE of per-row norms)", "choices": NORM_TERMS})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,7 +81,8 @@ class LESA(GrowthRecipe):
 
             basis, blocks = latent_blocks(read, num_layers)
             predictor, errors[projection] = fit_predictor(basis, blocks, read(held_out), held_out,
-                                                          self.predictor_epochs, self.predictor_width, seed)
+                                                          self.predictor_epochs, self.predictor_width, seed,
+                                                          norm_term=self.norm_term)
             for index, (kind, lower) in enumerate(layout):
                 if kind == "new":
                     with torch.no_grad():
@@ -103,7 +106,12 @@ class LESA(GrowthRecipe):
             mean = sum(e["predictor"] for e in errors.values()) / len(errors)
             baseline = sum(e["neighbour_mean"] for e in errors.values()) / len(errors)
             lines.append(f"predicted from their neighbours (held-out layer {plan['held_out_layer']}: relative weight "
-                         f"error {mean:.3f}, against {baseline:.3f} for the neighbours' mean)")
+                         f"error {mean:.3f}, against {baseline:.3f} for the neighbours' mean and 1.000 for zeros)")
+            worse = sorted(name for name, e in errors.items() if e["predictor"] > 1.0)
+            if worse:
+                lines.append(f"warning: the predictor does worse than predicting zeros on {', '.join(worse)}: "
+                             "those layers start from little more than noise (more --predictor-epochs, or "
+                             "--recipe depth-up)")
         return lines
 
 
@@ -141,18 +149,23 @@ def predict(predictor: torch.nn.Module, lower: torch.Tensor, upper: torch.Tensor
     return predictor(torch.cat([lower, upper], dim=1) * scale) / scale
 
 
-def lesa_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """0.9995·MSE + 0.0005·MSE of the row norms (the official weighting)."""
-    norms = torch.nn.functional.mse_loss(predicted.norm(dim=1), target.norm(dim=1))
+def lesa_loss(predicted: torch.Tensor, target: torch.Tensor, norm_term: str = "official") -> torch.Tensor:
+    """0.9995·MSE + 0.0005·norm term. "official": the official notebook's (`train_LESA.ipynb`), one squared
+    difference per batch between the 2-norms of the whole predicted batch and the whole target batch,
+    MSE(‖outputs‖₂, ‖Y‖₂) of two scalars; "rows": the MSE of the per-row norms, this recipe's first reading."""
+    if norm_term == "official":
+        norms = (predicted.norm() - target.norm()).square()
+    else:
+        norms = torch.nn.functional.mse_loss(predicted.norm(dim=1), target.norm(dim=1))
     return 0.9995 * torch.nn.functional.mse_loss(predicted, target) + 0.0005 * norms
 
 
 def fit_predictor(basis: torch.Tensor, blocks: list[torch.Tensor], truth: torch.Tensor, held_out: int,
-                  epochs: int, hidden: int, seed: int, batch_size: int = 64, lr: float = 1e-3
-                  ) -> tuple[torch.nn.Module, dict[str, float]]:
+                  epochs: int, hidden: int, seed: int, batch_size: int = 64, lr: float = 1e-3,
+                  norm_term: str = "official") -> tuple[torch.nn.Module, dict[str, float]]:
     """Train the predictor on the triplets (i − 1, i, i + 1), one row of the blocks per sample, all but the triplet
-    centred on `held_out`; return it with its held-out relative weight error against `truth` (that layer's weight) and
-    the neighbour mean's."""
+    centred on `held_out`; return it with its held-out relative weight error against `truth` (that layer's weight),
+    the neighbour mean's, and the zero predictor's (1 by definition: an error above it is worse than zeros)."""
     generator = torch.Generator().manual_seed(seed)
     scale = math.sqrt(len(blocks))
     middles = [i for i in range(1, len(blocks) - 1) if i != held_out]
@@ -178,7 +191,7 @@ def fit_predictor(basis: torch.Tensor, blocks: list[torch.Tensor], truth: torch.
             order = torch.randperm(len(middles) * rows, generator=generator)
             for batch in order.split(batch_size):
                 inputs, targets = batch_of(batch)
-                loss = lesa_loss(predictor(inputs), targets)
+                loss = lesa_loss(predictor(inputs), targets, norm_term)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -188,5 +201,6 @@ def fit_predictor(basis: torch.Tensor, blocks: list[torch.Tensor], truth: torch.
         predicted = basis @ predict(predictor, lower, upper)
         mean = basis @ ((lower + upper) / 2)
         errors = {"predictor": float((predicted - truth).norm() / truth.norm()),
-                  "neighbour_mean": float((mean - truth).norm() / truth.norm())}
+                  "neighbour_mean": float((mean - truth).norm() / truth.norm()),
+                  "zeros": float((torch.zeros_like(truth) - truth).norm() / truth.norm())}
     return predictor, errors

@@ -43,11 +43,11 @@ def test_llama_pro_equals_the_source_and_loads_without_remote_code(tiny8, tmp_pa
                       recipe_options={"method": "llama-pro", "target_layers": 12})
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 12 and "auto_map" not in config
-    assert config["grown_layers"] == [4, 6, 8, 10]  # after source layers 3, 4, 5, 6: the upper half's gaps
+    assert config["grown_layers"] == [2, 5, 8, 11]  # LLaMA-Pro: 4 groups of 2, a new layer after 1, 3, 5, 7
     assert not list(out.glob("*.py"))
     shown = cli("inspect", out)
     assert shown.exit_code == 0, shown.output
-    assert any(line.startswith("new layers (depth growth)") and line.endswith(" 4, 6, 8, 10")
+    assert any(line.startswith("new layers (depth growth)") and line.endswith(" 2, 5, 8, 11")
                for line in shown.output.splitlines()), shown.output
     grown, source = load_reference(out), load_reference(tiny8)  # stock transformers, no trust_remote_code
     assert type(grown).__name__ == "LlamaForCausalLM"
@@ -56,9 +56,24 @@ def test_llama_pro_equals_the_source_and_loads_without_remote_code(tiny8, tmp_pa
     assert torch.equal(grown.generate(prompt, max_new_tokens=8, do_sample=False),
                        source.generate(prompt, max_new_tokens=8, do_sample=False))
     tensors, original = load_file(out / "model.safetensors"), load_file(tiny8 / "model.safetensors")
-    assert not tensors["model.layers.4.self_attn.o_proj.weight"].any() and not tensors["model.layers.4.mlp.down_proj.weight"].any()
-    assert torch.equal(tensors["model.layers.4.self_attn.q_proj.weight"], original["model.layers.3.self_attn.q_proj.weight"])
+    assert not tensors["model.layers.11.self_attn.o_proj.weight"].any() and not tensors["model.layers.11.mlp.down_proj.weight"].any()
+    assert torch.equal(tensors["model.layers.11.self_attn.q_proj.weight"], original["model.layers.7.self_attn.q_proj.weight"])
     assert torch.equal(tensors["model.layers.11.mlp.up_proj.weight"], original["model.layers.7.mlp.up_proj.weight"])
+
+
+def test_llama_pro_places_one_new_layer_after_each_group_of_l_over_n():
+    """The paper's block expansion: L layers in n groups of L/n, a copy after each group's top layer."""
+    from surgery.recipes.depth_up import DepthUp
+
+    def plain(layers: int, added: int) -> list[int]:
+        size = layers // added
+        return [group * size + size - 1 for group in range(added)]
+
+    for layers, added in ((32, 8), (30, 15), (8, 4), (24, 6), (40, 8)):
+        layout = DepthUp(method="llama-pro", target_layers=layers + added).make_layout(layers)
+        assert [lower for kind, lower in layout if kind == "new"] == plain(layers, added)
+    lesa_like = DepthUp(method="llama-pro", target_layers=10, insert_range="2:6").make_layout(8)
+    assert [lower for kind, lower in lesa_like if kind == "new"] == [2, 5]  # --insert-range still decides
 
 
 def test_solar_and_copy_layouts(tiny8, tmp_path):
@@ -104,11 +119,18 @@ def test_latent_blocks_from_the_gram_matrix_are_the_direct_svds(out, width):
     assert read_layers == [0, 1, 2, 3] * 2  # one pass for the Gram matrix, one for the blocks: a layer at a time
 
 
-def test_lesa_loss_is_the_official_weighting():
-    predicted, target = torch.randn(7, 4), torch.randn(7, 4)
-    mse = ((predicted - target) ** 2).mean()
-    norms = ((predicted.norm(dim=1) - target.norm(dim=1)) ** 2).mean()
-    assert torch.isclose(lesa_loss(predicted, target), 0.9995 * mse + 0.0005 * norms)
+def test_lesa_loss_is_the_official_notebooks_by_default_and_per_row_by_name():
+    """Official (train_LESA.ipynb): MSE(‖outputs‖₂, ‖Y‖₂), one scalar per batch from the whole batch's 2-norms;
+    "rows": the mean squared difference of per-row norms. Both weighted 0.9995/0.0005 against the plain MSE."""
+    predicted, target = torch.randn(7, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    mse = sum((p - t) ** 2 for p, t in zip(predicted.flatten().tolist(), target.flatten().tolist())) / 28
+    whole = (sum(x * x for x in predicted.flatten().tolist()) ** 0.5 - sum(x * x for x in target.flatten().tolist()) ** 0.5) ** 2
+    rows = sum((sum(x * x for x in p) ** 0.5 - sum(x * x for x in t) ** 0.5) ** 2
+               for p, t in zip(predicted.tolist(), target.tolist())) / 7
+    assert lesa_loss(predicted, target).item() == pytest.approx(0.9995 * mse + 0.0005 * whole, abs=1e-12)
+    assert lesa_loss(predicted, target, "rows").item() == pytest.approx(0.9995 * mse + 0.0005 * rows, abs=1e-12)
+    from surgery.recipes.lesa import LESA
+    assert LESA().norm_term == "official"
 
 
 def test_predictor_learns_a_smooth_depth_trend_better_than_chance():
@@ -119,6 +141,7 @@ def test_predictor_learns_a_smooth_depth_trend_better_than_chance():
     basis, blocks = latent_blocks(lambda i: weights[i], len(weights))
     _, errors = fit_predictor(basis, blocks, weights[6], held_out=6, epochs=60, hidden=64, seed=0)
     assert errors["predictor"] < 0.2 and errors["neighbour_mean"] < 0.2
+    assert errors["zeros"] == pytest.approx(1.0)  # the reference an error above 1 is worse than
 
 
 def test_lesa_new_layers_are_predicted_and_normed_from_their_neighbours(tiny8, tmp_path):
@@ -175,7 +198,7 @@ def test_growth_composes_before_attention_recipes(tiny8, tmp_path):
                       recipe_options={"method": "llama-pro", "target_layers": 10, "share_layers": 2})
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "surgery" and config["num_hidden_layers"] == 10
-    assert config["grown_layers"] == [4, 8] and sum(s != i for i, s in enumerate(config["kv_source"])) == 2
+    assert config["grown_layers"] == [4, 9] and sum(s != i for i, s in enumerate(config["kv_source"])) == 2
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -196,11 +219,11 @@ def test_bad_growth_options_fail_cleanly(tiny8, tmp_path, args, needle):
 
 def test_a_grown_plain_checkpoint_is_not_grown_again(tiny8, tmp_path):
     grown = run_convert(tiny8, tmp_path / "grown", recipe="depth-up", recipe_options={"target_layers": 10})
-    assert json.loads((grown / "config.json").read_text())["grown_layers"] == [4, 8]
+    assert json.loads((grown / "config.json").read_text())["grown_layers"] == [4, 9]  # LLaMA-Pro: after 3 and 7
     assert_clean_failure(cli("convert", grown, "--recipe", "lesa", "--out", tmp_path / "again"), "already grown")
     assert not (tmp_path / "again").exists()
     inspected = cli("inspect", grown)  # the new layers are read back from the plain config
-    assert inspected.exit_code == 0 and "4, 8" in inspected.output
+    assert inspected.exit_code == 0 and "4, 9" in inspected.output
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
