@@ -63,6 +63,10 @@ def run_once(model, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float
 
 
 def cache_bytes(cache) -> int:
+    """Bytes the cache holds for the tokens, from its tensors: a surgery cache counts every store's tensors (a
+    gated layer's per-head slots, PoD's proximal keys), stock transformers' its layers' keys and values."""
+    if hasattr(cache, "kv_bytes"):
+        return cache.kv_bytes()
     return sum(t.numel() * t.element_size() for layer in cache.layers
                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
 
@@ -110,7 +114,8 @@ def child(folder: str, length: int, decode: int) -> None:
             out = model(token, past_key_values=cache, use_cache=True)
             steps.append(time.perf_counter() - begin)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    print(json.dumps({"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps), "kv_bytes": kv_bytes}))
+    decode_ms = 1000 * statistics.median(steps) if steps else None
+    print(json.dumps({"prefill_s": prefill, "decode_ms": decode_ms, "kv_bytes": kv_bytes}))
 
 
 def wait_while_paused() -> None:
