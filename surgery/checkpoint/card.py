@@ -10,8 +10,18 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from surgery.checkpoint.records import EVAL_FILE, METRICS, read_recipe, read_results
+from surgery.base.intervals import wilson_interval
 
 TEMPLATE = Path(__file__).parent.parent / "templates" / "model_card.md"
+
+
+def _with_interval(values: dict[str, Any], key: str, fmt: str) -> str:
+    """A metric and, where eval measured one, its 95% interval: "12.345 (11.9–12.8)"."""
+    text = fmt.format(values[key])
+    interval = values.get(f"{key}_interval")
+    if interval:
+        text += f" ({fmt.format(interval[0])}–{fmt.format(interval[1])})"
+    return text
 
 
 def _eval_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -19,8 +29,13 @@ def _eval_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     candidate, baseline = results.get("model", {}), results.get("baseline", {})
     for key, label, fmt in METRICS:
         if key in candidate:
-            base = fmt.format(baseline[key]) if key in baseline else "-"
-            rows.append((label, fmt.format(candidate[key]), base))
+            base = _with_interval(baseline, key, fmt) if key in baseline else "-"
+            rows.append((label, _with_interval(candidate, key, fmt), base))
+    ratio = results.get("perplexity_ratio")
+    if ratio:
+        low, high = ratio["interval"]
+        rows.append(("perplexity / base model, paired over segments", f"{ratio['value']:.3f} ({low:.3f}–{high:.3f}): "
+                     f"{ratio['verdict']}", "1"))
     return rows
 
 
@@ -36,10 +51,15 @@ def _retrieval_table(report: dict[str, Any] | None) -> dict[str, Any]:
     """Mean string-match recall over the tasks, per setting and length, for the card."""
     scores = (report or {}).get("scores") or {}
     lengths = [str(length) for length in (report or {}).get("lengths", [])]
-    rows = []
+    rows, samples = [], (report or {}).get("samples") or 0
     for name, tasks in scores.items():
         means = [sum(row[length] for row in tasks.values()) / len(tasks) for length in lengths]
-        rows.append((name, [f"{mean:.0%}" for mean in means]))
+        trials = samples * len(tasks)  # one prompt, one trial: the Wilson interval of the pooled recall
+        cells = []
+        for mean in means:
+            low, high = wilson_interval(round(mean * trials), trials) if trials else (None, None)
+            cells.append(f"{mean:.0%}" + (f" ({low:.0%}–{high:.0%})" if trials else ""))
+        rows.append((name, cells))
     return {"retrieval_lengths": lengths, "retrieval_rows": rows,
             "retrieval_tasks": ", ".join(next(iter(scores.values()), {})), "retrieval_samples": (report or {}).get("samples")}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from surgery.base.intervals import wilson_interval
 from surgery.calibrate.text import heldout_text, read_text
 from surgery.calibrate.corpora import HAYSTACK, corpus_text
 from surgery.base.errors import SurgeryError
@@ -52,6 +53,9 @@ class Point:
     perplexity: float
     agreement: float
     retrieval: dict[str, float]  # "task@length" -> recall
+    perplexity_interval: tuple[float, float] = (float("nan"), float("nan"))  # 95%, bootstrapped over segments
+    agreement_interval: tuple[float, float] = (float("nan"), float("nan"))
+    prompts: int = 0  # per retrieval cell: each recall's Wilson interval comes from it
 
     @property
     def recall(self) -> float:
@@ -83,11 +87,11 @@ def setting_text(config, keep: float | None) -> str:
 def measure_point(name: str, model, segments, continuations, prompts, tokenizer, plan: ComparePlan) -> Point:
     keep = default_keep(model, plan.quality.keep)
     quality = compressed_quality(model, segments, plan.quality)
-    agreement = compressed_agreement(model, segments, continuations, plan.quality)
+    agreement, agreement_interval = compressed_agreement(model, segments, continuations, plan.quality)
     scores = {f"{task}@{length}": recall(model, tokenizer, batch, "query-aware", keep, plan.prompt_format)
               for (task, length), batch in prompts.items()}
     return Point(name, setting_text(model.config, keep), quality["kv_bytes_per_token"], quality["perplexity"],
-                 agreement, scores)
+                 agreement, scores, tuple(quality["perplexity_interval"]), agreement_interval, plan.samples)
 
 
 def compare(checkpoints: list[str], baseline: str, plan: ComparePlan, data: str | None = None,
@@ -118,6 +122,14 @@ def compare(checkpoints: list[str], baseline: str, plan: ComparePlan, data: str 
     return points
 
 
+def recall_cell(recall_mean: float, prompts: int) -> str:
+    """A recall and its 95% Wilson interval over the cell's prompts."""
+    if not prompts:
+        return f"{recall_mean:.0%}"
+    low, high = wilson_interval(round(recall_mean * prompts), prompts)
+    return f"{recall_mean:.0%} ({low:.0%}–{high:.0%})"
+
+
 def table(points: list[Point], plan: ComparePlan) -> list[str]:
     """The Markdown table, with the Pareto fronts marked."""
     xy = [(p.kv_bytes_per_token, p.perplexity) for p in points]
@@ -129,9 +141,11 @@ def table(points: list[Point], plan: ComparePlan) -> list[str]:
              "|---" * (7 + len(cells)) + "|"]
     for index, point in enumerate(points):
         fronts = [name for name, front in (("perplexity", on_ppl), ("retrieval", on_recall)) if index in front]
-        lines.append(f"| {point.name} | {point.setting} | {point.kv_bytes_per_token:,.0f} | {point.perplexity:.2f} | "
-                     f"{point.agreement:.1%} | {point.recall:.0%} | "
-                     + " | ".join(f"{point.retrieval[cell]:.0%}" for cell in cells)
+        low, high = point.perplexity_interval
+        a_low, a_high = point.agreement_interval
+        lines.append(f"| {point.name} | {point.setting} | {point.kv_bytes_per_token:,.0f} | {point.perplexity:.2f} "
+                     f"({low:.2f}–{high:.2f}) | {point.agreement:.1%} ({a_low:.1%}–{a_high:.1%}) | {point.recall:.0%} | "
+                     + " | ".join(recall_cell(point.retrieval[cell], point.prompts) for cell in cells)
                      + f" | {', '.join(fronts) or '-'} |")
     return lines
 
@@ -185,7 +199,9 @@ def write_report(points: list[Point], plan: ComparePlan, out: Path, overwrite: b
                  f"compressed as generate() does, then {quality.score_tokens} tokens scored; greedy agreement with "
                  f"the baseline over {quality.agreement_new_tokens} tokens. Retrieval: {plan.samples} prompts per "
                  f"task and length (seed {plan.seed}, `{plan.prompt_format}` format, query-aware), string-match "
-                 "recall. KV bytes per token are measured from each cache after the scored tokens.", "",
+                 "recall. KV bytes per token are measured from each cache after the scored tokens. In brackets: 95% "
+                 "intervals (perplexity and agreement bootstrapped over the prompts, recall by Wilson over a cell's "
+                 "prompts); two models differ only where the evidence rule's paired interval says so.", "",
                  *table(points, plan), "",
                  "![KV bytes against perplexity](kv_vs_perplexity.png)", "",
                  "![KV bytes against retrieval](kv_vs_retrieval.png)", ""]

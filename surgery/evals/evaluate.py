@@ -18,6 +18,8 @@ from surgery.metrics.cache_keyword import cache_of, with_cache
 from surgery.calibrate.text import heldout_text, read_text
 from surgery.checkpoint.records import METRICS
 from surgery.metrics.compute import measured_compute, reset_counts
+from surgery.base.intervals import (perplexity_interval, perplexity_of, perplexity_ratio_interval, share_interval,
+                                      verdict)
 from surgery.base.errors import SurgeryError
 from surgery.checkpoint.loading import check_same_vocabulary, load_source_model, load_tokenizer, read_checkpoint_config
 from surgery.checkpoint.sources import resolve
@@ -126,18 +128,19 @@ def eval_segments(ids: torch.Tensor, settings: EvalSettings) -> list[torch.Tenso
 def compressed_quality(model, segments: list[torch.Tensor], settings: EvalSettings) -> dict[str, float]:
     """Perplexity of the scored tokens after each compressed prompt, and the KV bytes per token the cache holds
     at the end (prompt + scored tokens), averaged over segments."""
-    nll, count, kv_bytes, kept = 0.0, 0, [], []
+    nll, count, kv_bytes, kept = [], [], [], []
     reset_counts(model)
     for segment in segments:
         prompt, targets = segment[:, : settings.prompt_len], segment[:, settings.prompt_len:]
         logits, cache = continuation_logits(model, prompt, targets, **prefill_options(model, settings.keep))
-        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-        count += targets.numel()
+        nll.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item())
+        count.append(targets.numel())
         kv_bytes.append(cache_kv_bytes_per_token(cache))
         kept.append(cache.kept_fraction() if hasattr(cache, "kept_fraction") else 1.0)
     compute = measured_compute(model) or {}
-    return {"perplexity": math.exp(nll / count), "kv_bytes_per_token": sum(kv_bytes) / len(kv_bytes),
-            "tokens_kept": sum(kept) / len(kept),
+    return {"perplexity": perplexity_of(nll, count), "perplexity_interval": list(perplexity_interval(nll, count)),
+            "segment_nll": nll, "segment_tokens": count,
+            "kv_bytes_per_token": sum(kv_bytes) / len(kv_bytes), "tokens_kept": sum(kept) / len(kept),
             **{key: compute[key] for key in COMPUTE_KEYS if key in compute}}
 
 
@@ -150,16 +153,16 @@ def baseline_continuations(baseline, segments: list[torch.Tensor], settings: Eva
 
 
 def compressed_agreement(model, segments: list[torch.Tensor], continuations: list[torch.Tensor],
-                         settings: EvalSettings) -> float:
+                         settings: EvalSettings) -> tuple[float, tuple[float, float]]:
     """Share of the baseline's greedy tokens this model also picks, reading the same history through its
-    compressed prompt."""
-    hits, total = 0, 0
+    compressed prompt, and its 95% interval over segments."""
+    hits, totals = [], []
     for segment, continuation in zip(segments, continuations):
         logits, _ = continuation_logits(model, segment[:, : settings.prompt_len], continuation,
                                         **prefill_options(model, settings.keep))
-        hits += (logits.argmax(-1) == continuation).sum().item()
-        total += continuation.numel()
-    return hits / total
+        hits.append((logits.argmax(-1) == continuation).sum().item())
+        totals.append(continuation.numel())
+    return sum(hits) / sum(totals), share_interval(hits, totals)
 
 
 @torch.no_grad()
@@ -269,9 +272,14 @@ def evaluate(checkpoint: str | Path, baseline: str | None = None, progress: bool
         results["baseline"]["greedy_agreement"] = 1.0
         results["baseline_name"] = base_source.name
         del base_model
-        results["model"]["greedy_agreement"] = compressed_agreement(model, segments, continuations, settings)
+        agreement, interval = compressed_agreement(model, segments, continuations, settings)
+        results["model"]["greedy_agreement"], results["model"]["greedy_agreement_interval"] = agreement, list(interval)
         base_kv, kv = results["baseline"]["kv_bytes_per_token"], results["model"]["kv_bytes_per_token"]
         results["kv_bytes_saved"] = 1 - kv / base_kv
+        ratio = perplexity_ratio_interval(results["model"]["segment_nll"], results["baseline"]["segment_nll"],
+                                          results["model"]["segment_tokens"])
+        results["perplexity_ratio"] = {"value": results["model"]["perplexity"] / results["baseline"]["perplexity"],
+                                       "interval": list(ratio), "verdict": verdict(ratio)}
     return results
 
 
@@ -285,6 +293,14 @@ def print_report(results: dict[str, Any]) -> None:
             click.echo(f"{label:40s} {fmt.format(candidate[key]):>14s} {base:>14s}{same_model}")
     if "kv_bytes_saved" in results:
         click.echo(f"{'KV-cache bytes saved':40s} {results['kv_bytes_saved']:>14.1%}")
+    if "perplexity_interval" in candidate:
+        low, high = candidate["perplexity_interval"]
+        click.echo(f"{'perplexity, 95% interval over segments':40s} {f'{low:.3f}–{high:.3f}':>14s}")
+    if "perplexity_ratio" in results:
+        ratio = results["perplexity_ratio"]
+        low, high = ratio["interval"]
+        click.echo(f"{'perplexity / baseline (paired, 95%)':40s} {ratio['value']:>14.3f} ({low:.3f}–{high:.3f}: "
+                   f"{ratio['verdict']})")
     click.echo(setting_line(results.get("setting") or {}))
     click.echo(results["note"])
 

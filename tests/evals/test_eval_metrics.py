@@ -83,6 +83,18 @@ def test_eval_command_writes_json_and_card(tiny_with_tokenizer, tmp_path):
     assert abs(results["kv_bytes_saved"] - 1 / 4) < 1e-9  # 1 of 4 layers shares
     card = (out / "README.md").read_text()
     assert "| perplexity (held-out) |" in card and "KV-cache bytes per token (measured)" in card
+    # intervals: perplexity over the eval segments, the paired ratio to the base model with its verdict
+    from surgery.base.intervals import perplexity_interval, perplexity_of
+    model = results["model"]
+    assert model["perplexity"] == pytest.approx(perplexity_of(model["segment_nll"], model["segment_tokens"]))
+    assert model["perplexity_interval"] == pytest.approx(list(perplexity_interval(model["segment_nll"],
+                                                                                  model["segment_tokens"])))
+    low, high = model["perplexity_interval"]
+    assert f"{model['perplexity']:.3f} ({low:.3f}–{high:.3f})" in card
+    ratio = results["perplexity_ratio"]
+    assert ratio["interval"][0] <= ratio["value"] <= ratio["interval"][1]
+    assert "perplexity / base model, paired over segments" in card and ratio["verdict"] in card
+    assert len(model["greedy_agreement_interval"]) == 2
 
 
 @pytest.mark.slow
