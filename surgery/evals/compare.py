@@ -56,6 +56,8 @@ class Point:
     perplexity_interval: tuple[float, float] = (float("nan"), float("nan"))  # 95%, bootstrapped over segments
     agreement_interval: tuple[float, float] = (float("nan"), float("nan"))
     prompts: int = 0  # per retrieval cell: each recall's Wilson interval comes from it
+    segment_nll: list[float] = field(default_factory=list)  # per eval segment: paired comparisons with another point
+    segment_tokens: list[int] = field(default_factory=list)
 
     @property
     def recall(self) -> float:
@@ -91,7 +93,8 @@ def measure_point(name: str, model, segments, continuations, prompts, tokenizer,
     scores = {f"{task}@{length}": recall(model, tokenizer, batch, "query-aware", keep, plan.prompt_format)
               for (task, length), batch in prompts.items()}
     return Point(name, setting_text(model.config, keep), quality["kv_bytes_per_token"], quality["perplexity"],
-                 agreement, scores, tuple(quality["perplexity_interval"]), agreement_interval, plan.samples)
+                 agreement, scores, tuple(quality["perplexity_interval"]), agreement_interval, plan.samples,
+                 quality["segment_nll"], quality["segment_tokens"])
 
 
 def compare(checkpoints: list[str], baseline: str, plan: ComparePlan, data: str | None = None,
