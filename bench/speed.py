@@ -102,17 +102,25 @@ def child(folder: str, length: int, decode: int) -> None:
         _, tokenizer = load_model("demo")
     text_ids = tokenizer(heldout_text() * 4, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([text_ids[:length]])
+    if torch.cuda.is_available():  # on a GPU (where a surgery checkpoint's default attention is its Triton kernels)
+        model, ids = model.cuda(), ids.cuda()
+
+    def clock() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     with torch.no_grad():
         timed_decode(model, ids[:, :32], 2)  # warm-up
-        begin = time.perf_counter()
+        begin = clock()
         out = model(ids, use_cache=True)
-        prefill = time.perf_counter() - begin
+        prefill = clock() - begin
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         kv_bytes, steps = cache_bytes(cache), []
         for _ in range(decode):
-            begin = time.perf_counter()
+            begin = clock()
             out = model(token, past_key_values=cache, use_cache=True)
-            steps.append(time.perf_counter() - begin)
+            steps.append(clock() - begin)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     decode_ms = 1000 * statistics.median(steps) if steps else None
     print(json.dumps({"prefill_s": prefill, "decode_ms": decode_ms, "kv_bytes": kv_bytes}))
@@ -180,10 +188,12 @@ def main() -> None:
     stock = resolve("demo").folder  # the dequantized demo source: stock LlamaForCausalLM loads it
     names = [n for n in RECIPES if args.only is None or n.split()[0] in args.only.split(",")]
     folders = {name: checkpoint(name) for name in names}
+    device = (f"{torch.cuda.get_device_name()} (surgery checkpoints on the Triton kernels)" if torch.cuda.is_available()
+              else f"{platform.processor() or platform.machine()}, {os.environ.get('SPEED_THREADS', '2')} threads, "
+                   "CPU only (no GPU was lent for this run)")
     lines = ["# Speed: every recipe's checkpoint against stock transformers (demo model, fp32)", "",
              f"`python bench/speed.py --lengths {args.lengths} --long {args.long} --rounds {args.rounds} --decode "
-             f"{args.decode}`; {platform.processor() or platform.machine()}, {os.environ.get('SPEED_THREADS', '2')} "
-             f"threads, torch {torch.__version__}; each measurement in its own process, stock and the checkpoints "
+             f"{args.decode}`; {device}, torch {torch.__version__}; each measurement in its own process, stock and the checkpoints "
              "interleaved in each round. Cells: median ratio to the same round's stock run (min–max over rounds); "
              "decode is the median step of a round. Not timed: " +
              "; ".join(f"{k} ({v})" for k, v in NOT_TIMED.items()) + ".", ""]
