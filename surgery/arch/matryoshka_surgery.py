@@ -100,10 +100,10 @@ class KVProjection(nn.Module):
         holds every head's output in its own block. It reads the cache once, where attending head by head over
         strided column slices of it cost 3× the time of the full-width cache (bench/results/speed.md)."""
         query = queries.states
-        batch, heads = query.shape[:2]
-        reduced = query.new_zeros(batch, heads, 1, sum(self.key_ranks))
-        for h, u_k, _, key_range, _ in self._head_blocks():
-            reduced[:, h * group : (h + 1) * group, :, key_range] = query[:, h * group : (h + 1) * group] @ u_k
+        batch, heads, _, dim = query.shape
+        kv_heads = len(self.key_bases)
+        to_keys, from_values = self.block_diagonal()
+        reduced = (query.view(batch, kv_heads, group, 1, dim) @ to_keys[:, None]).view(batch, heads, 1, -1)
         precise = torch.promote_types(query.dtype, torch.float32)
         scores = grouped(torch.matmul, reduced, view.keys.transpose(2, 3)).to(precise) * scaling
         mask = additive_mask(queries, view, window, query.dtype)
@@ -111,9 +111,28 @@ class KVProjection(nn.Module):
             scores = scores + (mask.repeat_interleave(group, dim=1) if mask.shape[1] not in (1, heads) else mask)
         lse = torch.logsumexp(scores, dim=-1)
         packed = grouped(torch.matmul, torch.exp(scores - lse[..., None]).to(query.dtype), view.values)
-        outputs = [packed[:, h * group : (h + 1) * group, :, value_range] @ u_v.T + self.value_mean[h]
-                   for h, _, u_v, _, value_range in self._head_blocks()]
-        return torch.cat(outputs, dim=1).transpose(1, 2), lse
+        out = packed.view(batch, kv_heads, group, 1, -1) @ from_values[:, None] + self.value_mean[:, None, None]
+        return out.view(batch, heads, 1, dim).transpose(1, 2), lse
+
+    def block_diagonal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv_heads, d, Σ r_k) and (kv_heads, Σ r_v, d): head h's key basis in its own column block, its value
+        basis transposed in its own row block, zeros elsewhere. One product then projects every head's query
+        into the packed key space, one projects the packed output back. Kept between decode steps while the
+        bases and ranks stay as they are (inference); rebuilt under autograd."""
+        key = tuple((b.weight.data_ptr(), b.weight._version, b.rank) for b in (*self.key_bases, *self.value_bases))
+        cached = getattr(self, "_blocks", None)
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1]
+        weight = self.key_bases[0].weight
+        kv_heads, dim = len(self.key_bases), weight.shape[0]
+        to_keys = weight.new_zeros(kv_heads, dim, sum(self.key_ranks))
+        from_values = weight.new_zeros(kv_heads, sum(self.value_ranks), dim)
+        for h, u_k, u_v, key_range, value_range in self._head_blocks():
+            to_keys[h, :, key_range] = u_k
+            from_values[h, value_range] = u_v.T
+        if not torch.is_grad_enabled():
+            self._blocks = (key, (to_keys, from_values))
+        return to_keys, from_values
 
     def attend_kernels(self, queries: Queries, view: KVView, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The Triton kernels on the packed reduced cache; returns (batch, q, heads, head_dim) and the lse."""

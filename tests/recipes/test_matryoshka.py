@@ -39,7 +39,7 @@ def test_covariances_come_from_post_rope_keys(tiny_llama):
     """Statistics gathered layer by layer equal those of the whole model's cached (post-RoPE) keys."""
     source = resolve(str(tiny_llama))
     model = load_calibration_model(source, surgery_config_from_source(source.config))
-    ids = torch.randint(3, 128, (3, 10))
+    ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(0))  # not the global RNG's order
     statistics = KVStatistics()
     runner_for(tiny_llama, ids).run(list(range(6)), record=False, visit=statistics.add)
     with torch.no_grad():
@@ -47,8 +47,10 @@ def test_covariances_come_from_post_rope_keys(tiny_llama):
     per_head = keys.transpose(0, 1).flatten(1, 2)
     total, outer, count = statistics[2, "key"]
     assert count == 30
-    assert torch.allclose(total, per_head.sum(1), atol=1e-9)
-    assert torch.allclose(outer, per_head.transpose(1, 2) @ per_head, atol=1e-8)
+    # float32 keys from two computations of the same layers (layer by layer, whole model): equal to float32's
+    # rounding, which the float64 sums carry, so relative to their size
+    assert torch.allclose(total, per_head.sum(1), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(outer, per_head.transpose(1, 2) @ per_head, rtol=1e-5, atol=1e-6)
 
 
 def test_a_trial_equals_the_whole_model_with_that_rank(tiny_llama):
