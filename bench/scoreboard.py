@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from surgery.base.intervals import perplexity_ratio_interval, verdict
-from surgery.evals.compare import ComparePlan, Point, measure_point, plot, recall_cell
+from surgery.base.intervals import share_with_interval
+from surgery.evals.compare import ComparePlan, Point, measure_point, plot
 from surgery.evals.evaluate import EvalSettings
 
 RESULTS = Path(__file__).parent / "results"
@@ -106,16 +107,21 @@ def plans(quick: bool) -> dict[bool, ComparePlan]:
                                lengths=lengths, samples=samples)}
 
 
+def speed_key(name: str) -> str:
+    """How a row of speed.md and a scoreboard row meet: the recipe's name, and a policy's budget ("snapkv 20%")."""
+    words = name.split()
+    return words[0] + (" " + words[-1] if "%" in name else "")
+
+
 def speed_ratios(path: Path) -> dict[str, dict[str, str]]:
-    """From speed.md, per checkpoint name's first word: the prefill and decode cells of the longest length."""
+    """From speed.md, per `speed_key`: the prefill and decode cells of the longest length."""
     ratios: dict[str, dict[str, str]] = {}
     if not path.is_file():
         return ratios
     for line in path.read_text().splitlines():  # later sections (longer prompts) overwrite earlier ones
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         if len(cells) == 6 and "×" in cells[3]:
-            ratios[cells[0].split()[0] + ("" if "%" not in cells[0] else " " + cells[0].split()[-1])] = {
-                "prefill": cells[3], "decode": cells[5]}
+            ratios[speed_key(cells[0])] = {"prefill": cells[3], "decode": cells[5]}
     return ratios
 
 
@@ -178,9 +184,9 @@ def render(state: dict, out: Path, command: str, kinds: dict[bool, ComparePlan])
         base = points["source" if entry.weights else SOURCE_EVICTION]
         ratio = perplexity_ratio_interval(point.segment_nll, base.segment_nll, point.segment_tokens)
         saving_text, outcome = judge(entry, point, base, entry.name in state.get("trained", {}), kinds[entry.weights])
-        speed = speeds.get(entry.name.split()[0] + (" " + entry.name.split()[-1] if "%" in entry.name else ""), {})
+        speed = speeds.get(speed_key(entry.name), {})
         low, high = point.perplexity_interval
-        cells = " / ".join(recall_cell(point.retrieval[cell], point.prompts) for cell in point.retrieval)
+        cells = " / ".join(share_with_interval(point.retrieval[cell], point.prompts) for cell in point.retrieval)
         lines.append(f"| {entry.name} | {saving_text} | {point.perplexity:.2f} ({low:.2f}–{high:.2f}) | "
                      f"{point.perplexity / base.perplexity:.3f} ({ratio[0]:.3f}–{ratio[1]:.3f}, {verdict(ratio)}) | "
                      f"{point.agreement:.1%} | {cells} | {speed.get('prefill', '-')} | {speed.get('decode', '-')} | "
@@ -188,7 +194,7 @@ def render(state: dict, out: Path, command: str, kinds: dict[bool, ComparePlan])
     base = points["source"]
     lines += ["", f"Source: perplexity {base.perplexity:.2f} ({base.perplexity_interval[0]:.2f}–"
               f"{base.perplexity_interval[1]:.2f}); retrieval " + " / ".join(
-                  recall_cell(base.retrieval[c], base.prompts) for c in base.retrieval) + ".", ""]
+                  share_with_interval(base.retrieval[c], base.prompts) for c in base.retrieval) + ".", ""]
     if missing:
         lines += [f"Rows not measured yet (run the command again to continue): {', '.join(missing)}.", ""]
     lines += ["![Pareto plots](scoreboard.png)", ""]

@@ -61,6 +61,14 @@ def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def share_with_interval(share: float, trials: int) -> str:
+    """A recall (one trial per prompt) and its Wilson interval, as tables print it: "40% (25%–57%)"."""
+    if not trials:
+        return f"{share:.0%}"
+    low, high = wilson_interval(round(share * trials), trials)
+    return f"{share:.0%} ({low:.0%}–{high:.0%})"
+
+
 def verdict(interval: tuple[float, float], neutral: float = 1.0) -> str:
     """Whether an interval of a ratio (or difference) excludes `neutral`."""
     low, high = interval

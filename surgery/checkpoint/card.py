@@ -10,7 +10,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from surgery.checkpoint.records import EVAL_FILE, METRICS, read_recipe, read_results
-from surgery.base.intervals import wilson_interval
+from surgery.base.intervals import share_with_interval
 
 TEMPLATE = Path(__file__).parent.parent / "templates" / "model_card.md"
 
@@ -55,11 +55,7 @@ def _retrieval_table(report: dict[str, Any] | None) -> dict[str, Any]:
     for name, tasks in scores.items():
         means = [sum(row[length] for row in tasks.values()) / len(tasks) for length in lengths]
         trials = samples * len(tasks)  # one prompt, one trial: the Wilson interval of the pooled recall
-        cells = []
-        for mean in means:
-            low, high = wilson_interval(round(mean * trials), trials) if trials else (None, None)
-            cells.append(f"{mean:.0%}" + (f" ({low:.0%}–{high:.0%})" if trials else ""))
-        rows.append((name, cells))
+        rows.append((name, [share_with_interval(mean, trials) for mean in means]))
     return {"retrieval_lengths": lengths, "retrieval_rows": rows,
             "retrieval_tasks": ", ".join(next(iter(scores.values()), {})), "retrieval_samples": (report or {}).get("samples")}
 

@@ -38,8 +38,7 @@ def check_all_finite(folder: Path, progress: bool = True) -> None:
     from tqdm.auto import tqdm
 
     checkpoint = LazyCheckpoint(folder)
-    total = sum(1 for _ in checkpoint.stored_map)
-    with tqdm(total=total, desc="checking the weights are finite", unit="tensor", disable=not progress) as bar:
+    with tqdm(total=len(checkpoint.stored_map), desc="checking the weights are finite", unit="tensor", disable=not progress) as bar:
         for shard in sorted(set(checkpoint.stored_map.values())):
             with safe_open(checkpoint.folder / shard, framework="pt") as handle:
                 for name in handle.keys():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from surgery.base.intervals import wilson_interval
+from surgery.base.intervals import share_with_interval
 from surgery.calibrate.text import heldout_text, read_text
 from surgery.calibrate.corpora import HAYSTACK, corpus_text
 from surgery.base.errors import SurgeryError
@@ -125,14 +125,6 @@ def compare(checkpoints: list[str], baseline: str, plan: ComparePlan, data: str 
     return points
 
 
-def recall_cell(recall_mean: float, prompts: int) -> str:
-    """A recall and its 95% Wilson interval over the cell's prompts."""
-    if not prompts:
-        return f"{recall_mean:.0%}"
-    low, high = wilson_interval(round(recall_mean * prompts), prompts)
-    return f"{recall_mean:.0%} ({low:.0%}–{high:.0%})"
-
-
 def table(points: list[Point], plan: ComparePlan) -> list[str]:
     """The Markdown table, with the Pareto fronts marked."""
     xy = [(p.kv_bytes_per_token, p.perplexity) for p in points]
@@ -148,7 +140,7 @@ def table(points: list[Point], plan: ComparePlan) -> list[str]:
         a_low, a_high = point.agreement_interval
         lines.append(f"| {point.name} | {point.setting} | {point.kv_bytes_per_token:,.0f} | {point.perplexity:.2f} "
                      f"({low:.2f}–{high:.2f}) | {point.agreement:.1%} ({a_low:.1%}–{a_high:.1%}) | {point.recall:.0%} | "
-                     + " | ".join(recall_cell(point.retrieval[cell], point.prompts) for cell in cells)
+                     + " | ".join(share_with_interval(point.retrieval[cell], point.prompts) for cell in cells)
                      + f" | {', '.join(fronts) or '-'} |")
     return lines
 
