@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from factories import FAMILY_EXTRAS, save_tiny, tiny_config  # noqa: F401  (tests import them from here too)
+from factories import ALL_FAMILIES, save_tiny, tiny_config  # noqa: F401  (tests import them from here too)
 from surgery.checkpoint.sources import resolve
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {family: save_tiny(root / family, family) for family in FAMILY_EXTRAS}
+    return {family: save_tiny(root / family, family) for family in ALL_FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,22 @@ FAMILY_EXTRAS = {
                   "shared_expert_intermediate_size": 48, "decoder_sparse_step": 2, "attention_bias": True},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
                   "mlp_only_layers": [0]},
+    # Gemma: sliding and global layers alternate (Gemma 3: its local layers with their own RoPE base), a score
+    # scalar that is not head_dim, and soft-caps small enough to bite on random weights
+    "gemma2": {"sliding_window": 6, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 2.0,
+               "final_logit_softcapping": 3.0},
+    "gemma3_text": {"sliding_window": 6, "query_pre_attn_scalar": 24,
+                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                    "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}},
+    # Phi-3: fused projections; a partial rotary as Phi-4-mini has it; no sliding window (as Phi-3.5 and Phi-4)
+    "phi3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}},
 }
+# Image-text sources: the language model's fields go in text_config, with a tiny vision tower beside it.
+TEXT_FAMILIES = {"gemma3": "gemma3_text"}
+ALL_FAMILIES = [*FAMILY_EXTRAS, *TEXT_FAMILIES]
+TINY_VISION = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14}
 
 
 def tiny_config(family: str, **overrides):
@@ -29,6 +44,10 @@ def tiny_config(family: str, **overrides):
         num_key_value_heads=2, head_dim=16, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
         pad_token_id=0, tie_word_embeddings=False,
     )
+    if family in TEXT_FAMILIES:
+        text = tiny_config(TEXT_FAMILIES[family], **overrides).to_dict()
+        return AutoConfig.for_model(family, text_config=text, vision_config=TINY_VISION, mm_tokens_per_image=4,
+                                    tie_word_embeddings=text["tie_word_embeddings"])
     kwargs.update(FAMILY_EXTRAS[family])
     kwargs.update(overrides)
     return AutoConfig.for_model(family, **kwargs)
@@ -37,10 +56,12 @@ def tiny_config(family: str, **overrides):
 def save_tiny(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
-    with torch.no_grad():  # some families start their routers at zero: every expert tied
+    with torch.no_grad():  # some families start their routers at zero (every expert tied), Gemma its norms
         for name, parameter in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
                 parameter.normal_(0, 0.5)
+            elif name.endswith("norm.weight"):
+                parameter.add_(torch.randn_like(parameter) * 0.2)
     model.save_pretrained(folder)
     return folder
 

@@ -128,13 +128,20 @@ class Queries:
     """The queries of one layer call: post-RoPE (batch, heads, q, head_dim) and the token index of each row.
 
     `newest` is True when the rows are the newest tokens of the sequence, in order, which lets a dense view use
-    plain causal attention without building a mask.
+    plain causal attention without building a mask. `softcap`: scaled scores pass through cap · tanh(s / cap)
+    (Gemma 2), which SDPA cannot express, so capped attention takes the explicit path or the kernels.
     """
 
     states: torch.Tensor
     positions: torch.Tensor  # (batch|1, q) long
     newest: bool = True
     masks: dict = field(default_factory=dict)  # additive masks already built this forward, by view layout
+    softcap: float | None = None
+
+
+def soft_cap(values: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap · tanh(values / cap) (Gemma 2's attention scores and final logits); unchanged without a cap."""
+    return values if cap is None else torch.tanh(values / cap) * cap
 
 
 def slot_positions(view: KVView, device: torch.device) -> torch.Tensor:
@@ -208,16 +215,18 @@ def attend_dense(queries: Queries, query: torch.Tensor, view: KVView, scaling: f
     n_rep = heads // view.keys.shape[1]
     mask = _expand_heads(additive_mask(queries, view, window, query.dtype), heads)
     weights = view.weights
-    if need_lse and weights is None and implementation != "eager" and dropout == 0.0 and fused_lse_usable(query, view):
+    capped = queries.softcap is not None
+    if (need_lse and weights is None and not capped and implementation != "eager" and dropout == 0.0
+            and fused_lse_usable(query, view)):
         if mask is None and q_len > 1 and q_len != view.slots:  # the fused op's causal flag is top-left aligned
             causal = torch.ones(q_len, view.slots, dtype=torch.bool, device=query.device).tril(view.slots - q_len)
             mask = mask_from_allowed(causal, query.dtype)
         out, lse = FUSED_LSE(query, view.keys, view.values, 0.0, mask is None and q_len > 1, attn_mask=mask,
                              scale=scaling)
         return out.transpose(1, 2), lse
-    if need_lse or implementation == "eager" or weights is not None:
+    if need_lse or implementation == "eager" or weights is not None or capped:
         precise = torch.promote_types(query.dtype, torch.float32)  # softmax statistics in fp32 or better
-        scores = grouped(torch.matmul, query, view.keys.transpose(2, 3)).to(precise) * scaling
+        scores = soft_cap(grouped(torch.matmul, query, view.keys.transpose(2, 3)).to(precise) * scaling, queries.softcap)
         if mask is not None:
             scores = scores + mask
         elif q_len > 1:
@@ -310,13 +319,14 @@ def attend_kernels(queries: Queries, view: KVView, scaling: float) -> tuple[torc
         if view.rules:  # one query: what it may read is a plain mask
             allowed = allowed_slots(queries.positions[:, -1:], view, None)[:, :, 0]
             valid = allowed.expand(query.shape[0], kv_heads, -1)
-        out, lse = decode_attention(query[:, :, 0], view.keys, view.values, scaling, valid=valid, return_lse=True)
+        out, lse = decode_attention(query[:, :, 0], view.keys, view.values, scaling, valid=valid, return_lse=True,
+                                    softcap=queries.softcap)
         return out[:, None], lse[..., None]
     # slot order stands for token order only in a dense view; otherwise the kernel compares positions
     by_position = not queries.newest or view.positions is not None
     out, lse = prefill_attention(query, view.keys, view.values, scaling, valid=valid,
                                  query_positions=queries.positions if by_position else None,
-                                 key_positions=view.positions, **view.kernel_arguments())
+                                 key_positions=view.positions, softcap=queries.softcap, **view.kernel_arguments())
     return out.transpose(1, 2), lse
 
 
@@ -381,7 +391,7 @@ def attend_tiled(queries: Queries, views: list[KVView], scaling: float, window: 
     outputs = []
     for start in range(0, queries.states.shape[2], QUERY_BLOCK):
         rows = slice(start, start + QUERY_BLOCK)
-        block = Queries(queries.states[:, :, rows], queries.positions[:, rows], newest=False)
+        block = Queries(queries.states[:, :, rows], queries.positions[:, rows], newest=False, softcap=queries.softcap)
         first, last = int(block.positions[0, 0]), int(block.positions[0, -1])
         parts = [part for view, where in zip(views, positions)
                  if (part := reachable(view, where, first, last, window)) is not None]
@@ -432,7 +442,7 @@ def attend(queries: Queries, views: list[KVView], scaling: float, implementation
     if len(views) == 1:
         return attend_view(queries, views[0], scaling, implementation, window, dropout, need_lse)
     one_row = queries.states.shape[2] == 1  # a decode step: merging costs nothing, concatenating copies the cache
-    if (slots is None and not need_lse and not one_row and implementation != "eager"
+    if (slots is None and not need_lse and not one_row and implementation != "eager" and queries.softcap is None
             and not kernels and all(view.projection is None for view in views)):
         if tileable(queries, views):
             return attend_tiled(queries, views, scaling, window, dropout), None

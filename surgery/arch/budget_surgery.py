@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention_surgery import kernels_usable, window_sums_from_lse
+from .attention_surgery import kernels_usable, soft_cap, window_sums_from_lse
 
 POOLING_KERNEL = 7
 
@@ -30,13 +30,14 @@ class LayerScores:
 
 
 def observation_window_sums(query: torch.Tensor, key: torch.Tensor, padding: torch.Tensor | None, window: int,
-                            scaling: float) -> torch.Tensor:
-    """(batch, heads, n): softmax attention of the last `window` queries to every key, summed over those queries.
-    Only a window × n block of scores is ever formed."""
+                            scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """(batch, heads, n): softmax attention of the last `window` queries to every key, summed over those queries,
+    with the layer's own score cap (Gemma 2). Only a window × n block of scores is ever formed."""
     n = query.shape[2]
     window = min(window, n)
     group = query.shape[1] // key.shape[1]
     logits = query[:, :, n - window :].float() @ key.float().repeat_interleave(group, dim=1).transpose(2, 3) * scaling
+    logits = soft_cap(logits, softcap)
     allowed = torch.arange(n, device=query.device)[None, :] <= torch.arange(n - window, n, device=query.device)[:, None]
     allowed = allowed[None, None]
     if padding is not None:
@@ -51,14 +52,15 @@ class ObservationWindowScorer:
     def __init__(self, window: int, pooling: str = "avg", kernel: int = POOLING_KERNEL):
         self.window, self.pooling, self.kernel = window, pooling, kernel
 
-    def sums(self, query, key, padding, scaling, lse=None) -> torch.Tensor:
+    def sums(self, query, key, padding, scaling, lse=None, softcap=None) -> torch.Tensor:
         if lse is not None and window_sums_from_lse is not None and kernels_usable(query):
             valid = None if padding is None else padding[:, None, : key.shape[2]].bool().expand(-1, key.shape[1], -1)
-            return window_sums_from_lse(query, key, lse, scaling, self.window, valid=valid, all_slots=True)
-        return observation_window_sums(query, key, padding, self.window, scaling)
+            return window_sums_from_lse(query, key, lse, scaling, self.window, valid=valid, all_slots=True,
+                                        softcap=softcap)
+        return observation_window_sums(query, key, padding, self.window, scaling, softcap)
 
-    def __call__(self, query, key, padding, scaling, lse=None) -> LayerScores:
-        return self.from_sums(self.sums(query, key, padding, scaling, lse), key.shape[1], padding)
+    def __call__(self, query, key, padding, scaling, lse=None, softcap=None) -> LayerScores:
+        return self.from_sums(self.sums(query, key, padding, scaling, lse, softcap), key.shape[1], padding)
 
     def from_sums(self, sums: torch.Tensor, kv_heads: int, padding: torch.Tensor | None) -> LayerScores:
         batch, heads, n = sums.shape
@@ -139,10 +141,10 @@ class BudgetPolicy:
         self.scores: dict[int, LayerScores] = {}
 
     def score_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, padding: torch.Tensor | None,
-                    scaling: float, cache, lse: torch.Tensor | None = None) -> None:
+                    scaling: float, cache, lse: torch.Tensor | None = None, softcap: float | None = None) -> None:
         """Called by each K/V-owning layer during prefill, with its post-RoPE queries and keys (and the prefill
-        kernel's row log-sum-exp when the Triton path ran)."""
-        self.scores[layer] = self.scorer(query, key, padding, scaling, lse)
+        kernel's row log-sum-exp when the Triton path ran); scores use the layer's score cap (Gemma 2)."""
+        self.scores[layer] = self.scorer(query, key, padding, scaling, lse, softcap)
         self.observe(layer, cache)
 
     def observe(self, layer: int, cache) -> None:

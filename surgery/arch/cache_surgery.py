@@ -24,24 +24,27 @@ class SurgeryCache(Cache):
     view_skip: a skip of the last view for rows the earlier views already hold (PoD's `DistantSkip`), with its counts.
     """
 
-    def __init__(self, kv_source: list[int], stores: dict[int, object] | None = None):
+    def __init__(self, kv_source: list[int], stores: dict[int, object] | None = None,
+                 windows: dict[int, int] | None = None):
         self.kv_source = list(kv_source)
         self.slack = 0
         self.view_skip = None
-        stores = stores or {}
-        layers = [SharedKVSlot(source) if source != layer else stores.get(layer) or SurgeryKVLayer()
+        stores, windows = stores or {}, windows or {}
+        layers = [SharedKVSlot(source) if source != layer else stores.get(layer) or SurgeryKVLayer(windows.get(layer))
                   for layer, source in enumerate(kv_source)]
         super().__init__(layers=layers)
 
     @classmethod
     def for_config(cls, config, runtimes=()) -> "SurgeryCache":
-        """The cache of a plan: each owner layer's store is the first that a runtime offers, else the plain one."""
+        """The cache of a plan: each owner layer's store is the first that a runtime offers, else the plain one,
+        which holds only the window of a sliding-window layer."""
         stores = {}
         for layer in config.owner_layers:
             store = next((s for s in (r.cache_layer(config, layer) for r in runtimes) if s is not None), None)
             if store is not None:
                 stores[layer] = store
-        cache = cls(config.kv_source, stores)
+        windows = {layer: config.sliding_window for layer in config.owner_layers if config.is_sliding(layer)}
+        cache = cls(config.kv_source, stores, windows)
         for runtime in runtimes:
             runtime.prepare_cache(cache, config)
         return cache

@@ -16,8 +16,28 @@ SURGERY_FORMAT = 2  # 2: recipe config keys named after their recipe (checkpoint
 @strict
 class SurgeryConfig(PreTrainedConfig):
     r"""
-    The family fields (`hidden_size`, `attention_bias`, ...) describe the source model. They cover llama,
-    mistral, qwen2 and qwen3, which differ only in biases, the per-head q/k norm and sliding windows.
+    The family fields (`hidden_size`, `attention_bias`, ...) describe the source model: llama, mistral, qwen2,
+    qwen3, the MoE families, gemma2, gemma3 and phi3. Beyond biases, the per-head q/k norm and sliding windows,
+    their named differences are:
+
+    norm_unit_offset (`bool`):
+        RMSNorm scales by (1 + weight), in float32 before the cast back (Gemma); else by weight after it (llama).
+    sandwich_norms (`bool`):
+        Each block also normalises its attention and MLP outputs before they join the residual stream (Gemma):
+        `post_attention_layernorm` is then the attention's output norm, and `pre_feedforward_layernorm` and
+        `post_feedforward_layernorm` surround the MLP.
+    embedding_scale (`float`, *optional*):
+        Token embeddings are multiplied by it, cast to the embedding dtype first (Gemma: sqrt(hidden_size)).
+    query_pre_attn_scalar (`float`, *optional*):
+        Attention scores are scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5 (Gemma).
+    attn_logit_softcapping, final_logit_softcapping (`float`, *optional*):
+        Scores (after scaling) and final logits pass through cap · tanh(x / cap) (Gemma 2).
+    rope_parameters:
+        One RoPE for every layer, or one per layer type keyed by `layer_types`' names (Gemma 3: local layers have
+        their own base). `partial_rotary_factor` < 1 rotates only the first part of each head (Phi-3 / Phi-4).
+    sliding_window, layer_types:
+        A "sliding_attention" layer attends to its last `sliding_window` tokens and its cache holds only the
+        window, as transformers' sliding cache layers do.
 
     The plan fields say how each layer deviates from the source:
 
@@ -98,6 +118,12 @@ class SurgeryConfig(PreTrainedConfig):
     qk_norm: bool = False
     sliding_window: int | None = None
     layer_types: list[str] | None = None
+    norm_unit_offset: bool = False
+    sandwich_norms: bool = False
+    embedding_scale: int | float | None = None
+    query_pre_attn_scalar: int | float | None = None
+    attn_logit_softcapping: int | float | None = None
+    final_logit_softcapping: int | float | None = None
 
     kv_source: list[int] | None = None
     matryoshka_key_ranks: list[list[int] | None] | None = None
@@ -263,6 +289,15 @@ class SurgeryConfig(PreTrainedConfig):
         if self.kv_policy is not None:
             modules.append(self.kv_policy)  # its file imports policies_surgery and budget_surgery
         return modules
+
+    def rope_for(self, layer_type: str) -> dict:
+        """The RoPE parameters of a layer type: its own entry where they are given per type (Gemma 3), else the
+        one set every layer uses."""
+        own = self.rope_parameters.get(layer_type)
+        return own if isinstance(own, dict) else self.rope_parameters
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == "sliding_attention" and self.sliding_window is not None
 
     @property
     def owner_layers(self) -> list[int]:

@@ -12,6 +12,7 @@ Shipped flat inside the checkpoints that evict with it.
 
 import torch
 
+from .attention_surgery import soft_cap
 from .budget_surgery import BudgetPolicy, LayerScores
 from .policies_surgery import PolicyRuntime
 
@@ -19,7 +20,7 @@ H2O_CHUNK = 256
 
 
 def accumulated_attention(query: torch.Tensor, key: torch.Tensor, padding: torch.Tensor | None, scaling: float,
-                          chunk: int = H2O_CHUNK) -> torch.Tensor:
+                          chunk: int = H2O_CHUNK, softcap: float | None = None) -> torch.Tensor:
     """(batch, heads, n): Σ over the (real) queries of each one's causal softmax attention to every key, formed
     `chunk` query rows at a time."""
     batch, heads, n, _ = query.shape
@@ -29,7 +30,7 @@ def accumulated_attention(query: torch.Tensor, key: torch.Tensor, padding: torch
     columns = torch.arange(n, device=query.device)
     for start in range(0, n, chunk):
         rows = torch.arange(start, min(start + chunk, n), device=query.device)
-        logits = query[:, :, rows].float() @ keys * scaling
+        logits = soft_cap(query[:, :, rows].float() @ keys * scaling, softcap)
         allowed = (columns[None, :] <= rows[:, None])[None, None]
         if real is not None:
             allowed = allowed & real[:, None, None, :]
@@ -47,8 +48,8 @@ class HeavyHitterScorer:
     def __init__(self, window: int, chunk: int = H2O_CHUNK):
         self.window, self.chunk = window, chunk
 
-    def __call__(self, query, key, padding, scaling, lse=None) -> LayerScores:
-        sums = accumulated_attention(query, key, padding, scaling, self.chunk)
+    def __call__(self, query, key, padding, scaling, lse=None, softcap=None) -> LayerScores:
+        sums = accumulated_attention(query, key, padding, scaling, self.chunk, softcap)
         batch, heads, n = sums.shape
         kv_heads = key.shape[1]
         prefix = n - min(self.window, n)

@@ -114,11 +114,17 @@ class SurgeryKVLayer(DynamicLayer, KVStore):
     slots, gathered into compact tensors, with `valid` marking real slots (sequences of a batch may keep different
     counts) and `positions` the original token position of each slot (kept keys already carry their RoPE).
 
+    A sliding-window layer (`window`) holds, between forwards, only the last window − 1 tokens, as transformers'
+    sliding cache layers do: the next token's query reaches no further back. `offset` is then the position of the
+    first slot. (Budget policies and the recipes that keep tokens their own way act on global layers only.)
+
     Keys of a MatryoshkaKV layer are packed (batch, 1, seq, Σ rank); `widths` then says how wide each head's block is.
     """
 
-    def __init__(self):
+    def __init__(self, window: int | None = None):
         super().__init__()
+        self.window = window
+        self.offset = 0
         self.seen = 0
         self.valid: torch.Tensor | None = None  # (batch, kv_heads, slots) bool
         self.positions: torch.Tensor | None = None  # (batch, kv_heads, slots) long
@@ -173,7 +179,19 @@ class SurgeryKVLayer(DynamicLayer, KVStore):
         if self.positions is not None:
             return self.positions
         slots = self.values.shape[-2]
-        return torch.arange(slots, device=self.values.device).expand(batch, kv_heads, slots)
+        return torch.arange(self.offset, self.offset + slots, device=self.values.device).expand(batch, kv_heads, slots)
+
+    def settle(self, slack: int) -> None:
+        """A sliding-window layer forgets the tokens no later query can reach (keeping `slack` more for a probe that
+        is dropped again). A long prefill's tail is copied out, so the rest of the prompt's K/V is freed now."""
+        if self.window is None or self.values is None or self.valid is not None:
+            return
+        excess = self.values.shape[-2] - (self.window - 1 + slack)
+        if excess <= 0:
+            return
+        trim = (lambda t: t[..., excess:, :]) if excess == 1 else (lambda t: t[..., excess:, :].clone())
+        self.keys, self.values = trim(self.keys), trim(self.values)
+        self.offset += excess
 
     def keep_slots(self, index: torch.Tensor, chosen: torch.Tensor, prefix: int) -> torch.Tensor:
         """Gather the chosen slots into compact tensors; returns which prefix positions are kept per head."""
@@ -200,9 +218,9 @@ class SurgeryKVLayer(DynamicLayer, KVStore):
         return tuple(t for t in (self.keys, self.values) if isinstance(t, torch.Tensor))
 
     def held_tokens(self) -> tuple[int, int]:
-        """(token, KV head) pairs held and seen."""
+        """(token, KV head) pairs held and seen (a sliding layer's tokens count from its window's start)."""
         heads = len(self.widths[1]) if self.widths is not None else self.values.shape[1]
-        seen = self.values.shape[0] * heads * self.seen
+        seen = self.values.shape[0] * heads * (self.seen - self.offset)
         return (int(self.valid.sum()) if self.valid is not None else seen), seen
 
     def views(self, layer_idx: int, padding: torch.Tensor | None, projection, cache) -> list[KVView]:
@@ -211,8 +229,11 @@ class SurgeryKVLayer(DynamicLayer, KVStore):
         if self.valid is not None:
             return [KVView(self.keys, self.values, self.positions, self.valid, projection, ("kept", layer_idx))]
         slots = self.keys.shape[-2]
-        valid = None if padding is None else padding[:, None, :slots]
-        return [KVView(self.keys, self.values, None, valid, projection, ("dense",))]
+        valid = None if padding is None else padding[:, None, self.offset : self.offset + slots]
+        if self.offset == 0:
+            return [KVView(self.keys, self.values, None, valid, projection, ("dense",))]
+        positions = torch.arange(self.offset, self.offset + slots, device=self.keys.device)[None, None]
+        return [KVView(self.keys, self.values, positions, valid, projection, ("window", self.offset))]
 
     def _gather(self, tensor: torch.Tensor, index: torch.Tensor, side: int) -> torch.Tensor:
         """Select slots per KV head; a packed (MatryoshkaKV) tensor is gathered head block by head block."""
@@ -250,14 +271,14 @@ class SurgeryKVLayer(DynamicLayer, KVStore):
             self.valid, self.positions = self.valid[indices], self.positions[indices]
 
     def crop(self, tokens_to_remove: int) -> None:
-        if self.valid is not None:
-            raise NotImplementedError("cannot crop a cache after token eviction")
+        if self.valid is not None or self.offset:
+            raise NotImplementedError("cannot crop a cache after token eviction or past a sliding window")
         super().crop(tokens_to_remove)
         self.seen = self.keys.shape[-2] if self.keys is not None and self.keys.numel() else 0
 
     def reset(self) -> None:
         super().reset()
-        self.seen, self.valid, self.positions = 0, None, None
+        self.seen, self.offset, self.valid, self.positions = 0, 0, None, None
 
 
 __all__ = ["PlainCacheLayer", "SharedKVSlot", "SurgeryKVLayer"]

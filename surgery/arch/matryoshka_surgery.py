@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_surgery import (KVView, Queries, additive_mask, attend_dense, decode_attention, grouped,
-                               kernel_valid, prefill_attention)
+                               kernel_valid, prefill_attention, soft_cap)
 from .runtime_surgery import Runtime
 
 
@@ -105,7 +105,7 @@ class KVProjection(nn.Module):
         to_keys, from_values = self.block_diagonal()
         reduced = (query.view(batch, kv_heads, group, 1, dim) @ to_keys[:, None]).view(batch, heads, 1, -1)
         precise = torch.promote_types(query.dtype, torch.float32)
-        scores = grouped(torch.matmul, reduced, view.keys.transpose(2, 3)).to(precise) * scaling
+        scores = soft_cap(grouped(torch.matmul, reduced, view.keys.transpose(2, 3)).to(precise) * scaling, queries.softcap)
         mask = additive_mask(queries, view, window, query.dtype)
         if mask is not None:
             scores = scores + (mask.repeat_interleave(group, dim=1) if mask.shape[1] not in (1, heads) else mask)
@@ -145,11 +145,13 @@ class KVProjection(nn.Module):
         valid = kernel_valid(view, len(self.key_bases))
         lse = None
         if q_len == 1 and queries.newest:
-            out = decode_attention(reduced[:, :, 0], view.keys, view.values, scaling, valid, *self.widths)[:, :, None]
+            out = decode_attention(reduced[:, :, 0], view.keys, view.values, scaling, valid, *self.widths,
+                                   softcap=queries.softcap)[:, :, None]
         else:
             out, lse = prefill_attention(reduced, view.keys, view.values, scaling, valid, *self.widths,
                                          query_positions=None if queries.newest else queries.positions,
-                                         key_positions=view.positions, **view.kernel_arguments())
+                                         key_positions=view.positions, softcap=queries.softcap,
+                                         **view.kernel_arguments())
         heads_out = [out[:, h * group : (h + 1) * group, :, : basis.rank] @ basis().T + self.value_mean[h]
                      for h, basis in enumerate(self.value_bases)]
         return torch.cat(heads_out, dim=1).transpose(1, 2), lse

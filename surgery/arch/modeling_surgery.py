@@ -11,17 +11,19 @@ the runtime modules this model may run; a checkpoint's copy names only those its
 Shipped flat inside every converted checkpoint, so it imports only torch and the public API of transformers.
 """
 
+import copy
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-from .attention_surgery import TRITON_IMPLEMENTATION, Queries, attend, decode_attention
+from .attention_surgery import TRITON_IMPLEMENTATION, Queries, attend, decode_attention, soft_cap
 from .cache_surgery import SurgeryCache
 from .configuration_surgery import SurgeryConfig
 from .mlp_surgery import layer_mlp
@@ -68,9 +70,13 @@ CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
 
 
 class SurgeryRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    """RMSNorm. llama's scales by `weight` after casting back to the input dtype; with `unit_offset` (Gemma) it
+    scales by (1 + weight) in float32 and then casts, and the weight starts at zero."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if unit_offset else torch.ones(hidden_size))
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -78,11 +84,28 @@ class SurgeryRMSNorm(nn.Module):
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.unit_offset:
+            return (hidden_states * (1.0 + self.weight.float())).to(input_dtype)
         return self.weight * hidden_states.to(input_dtype)
 
 
+def rms_norm(config: SurgeryConfig, size: int) -> SurgeryRMSNorm:
+    """The family's RMSNorm over `size` features."""
+    return SurgeryRMSNorm(size, eps=config.rms_norm_eps, unit_offset=config.norm_unit_offset)
+
+
+def scale_embeddings(embeddings: torch.Tensor, config: SurgeryConfig) -> torch.Tensor:
+    """Token embeddings times the family's scale (Gemma: sqrt(hidden_size), rounded to the embedding dtype first,
+    as the family does), unchanged without one."""
+    if config.embedding_scale is None:
+        return embeddings
+    scale = torch.tensor(config.embedding_scale, dtype=torch.float32, device=embeddings.device)
+    return embeddings * scale.to(embeddings.dtype)
+
+
 class SurgeryRotaryEmbedding(nn.Module):
-    """RoPE cos/sin from the original token positions, for every rope type transformers knows."""
+    """RoPE cos/sin of one set of RoPE parameters from the original token positions, for every rope type
+    transformers knows. `config` holds that set flat (`rope_view` for one layer type of Gemma 3)."""
 
     inv_freq: torch.Tensor
 
@@ -99,8 +122,10 @@ class SurgeryRotaryEmbedding(nn.Module):
 
     @staticmethod
     def compute_default_rope_parameters(config: SurgeryConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
-        """Plain RoPE; the name is the hook transformers' weight init calls to rebuild `inv_freq`."""
-        base, dim = config.rope_parameters["rope_theta"], config.head_dim
+        """Plain RoPE over the rotated part of each head; the name is the hook transformers' weight init calls to
+        rebuild `inv_freq`."""
+        base = config.rope_parameters["rope_theta"]
+        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
         return inv_freq, 1.0
 
@@ -114,15 +139,55 @@ class SurgeryRotaryEmbedding(nn.Module):
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
+def longrope_limit(config: SurgeryConfig) -> int | None:
+    """original_max_position_embeddings of a longrope model (the length past which its long factors apply)."""
+    for kind in sorted(set(config.layer_types)):
+        parameters = config.rope_for(kind)
+        if parameters.get("rope_type") == "longrope":
+            return parameters.get("original_max_position_embeddings") or config.max_position_embeddings
+    return None
+
+
+def rope_view(config: SurgeryConfig, layer_type: str) -> SurgeryConfig:
+    """A shallow copy of `config` whose `rope_parameters` are the flat set of one layer type."""
+    view = copy.copy(config)
+    view.__dict__["rope_parameters"] = dict(config.rope_for(layer_type))
+    return view
+
+
+class SurgeryPositionEmbeddings(nn.Module):
+    """cos/sin for each layer type: one RoPE computed once where every layer shares it, else one per type
+    (Gemma 3's local layers have their own base). Returns {layer type: (cos, sin)}."""
+
+    def __init__(self, config: SurgeryConfig):
+        super().__init__()
+        self.layer_types = sorted(set(config.layer_types))
+        per_type = any(isinstance(config.rope_parameters.get(kind), dict) for kind in self.layer_types)
+        kinds = self.layer_types if per_type else ["shared"]
+        self.rotaries = nn.ModuleDict({kind: SurgeryRotaryEmbedding(rope_view(config, kind) if per_type else config)
+                                       for kind in kinds})
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if "shared" in self.rotaries:
+            pair = self.rotaries["shared"](x, position_ids)
+            return {kind: pair for kind in self.layer_types}
+        return {kind: self.rotaries[kind](x, position_ids) for kind in self.layer_types}
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` (batch, heads, seq, head_dim) by the per-position cos/sin (batch, seq, head_dim)."""
+    """Rotate `x` (batch, heads, seq, head_dim) by the per-position cos/sin (batch, seq, rotary_dim); a partial
+    rotary (Phi-3's `partial_rotary_factor`) rotates the first rotary_dim features and passes the rest."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
 
 
 @dataclass
@@ -191,20 +256,20 @@ class SurgeryAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
-        is_sliding = config.layer_types[layer_idx] == "sliding_attention"
-        self.sliding_window = config.sliding_window if is_sliding else None
+        self.scaling = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.softcap = config.attn_logit_softcapping
+        self.sliding_window = config.sliding_window if config.is_sliding(layer_idx) else None
 
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_out_bias)
         if config.qk_norm:
-            self.q_norm = SurgeryRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.q_norm = rms_norm(config, self.head_dim)
         if self.owns_kv:
             kv_width = self.num_kv_heads * self.head_dim
             self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
             self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
             if config.qk_norm:
-                self.k_norm = SurgeryRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+                self.k_norm = rms_norm(config, self.head_dim)
         self.kv_projection = None  # reduced-width K/V bases (MatryoshkaKV), set by a runtime
         self.gate = None  # learned eviction (Attention-Gate), set by a runtime
         for runtime in active_runtimes(config):
@@ -218,6 +283,20 @@ class SurgeryAttention(nn.Module):
         batch, seq, _ = projected.shape
         return projected.view(batch, seq, -1, self.head_dim).transpose(1, 2)
 
+    def project_query(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE queries (batch, heads, seq, head_dim)."""
+        query = self._heads(self.q_proj(hidden_states))
+        if self.config.qk_norm:
+            query = self.q_norm(query)
+        return apply_rope(query, cos, sin)
+
+    def project_key(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE keys (batch, kv_heads, seq, head_dim) of an owner layer."""
+        key = self._heads(self.k_proj(hidden_states))
+        if self.config.qk_norm:
+            key = self.k_norm(key)
+        return apply_rope(key, cos, sin)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -225,10 +304,7 @@ class SurgeryAttention(nn.Module):
         context: LayerContext,
     ) -> torch.Tensor:
         cos, sin = position_embeddings
-        query = self._heads(self.q_proj(hidden_states))
-        if self.config.qk_norm:
-            query = self.q_norm(query)
-        query = apply_rope(query, cos, sin)
+        query = self.project_query(hidden_states, cos, sin)
 
         projection = context.projections[self.kv_source]
         if self.owns_kv:
@@ -236,11 +312,8 @@ class SurgeryAttention(nn.Module):
             if self.gate is not None:
                 retention = self.gate(hidden_states, context.cache.layers[self.layer_idx], context.positions,
                                       context.padding)
-            key = self._heads(self.k_proj(hidden_states))
+            key = self.project_key(hidden_states, cos, sin)
             value = self._heads(self.v_proj(hidden_states))
-            if self.config.qk_norm:
-                key = self.k_norm(key)
-            key = apply_rope(key, cos, sin)
             full_key, widths = key, None
             if projection is not None:
                 key, value = projection.compress(key, value)
@@ -248,28 +321,38 @@ class SurgeryAttention(nn.Module):
             context.cache.update(key, value, self.layer_idx, widths=widths, retention=retention, route=context.route)
         views = context.cache.views(self.layer_idx, context.padding, projection)
 
-        queries = Queries(query, context.positions, newest=context.newest, masks=context.masks)
+        queries = Queries(query, context.positions, newest=context.newest, masks=context.masks, softcap=self.softcap)
         dropout = self.config.attention_dropout if self.training else 0.0
         out, lse = attend(queries, views, self.scaling, attention_implementation(self.config), self.sliding_window,
                           dropout, skip=context.cache.view_skip)
         if self.owns_kv and context.policy is not None:
             context.policy.score_layer(self.layer_idx, query, full_key, context.prompt_padding, self.scaling,
-                                       context.cache, lse)
+                                       context.cache, lse, self.softcap)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
 
 
 class SurgeryDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks; with `sandwich_norms` (Gemma) their outputs are normalised too, and
+    `post_attention_layernorm` is the attention's output norm rather than the MLP's input norm."""
+
     def __init__(self, config: SurgeryConfig, layer_idx: int):
         super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
         self.self_attn = SurgeryAttention(config, layer_idx)
         self.mlp = layer_mlp(config, layer_idx)
-        self.input_layernorm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = rms_norm(config, config.hidden_size)
+        self.post_attention_layernorm = rms_norm(config, config.hidden_size)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = rms_norm(config, config.hidden_size)
+            self.post_feedforward_layernorm = rms_norm(config, config.hidden_size)
         self.router = None  # mixture-of-depths routing (MoDification), set by a runtime
         for runtime in active_runtimes(config):
             runtime.build_layer(self, config)
 
-    def forward(self, hidden_states, position_embeddings, context: LayerContext) -> torch.Tensor:
+    def forward(self, hidden_states, position_embeddings: dict, context: LayerContext) -> torch.Tensor:
+        """`position_embeddings`: {layer type: (cos, sin)}, as `SurgeryPositionEmbeddings` gives them."""
+        position_embeddings = position_embeddings[self.layer_type]
         if self.router is None:
             return self.block(hidden_states, position_embeddings, context)
         route = self.router(self.input_layernorm(hidden_states), context.positions, context.real_tokens())
@@ -284,8 +367,12 @@ class SurgeryDecoderLayer(nn.Module):
         return route.scatter(hidden_states, out - routed)
 
     def block(self, hidden_states, position_embeddings, context: LayerContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, context)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        attended = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, context)
+        if not self.sandwich:
+            hidden_states = hidden_states + attended
+            return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + self.post_attention_layernorm(attended)
+        return hidden_states + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden_states)))
 
 
 def recomputable_layer(layer: SurgeryDecoderLayer, hidden_states: torch.Tensor, position_embeddings, context: LayerContext,
@@ -323,6 +410,12 @@ class SurgeryPreTrainedModel(PreTrainedModel):
                              "the plan in config.json (kv_source, ranks) does not match the stored weights")
         return (model, info) if wants_info else model
 
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' init, except that a (1 + weight) norm starts at zero: its identity scale."""
+        super()._init_weights(module)
+        if isinstance(module, SurgeryRMSNorm) and module.unit_offset:
+            init.zeros_(module.weight)
+
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         """The one override of a transformers hook: on CUDA with triton, default to our kernels."""
         if requested_attention is None and decode_attention is not None and torch.cuda.is_available():
@@ -336,8 +429,8 @@ class SurgeryModel(SurgeryPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(SurgeryDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = SurgeryRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = SurgeryRotaryEmbedding(config)
+        self.norm = rms_norm(config, config.hidden_size)
+        self.rotary_emb = SurgeryPositionEmbeddings(config)
         self.runtimes = active_runtimes(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -360,7 +453,7 @@ class SurgeryModel(SurgeryPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = scale_embeddings(self.embed_tokens(input_ids), self.config)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = bool(output_hidden_states)
 
@@ -432,6 +525,19 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs):
+        """With longrope (Phi-3), the step at which a sequence first passes original_max_position_embeddings
+        recomputes the whole cache with the long factors, as transformers' Phi-3 does, so that every key carries
+        the RoPE the later queries use."""
+        limit = longrope_limit(self.config)
+        if limit is not None and input_ids.shape[1] > limit:
+            for name in ("cache", "past_key_values"):
+                if kwargs.get(name) is not None and kwargs[name].get_seq_length() <= limit:
+                    kwargs[name] = None
+                    if "next_sequence_length" in kwargs:
+                        kwargs["next_sequence_length"] = None
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+
     def compress_context(self, input_ids: torch.LongTensor, kv_budget: float | None = None,
                          kv_budget_tokens: int | None = None, probe_ids: torch.LongTensor | None = None,
                          policy: str | None = None) -> SurgeryCache:
@@ -474,7 +580,7 @@ class SurgeryForCausalLM(SurgeryPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = soft_cap(self.lm_head(hidden_states[:, keep, :]), self.config.final_logit_softcapping)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

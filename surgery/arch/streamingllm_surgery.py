@@ -24,7 +24,7 @@ class SinksAndRecentScorer:
     def __init__(self, window: int, sinks: int = STREAMING_SINKS):
         self.window, self.sinks = window, sinks
 
-    def __call__(self, query, key, padding, scaling, lse=None) -> LayerScores:
+    def __call__(self, query, key, padding, scaling, lse=None, softcap=None) -> LayerScores:
         batch, kv_heads, n = key.shape[0], key.shape[1], key.shape[2]
         prefix = max(n - min(self.window, n), 0)
         positions = torch.arange(prefix, device=key.device, dtype=torch.float32).expand(batch, prefix)

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from surgery.arch.cache_surgery import SurgeryCache
 from surgery.arch.configuration_surgery import SurgeryConfig
-from surgery.arch.modeling_surgery import LayerContext, SurgeryDecoderLayer, SurgeryRMSNorm, SurgeryRotaryEmbedding
+from surgery.arch.modeling_surgery import (LayerContext, SurgeryDecoderLayer, SurgeryPositionEmbeddings, rms_norm,
+                                           scale_embeddings, soft_cap)
 from surgery.checkpoint.rewrite import TensorPlan
 from surgery.checkpoint.tensor_io import LazyCheckpoint, release_freed_memory
 
@@ -54,7 +55,7 @@ class LayerRunner:
         self.dtype = dtype
         self.progress = progress
         self.plan = plan or TensorPlan()
-        self.rotary = SurgeryRotaryEmbedding(self.config).to(self.device)
+        self.rotary = SurgeryPositionEmbeddings(self.config).to(self.device)
         self.state = RunState()
         self.kv_source = list(self.config.kv_source)
         self._head: torch.Tensor | None = None
@@ -87,7 +88,7 @@ class LayerRunner:
     @torch.no_grad()
     def embed(self) -> list[torch.Tensor]:
         weight = self.tensor("model.embed_tokens.weight")
-        return [F.embedding(batch, weight) for batch in self.batches]
+        return [scale_embeddings(F.embedding(batch, weight), self.config) for batch in self.batches]
 
     @torch.no_grad()
     def run(self, kv_source: list[int], start: int = 0, commit: bool = True, projections: dict | None = None,
@@ -136,7 +137,7 @@ class LayerRunner:
             hidden = outputs
             del layer, outputs, kv
             release_freed_memory()
-        norm = SurgeryRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        norm = rms_norm(self.config, self.config.hidden_size)
         norm.weight.data = self.tensor("model.norm.weight")
         state.final = [norm(states) for states in hidden]
         if commit:
@@ -152,4 +153,5 @@ class LayerRunner:
         if self._head is None:
             tied = self.config.tie_word_embeddings or "lm_head.weight" not in self.reader.weight_map
             self._head = self.tensor("model.embed_tokens.weight" if tied else "lm_head.weight")
-        return [(states @ self._head.T).float().log_softmax(-1) for states in final]
+        cap = self.config.final_logit_softcapping
+        return [soft_cap((states @ self._head.T).float(), cap).log_softmax(-1) for states in final]

@@ -7,7 +7,7 @@ import copy
 import torch
 
 from surgery.arch.configuration_surgery import SurgeryConfig
-from surgery.arch.modeling_surgery import SurgeryForCausalLM, SurgeryRotaryEmbedding
+from surgery.arch.modeling_surgery import SurgeryForCausalLM, SurgeryPositionEmbeddings
 from surgery.checkpoint.export import expected_tensors
 from surgery.checkpoint.sources import Source
 from surgery.checkpoint.tensor_io import LazyCheckpoint, check_finite
@@ -26,7 +26,7 @@ def load_sampling_model(source: Source, config: SurgeryConfig) -> SurgeryForCaus
     must reassemble (fused experts) are the only copies. A float32 source samples exactly as a float32 copy would."""
     with torch.device("meta"):
         model = SurgeryForCausalLM(copy.deepcopy(config))
-    model.model.rotary_emb = SurgeryRotaryEmbedding(model.config)  # float32 buffers, not weights: built, not read
+    model.model.rotary_emb = SurgeryPositionEmbeddings(model.config)  # float32 buffers, not weights: built, not read
     return _with_source_weights(model, source, config, assign=True)
 
 

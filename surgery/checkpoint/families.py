@@ -1,8 +1,10 @@
-"""Translate a source `config.json` (llama, mistral, qwen2, qwen3, and the MoE families mixtral, qwen2_moe, qwen3_moe)
-into the surgery architecture's config.
+"""Translate a source `config.json` (llama, mistral, qwen2, qwen3, the MoE families mixtral, qwen2_moe, qwen3_moe,
+gemma2, gemma3_text, the gemma3 image-text model's language model, and phi3) into the surgery architecture's config.
 
-The families share one decoder and differ only in biases, the per-head q/k norm, sliding windows and whether (and
-where) the MLP is a mixture of experts, so each family is a few lines of field mapping rather than a model class.
+The families share one decoder and differ in named fields of `SurgeryConfig`: biases, the per-head q/k norm,
+sliding windows, whether (and where) the MLP is a mixture of experts, and Gemma's (1 + w) norms, sandwich norms,
+scaled embeddings, score scalar, soft-caps and per-type RoPE. So each family is a few lines of field mapping rather
+than a model class. Phi-3's fused projections are split by name (`layouts.py`), not in the model.
 """
 
 from typing import Any
@@ -26,7 +28,10 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2",
+                      "gemma3_text", "gemma3", "phi3")
+# Image-text sources whose language model converts, to a text-only checkpoint.
+TEXT_OF = {"gemma3": "gemma3_text"}
 
 _COMMON_FIELDS = (
     "vocab_size",
@@ -84,6 +89,12 @@ def _family_fields(model_type: str, source: Any) -> dict[str, Any]:
             "layer_types": ["sliding_attention" if window else "full_attention"] * source.num_hidden_layers,
             **_experts(source, range(source.num_hidden_layers), source.intermediate_size, normalise=True),
         }
+    if model_type in ("gemma2", "gemma3_text"):
+        return _gemma_fields(source, qk_norm=model_type == "gemma3_text")
+    if model_type == "phi3":  # fused qkv_proj / gate_up_proj are split by name (layouts.py); no biases
+        window = source.sliding_window
+        return {"sliding_window": window,
+                "layer_types": ["sliding_attention" if window else "full_attention"] * source.num_hidden_layers}
     if model_type in ("qwen2_moe", "qwen3_moe"):
         sparse = [layer for layer in range(source.num_hidden_layers) if layer not in (source.mlp_only_layers or [])
                   and expert_count(source) > 0 and (layer + 1) % source.decoder_sparse_step == 0]
@@ -97,6 +108,20 @@ def _family_fields(model_type: str, source: Any) -> dict[str, Any]:
                 "layer_types": list(getattr(source, "layer_types", None) or ["full_attention"] * source.num_hidden_layers),
                 **experts}
     raise unsupported(model_type)
+
+
+def _gemma_fields(source: Any, qk_norm: bool) -> dict[str, Any]:
+    """Gemma 2 and 3: GeGLU, (1 + w) norms around both blocks, embeddings × sqrt(hidden), scores scaled by
+    query_pre_attn_scalar, soft-caps (Gemma 2), interleaved sliding layers, per-type RoPE (Gemma 3)."""
+    if getattr(source, "use_bidirectional_attention", None):
+        raise SurgeryError(f"this {source.model_type} model attends bidirectionally (an embedding model)",
+                           hint="convert a causal language model")
+    return {"hidden_act": source.hidden_activation, "attention_bias": source.attention_bias,
+            "attention_out_bias": source.attention_bias, "qk_norm": qk_norm, "sliding_window": source.sliding_window,
+            "layer_types": list(source.layer_types), "norm_unit_offset": True, "sandwich_norms": True,
+            "embedding_scale": source.hidden_size**0.5, "query_pre_attn_scalar": source.query_pre_attn_scalar,
+            "attn_logit_softcapping": source.attn_logit_softcapping,
+            "final_logit_softcapping": source.final_logit_softcapping}
 
 
 def expert_count(source: Any) -> int:
@@ -133,8 +158,9 @@ _OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "max_position_embe
 _DROPPED_FIELDS = ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version")
 
 
-def _check_dimensions(config_dict: dict[str, Any]) -> None:
-    """Reject the values no model can be built from, naming the field, before transformers sees them."""
+def _check_dimensions(config_dict: dict[str, Any], complete: bool = True) -> None:
+    """Reject the values no model can be built from, naming the field, before transformers sees them; `complete`:
+    the required fields must be there (a nested text config may leave them to the family's defaults)."""
     def positive_int(name: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SurgeryError(f"config.json: {name} must be a positive integer, got {value!r}",
@@ -142,16 +168,20 @@ def _check_dimensions(config_dict: dict[str, Any]) -> None:
 
     for name in _POSITIVE_INTS:
         if name not in config_dict:
+            if not complete:
+                continue
             raise SurgeryError(f"config.json has no {name}", hint="fix config.json of the source model")
         positive_int(name, config_dict[name])
     for name in _OPTIONAL_POSITIVE_INTS:
         if config_dict.get(name) is not None and not (name == "sliding_window" and config_dict[name] == 0):
             positive_int(name, config_dict[name])  # Qwen2-MoE writes sliding_window 0 for "none"
+    if "num_attention_heads" not in config_dict:
+        return
     heads, kv_heads = config_dict["num_attention_heads"], config_dict.get("num_key_value_heads") or config_dict["num_attention_heads"]
     if heads % kv_heads:
         raise SurgeryError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}",
                            hint="fix config.json of the source model")
-    if config_dict.get("head_dim") is None and config_dict["hidden_size"] % heads:
+    if config_dict.get("head_dim") is None and config_dict.get("hidden_size", heads) % heads:
         raise SurgeryError(f"config.json: hidden_size {config_dict['hidden_size']} is not a multiple of "
                            f"num_attention_heads {heads}", hint="set head_dim, or fix config.json")
 
@@ -161,7 +191,14 @@ def source_config(config_dict: dict[str, Any]):
     model_type = read_model_type(config_dict)
     if model_type == SurgeryConfig.model_type:
         raise SurgeryError("the source is already a surgery checkpoint", hint="convert the original model instead")
-    _check_dimensions(config_dict)
+    if model_type in TEXT_OF:
+        text = config_dict.get("text_config")
+        if not isinstance(text, dict):
+            raise SurgeryError(f"config.json of this {model_type} model has no text_config",
+                               hint="fix config.json of the source model")
+        _check_dimensions(text, complete=False)  # the rest are the family's defaults
+    else:
+        _check_dimensions(config_dict)
     fields = {k: v for k, v in config_dict.items() if k not in _DROPPED_FIELDS}
     try:
         return AutoConfig.for_model(model_type, **fields)
@@ -170,13 +207,18 @@ def source_config(config_dict: dict[str, Any]):
                            hint="fix config.json of the source model") from None
 
 
+def language_config(source):
+    """The config of the language model: the source's own, or an image-text model's text config."""
+    return source.text_config if source.model_type in TEXT_OF else source
+
+
 def surgery_config_from_source(config_dict: dict[str, Any]) -> SurgeryConfig:
     """Build the identity-plan surgery config for a source `config.json` dict (without executing remote code)."""
-    source = source_config(config_dict)
+    source = language_config(source_config(config_dict))
     model_type = source.model_type
     kwargs = {name: getattr(source, name) for name in _COMMON_FIELDS if getattr(source, name, None) is not None}
     kwargs.update(_family_fields(model_type, source))
-    kwargs["source_model_type"] = model_type
+    kwargs["source_model_type"] = config_dict["model_type"]
     kwargs["grown_layers"] = config_dict.get("grown_layers") or None  # a plain checkpoint that depth growth made
     kwargs["dtype"] = config_dict.get("dtype") or config_dict.get("torch_dtype")
     try:
@@ -192,18 +234,30 @@ _ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_h
                         "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings",
                         "rope_parameters", "attention_bias", "attention_out_bias", "mlp_bias", "qk_norm",
                         "layer_types", "moe_layers", "moe_experts", "moe_top_k", "moe_intermediate_size",
-                        "moe_norm_topk", "moe_shared_intermediate_size", "grown_layers")
+                        "moe_norm_topk", "moe_shared_intermediate_size", "grown_layers", "norm_unit_offset",
+                        "sandwich_norms", "embedding_scale", "query_pre_attn_scalar", "attn_logit_softcapping",
+                        "final_logit_softcapping")
+# Families whose checkpoints store tensors the surgery model splits (Phi-3's fused projections): a model that only
+# depth growth or upcycling changed is written as a surgery checkpoint instead of a plain one.
+FUSED_FAMILIES = ("phi3",)
 
 
 def plain_family_config(config_dict: dict[str, Any], model: SurgeryConfig):
     """The transformers config of a plain checkpoint (no remote code) for a model that only depth growth and
-    upcycling changed: the source family's, deepened; or, where upcycling gave a dense source experts, the MoE
-    family with its attention (Qwen2-MoE for llama, mistral and qwen2; Qwen3-MoE for qwen3). Refused, in one
-    line, when that family cannot hold the model exactly."""
+    upcycling changed: the source family's (an image-text source's language model), deepened; or, where upcycling
+    gave a dense source experts, the MoE family with its attention (Qwen2-MoE for llama, mistral and qwen2;
+    Qwen3-MoE for qwen3). None where no plain family holds the model's layout (Phi-3's fused projections, experts
+    on Gemma or Phi-3): it is then written as a surgery checkpoint. Refused, in one line, when the family cannot
+    hold the model exactly."""
     model_type = read_model_type(config_dict)
+    if model_type in TEXT_OF:
+        config_dict = {**language_config(source_config(config_dict)).to_dict(), "model_type": TEXT_OF[model_type]}
+        model_type = TEXT_OF[model_type]
+    if model_type in FUSED_FAMILIES:
+        return None
     if model.moe_layers is not None and not expert_count(source_config(config_dict)):
         if model_type not in MOE_FAMILY_OF:
-            raise unsupported(model_type)
+            return None
         family = source_config(_upcycled_fields(model, MOE_FAMILY_OF[model_type]))
     else:
         fields = dict(config_dict)

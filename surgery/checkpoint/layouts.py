@@ -6,7 +6,10 @@ the tensors the family's class holds and the surgery model does not (`family_ext
 The dense families and the Qwen MoE families already use the surgery names (`mlp.gate`, `mlp.experts.{e}.
 {gate,up,down}_proj`, `mlp.shared_expert*`). Mixtral saves its MoE as `block_sparse_moe.gate` and
 `block_sparse_moe.experts.{e}.w1/w3/w2` (gate, up, down). A checkpoint saved in transformers' fused in-memory
-layout (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) is sliced per expert.
+layout (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) is sliced per expert. Phi-3 fuses
+`self_attn.qkv_proj` (q, k, v rows) and `mlp.gate_up_proj` (gate, up rows), sliced by rows; Gemma 3's image-text
+checkpoints keep the language model under `model.language_model.` (or `language_model.model.`), whose vision tower
+and projector the text-only surgery model does not read.
 """
 
 import re
@@ -19,36 +22,69 @@ FUSED = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(
 MIXTRAL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 SURGERY_EXPERT = re.compile(r"^(model\.layers\.\d+)\.mlp\.(experts\.\d+\.)(gate_proj|up_proj|down_proj)(\.weight)$")
 SURGERY_ROUTER = re.compile(r"^(model\.layers\.\d+)\.mlp\.gate\.weight$")
+PHI3_FUSED = re.compile(r"^(model\.layers\.\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight$")
+LANGUAGE_MODEL = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
 
 
 @dataclass(frozen=True)
 class Alias:
-    """A surgery-named tensor stored as `stored`, whole or as rows start:stop of one expert of a fused tensor."""
+    """A surgery-named tensor stored as `stored`: whole, or rows start:stop of it (of one expert's part when
+    `expert` is set)."""
 
     stored: str
     expert: int | None = None
     start: int = 0
     stop: int | None = None
 
+    @property
+    def whole(self) -> bool:
+        return self.expert is None and self.start == 0 and self.stop is None
+
     def take(self, tensor):
-        return tensor if self.expert is None else tensor[self.expert, self.start:self.stop].contiguous()
+        if self.whole:
+            return tensor
+        part = tensor if self.expert is None else tensor[self.expert]
+        return part[self.start:self.stop].contiguous()
 
     def shape(self, stored_shape: tuple[int, ...]) -> tuple[int, ...]:
-        if self.expert is None:
+        if self.whole:
             return stored_shape
-        stop = stored_shape[1] if self.stop is None else self.stop
-        return (stop - self.start, *stored_shape[2:])
+        rows = stored_shape if self.expert is None else stored_shape[1:]
+        stop = rows[0] if self.stop is None else self.stop
+        return (stop - self.start, *rows[1:])
 
 
 def expert_name(layer: int | str, expert: int | str, projection: str) -> str:
     return f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
 
 
-def source_aliases(names: list[str], shape_of: Callable[[str], tuple[int, ...]]) -> dict[str, Alias]:
-    """Surgery name → where the source stores it, for the tensors it stores under other names."""
+def phi3_split(kind: str, rows: int, config: dict | None) -> list[tuple[str, int, int]]:
+    """(surgery projection, first row, end row) of a Phi-3 fused weight: q, k, v by the head counts, or gate, up."""
+    if kind == "mlp.gate_up_proj":
+        return [("mlp.gate_proj", 0, rows // 2), ("mlp.up_proj", rows // 2, rows)]
+    config = config or {}
+    heads = config.get("num_attention_heads") or 1
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or rows // (heads + 2 * kv_heads)
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return [("self_attn.q_proj", 0, q), ("self_attn.k_proj", q, q + kv), ("self_attn.v_proj", q + kv, rows)]
+
+
+def source_aliases(names: list[str], shape_of: Callable[[str], tuple[int, ...]],
+                   config: dict | None = None) -> dict[str, Alias]:
+    """Surgery name → where the source stores it, for the tensors it stores under other names; `config`: the
+    source's config.json, for splits that depend on head counts."""
     aliases = {}
     for name in names:
-        if match := MIXTRAL_EXPERT.match(name):
+        language = next((new + name[len(old):] for old, new in LANGUAGE_MODEL if name.startswith(old)), None)
+        if language is not None:
+            aliases[language] = Alias(name)
+        elif match := PHI3_FUSED.match(name):
+            prefix, kind = match.groups()
+            for projection, start, stop in phi3_split(kind, shape_of(name)[0], config):
+                aliases[f"{prefix}.{projection}.weight"] = Alias(name, None, start, stop)
+        elif match := MIXTRAL_EXPERT.match(name):
             layer, expert, weight = match.groups()
             aliases[expert_name(layer, expert, MIXTRAL_NAMES[weight])] = Alias(name)
         elif match := MIXTRAL_ROUTER.match(name):

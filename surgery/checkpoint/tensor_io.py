@@ -78,7 +78,8 @@ class LazyCheckpoint:
         for shard in sorted(set(weight_map.values())):
             self._header_names(self.folder / shard)  # fail early on a missing or corrupt shard
         # Names the surgery architecture reads under other names (Mixtral's experts, fused experts): see layouts.py
-        self.aliases = source_aliases(list(weight_map), lambda name: self._stored_shape(weight_map[name], name))
+        self.aliases = source_aliases(list(weight_map), lambda name: self._stored_shape(weight_map[name], name),
+                                      self._config())
         self.stored_map: dict[str, str] = weight_map  # stored name -> shard
         stored_aliased = {alias.stored for alias in self.aliases.values()}
         self.weight_map: dict[str, str] = {name: shard for name, shard in weight_map.items() if name not in stored_aliased}
@@ -86,6 +87,14 @@ class LazyCheckpoint:
         self._views: dict[str, list[str]] = {}  # stored name -> the surgery names it holds
         for name, alias in self.aliases.items():
             self._views.setdefault(alias.stored, []).append(name)
+
+    def _config(self) -> dict | None:
+        """The folder's config.json (a text model's own fields), for layouts that split by head counts."""
+        try:
+            config = json.loads((self.folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return config.get("text_config") or config if isinstance(config, dict) else None
 
     @staticmethod
     def _header_names(shard: Path) -> list[str]:

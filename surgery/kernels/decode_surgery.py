@@ -49,6 +49,14 @@ def _online_softmax_source(scores, v, m, l, acc):
 _online_softmax = triton.jit(_online_softmax_source) if triton is not None else None
 
 
+def _soft_cap_source(scores, cap):
+    """cap · tanh(scores / cap) (Gemma 2), with tanh(y) = 2σ(2y) − 1: the interpreter and every GPU have σ."""
+    return cap * (2.0 * tl.sigmoid(2.0 * scores / cap) - 1.0)
+
+
+_soft_cap = triton.jit(_soft_cap_source) if triton is not None else None
+
+
 def _decode_split_kernel_source(
     Q, K, V, Valid, OutPartial, LsePartial,
     k_offsets, k_widths, v_offsets, v_widths,
@@ -58,9 +66,10 @@ def _decode_split_kernel_source(
     stride_mb, stride_mh,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    slots, split_size, scale,
+    slots, split_size, scale, softcap,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -93,7 +102,10 @@ def _decode_split_kernel_source(
             col_ok = col_ok & (keep != 0)
         k = tl.load(K + batch * stride_kb + head * stride_kh + cols[:, None] * stride_kt + k_off + dims[None, :],
                     mask=col_ok[:, None] & (dims[None, :] < k_width), other=0.0).to(tl.float32)
-        scores = tl.where(col_ok[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        scores = tl.dot(q, tl.trans(k)) * scale
+        if SOFTCAP:
+            scores = _soft_cap(scores, softcap)
+        scores = tl.where(col_ok[None, :], scores, float("-inf"))
         v = tl.load(V + batch * stride_vb + head * stride_vh + cols[:, None] * stride_vt + v_off + vdims[None, :],
                     mask=col_ok[:, None] & (vdims[None, :] < v_width), other=0.0).to(tl.float32)
         m, l, acc = _online_softmax(scores, v, m, l, acc)
@@ -129,13 +141,15 @@ def cache_layout(keys, values, key_widths, value_widths, kv_heads, device):
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                      valid: torch.Tensor | None = None, key_widths: list[int] | None = None,
                      value_widths: list[int] | None = None, split_size: int = 512, block_n: int = 32,
-                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     return_lse: bool = False,
+                     softcap: float | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query token per head over a cache; returns (batch, heads, value width) in query dtype,
     and with `return_lse` the row log-sum-exp (batch, heads) in float32, so several views can be merged.
 
     query: (batch, heads, width) — for a reduced-width cache, each head's projected query, zero-padded.
     keys/values: (batch, kv_heads, slots, head_dim), or packed (batch, 1, slots, Σ widths) with `*_widths`.
     valid: optional (batch, kv_heads, slots) mask of the slots each head may attend to.
+    softcap: scaled scores pass through softcap · tanh(s / softcap) (Gemma 2).
     """
     batch, heads, _ = query.shape
     kv_heads = len(key_widths) if key_widths is not None else keys.shape[1]
@@ -160,9 +174,9 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         mask.stride(0) if valid is not None else 0, mask.stride(1) if valid is not None else 0,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        slots, split_size, scale,
+        slots, split_size, scale, softcap or 1.0,
         KV_HEADS=kv_heads, GROUP=group, BLOCK_G=_pow2(group), BLOCK_D=_pow2(width_k), BLOCK_DV=_pow2(width_v),
-        BLOCK_N=block_n, HAS_VALID=valid is not None,
+        BLOCK_N=block_n, HAS_VALID=valid is not None, SOFTCAP=softcap is not None,
     )
     top = lse.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))

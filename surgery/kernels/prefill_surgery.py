@@ -14,7 +14,7 @@ Shipped flat inside checkpoints; imported only where triton is installed.
 
 import torch
 
-from .decode_surgery import _online_softmax, _pow2, cache_layout
+from .decode_surgery import _online_softmax, _pow2, _soft_cap, cache_layout
 
 try:  # transformers skips imports inside try blocks when it checks a checkpoint's requirements
     import triton
@@ -36,10 +36,10 @@ def _prefill_kernel_source(
     stride_qpb, stride_kpb, stride_kph, stride_ub, stride_uh,
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh,
-    q_len, slots, scale, sinks, recent,
+    q_len, slots, scale, sinks, recent, softcap,
     HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_VALID: tl.constexpr, HAS_POSITIONS: tl.constexpr,
-    BAND: tl.constexpr, HAS_UNTIL: tl.constexpr,
+    BAND: tl.constexpr, HAS_UNTIL: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     block_m = tl.program_id(0)
     pid = tl.program_id(1)
@@ -87,7 +87,10 @@ def _prefill_kernel_source(
         if HAS_UNTIL:  # a slot flagged for eviction is read by its own query only
             until = tl.load(Until + batch * stride_ub + head * stride_uh + cols, mask=col_ok, other=0)
             allowed = allowed & (row_positions[:, None] <= until[None, :])
-        scores = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        scores = tl.dot(q, tl.trans(k)) * scale
+        if SOFTCAP:
+            scores = _soft_cap(scores, softcap)
+        scores = tl.where(allowed, scores, float("-inf"))
         v = tl.load(V + batch * stride_vb + head * stride_vh + cols[:, None] * stride_vt + v_off + vdims[None, :],
                     mask=col_ok[:, None] & (vdims[None, :] < v_width), other=0.0).to(tl.float32)
         m, l, acc = _online_softmax(scores, v, m, l, acc)
@@ -106,9 +109,9 @@ def _window_sums_kernel_source(
     stride_mb, stride_mh,
     stride_lb, stride_lh,
     stride_sb, stride_sh,
-    q_len, slots, window, prefix, scale,
+    q_len, slots, window, prefix, scale, softcap,
     HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     block_n = tl.program_id(0)
     pid = tl.program_id(1)
@@ -134,7 +137,10 @@ def _window_sums_kernel_source(
         lse = tl.load(Lse + batch * stride_lb + query_head * stride_lh + rows, mask=row_ok, other=float("inf"))
         row_slots = slots - q_len + rows
         allowed = row_ok[:, None] & col_ok[None, :] & (cols[None, :] <= row_slots[:, None])
-        p = tl.where(allowed, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        if SOFTCAP:
+            scores = _soft_cap(scores, softcap)
+        p = tl.where(allowed, tl.exp(scores - lse[:, None]), 0.0)
         total += tl.sum(p, axis=0)
     tl.store(Sums + batch * stride_sb + query_head * stride_sh + cols, total, mask=cols < prefix)
 
@@ -148,7 +154,8 @@ def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
                       value_widths: list[int] | None = None, block_m: int = 16, block_n: int = 32,
                       query_positions: torch.Tensor | None = None,
                       key_positions: torch.Tensor | None = None, band=None,
-                      key_until: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      key_until: torch.Tensor | None = None,
+                      softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention; returns ((batch, heads, q_len, value width), lse float32).
 
     query: (batch, heads, q_len, width), projected and zero-padded per head for a reduced-width cache.
@@ -157,6 +164,7 @@ def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     queries are the newest q_len slots and slot i holds token i.
     band: PoD's `Band` (sinks, recent, distant, first): each query sees only its proximal or its distant tokens.
     key_until (batch, kv_heads|1, slots): the last query position that may read each slot (a gate's eviction).
+    softcap: scaled scores pass through softcap · tanh(s / softcap) (Gemma 2).
     """
     batch, heads, q_len, _ = query.shape
     kv_heads = len(key_widths) if key_widths is not None else keys.shape[1]
@@ -198,17 +206,18 @@ def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
         until.stride(0) if key_until is not None else 0, until.stride(1) if key_until is not None else 0,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        q_len, slots, scale, band.sinks if band else 0, band.recent if band else 0,
+        q_len, slots, scale, band.sinks if band else 0, band.recent if band else 0, softcap or 1.0,
         HEADS=heads, GROUP=heads // kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(width_k),
         BLOCK_DV=_pow2(width_v), HAS_VALID=valid is not None, HAS_POSITIONS=has_positions,
         BAND=0 if band is None else 2 if band.distant else 1, HAS_UNTIL=key_until is not None,
+        SOFTCAP=softcap is not None,
     )
     return out[..., :width_v].to(query.dtype), lse
 
 
 def window_sums_from_lse(query: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, scale: float, window: int,
                         key_widths: list[int] | None = None, valid: torch.Tensor | None = None, block_m: int = 16,
-                        block_n: int = 32, all_slots: bool = False) -> torch.Tensor:
+                        block_n: int = 32, all_slots: bool = False, softcap: float | None = None) -> torch.Tensor:
     """(batch, heads, prefix) attention of the last `window` queries to each prefix slot, summed over them
     (to every slot with `all_slots`, which ZigZagKV's attention mass needs), from the prefill's row log-sum-exp.
     `valid` (batch, kv_heads, slots): the slots the prefill could attend to (padding); the others get 0."""
@@ -230,8 +239,8 @@ def window_sums_from_lse(query: torch.Tensor, keys: torch.Tensor, lse: torch.Ten
         mask.stride(0) if valid is not None else 0, mask.stride(1) if valid is not None else 0,
         lse.stride(0), lse.stride(1),
         sums.stride(0), sums.stride(1),
-        q_len, slots, window, prefix, scale,
+        q_len, slots, window, prefix, scale, softcap or 1.0,
         HEADS=heads, GROUP=heads // kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(width_k),
-        HAS_VALID=valid is not None,
+        HAS_VALID=valid is not None, SOFTCAP=softcap is not None,
     )
     return sums

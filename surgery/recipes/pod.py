@@ -46,15 +46,12 @@ def last_query_attention(layer, hidden: torch.Tensor, rotary, config, last: int)
     x = layer.input_layernorm(hidden)
     n = hidden.shape[1]
     last = min(last, n)
-    cos, sin = rotary(hidden, torch.arange(n, device=hidden.device)[None])
-    query = attention._heads(attention.q_proj(x[:, n - last :]))
-    key = attention._heads(attention.k_proj(x))
-    if config.qk_norm:
-        query, key = attention.q_norm(query), attention.k_norm(key)
-    query = modeling_surgery.apply_rope(query, cos[:, n - last :], sin[:, n - last :]).double()
-    key = modeling_surgery.apply_rope(key, cos, sin).double()
+    cos, sin = rotary(hidden, torch.arange(n, device=hidden.device)[None])[layer.layer_type]
+    query = attention.project_query(x[:, n - last :], cos[:, n - last :], sin[:, n - last :]).double()
+    key = attention.project_key(x, cos, sin).double()
     group = config.num_attention_heads // config.num_key_value_heads
     scores = query @ key.repeat_interleave(group, dim=1).transpose(2, 3) * attention.scaling
+    scores = modeling_surgery.soft_cap(scores, attention.softcap)
     keys, queries = torch.arange(n, device=hidden.device)[None, :], torch.arange(n - last, n, device=hidden.device)[:, None]
     allowed = keys <= queries
     if attention.sliding_window is not None:  # a sliding layer reads only its window, as the source does

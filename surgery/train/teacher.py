@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from surgery.arch.modeling_surgery import SurgeryForCausalLM, SurgeryRotaryEmbedding
+from surgery.arch.modeling_surgery import SurgeryForCausalLM, SurgeryPositionEmbeddings
 from surgery.checkpoint.families import surgery_config_from_source
 from surgery.checkpoint.sources import Source
 from surgery.checkpoint.tensor_io import LazyCheckpoint, check_finite
@@ -51,6 +51,6 @@ def shared_teacher(source: Source, student: nn.Module, trained_in_place: set[str
         setattr(teacher.get_submodule(module_name), attribute, weight)
     if config.tie_word_embeddings:
         teacher.lm_head.weight = teacher.model.embed_tokens.weight
-    teacher.model.rotary_emb = SurgeryRotaryEmbedding(teacher.config).to(device)  # built on meta above
+    teacher.model.rotary_emb = SurgeryPositionEmbeddings(teacher.config).to(device)  # built on meta above
     log.info("teacher shares the student's storage except %.1f MiB", own_bytes / 2**20)
     return teacher.requires_grad_(False).eval(), own_bytes

@@ -11,7 +11,12 @@ from surgery.arch.matryoshka_surgery import set_kv_ranks
 from surgery.kernels.decode_surgery import decode_attention  # TRITON_INTERPRET=1 is set in conftest.py
 
 
-def reference(query, keys, values, scale, valid=None, key_widths=None, value_widths=None):
+def capped(scores, softcap):
+    """Gemma 2's soft-cap, written plainly: cap · tanh(s / cap)."""
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
+def reference(query, keys, values, scale, valid=None, key_widths=None, value_widths=None, softcap=None):
     """Plain float64 attention per query head over its KV head's valid slots."""
     batch, heads, _ = query.shape
     kv_heads = len(key_widths) if key_widths else keys.shape[1]
@@ -31,7 +36,7 @@ def reference(query, keys, values, scale, valid=None, key_widths=None, value_wid
             keep = valid[b, kv] if valid is not None else torch.ones(k.shape[0], dtype=torch.bool)
             if keep.sum() == 0:
                 continue
-            scores = (k[keep] @ q) * scale
+            scores = capped((k[keep] @ q) * scale, softcap)
             out[b, h, : v.shape[1]] = scores.softmax(0) @ v[keep]
     return out
 
@@ -148,7 +153,7 @@ def test_decode_kernel_is_really_used(monkeypatch):
     assert len(calls) == 2 * 4  # two decode steps after the prefill, four layers
 
 
-def reference_prefill(query, keys, values, scale, valid=None, key_widths=None, value_widths=None):
+def reference_prefill(query, keys, values, scale, valid=None, key_widths=None, value_widths=None, softcap=None):
     """float64 causal attention of the newest q_len slots, per query head over its KV head."""
     batch, heads, q_len, _ = query.shape
     kv_heads = len(key_widths) if key_widths else keys.shape[1]
@@ -166,7 +171,7 @@ def reference_prefill(query, keys, values, scale, valid=None, key_widths=None, v
                 q = query[b, h, :, : key_widths[kv]].double()
             else:
                 k, v, q = keys[b, kv].double(), values[b, kv].double(), query[b, h].double()
-            scores = q @ k.T * scale
+            scores = capped(q @ k.T * scale, softcap)
             allowed = torch.arange(slots)[None, :] <= torch.arange(slots - q_len, slots)[:, None]
             if valid is not None:
                 allowed = allowed & valid[b, kv][None, :]
@@ -236,3 +241,56 @@ def test_surgery_triton_is_the_cuda_default_and_selectable(tiny_models, tmp_path
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert chosen.get_correct_attn_implementation(None) == "surgery_triton"  # what a CUDA machine gets by default
     assert chosen.get_correct_attn_implementation("eager") == "eager"
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_soft_capped_kernels(monkeypatch, group):
+    """Gemma 2's score cap in the decode, prefill and window-sum kernels, against the formula in float64."""
+    from surgery.kernels.prefill_surgery import prefill_attention, window_sums_from_lse
+
+    poisoned_empty(monkeypatch)
+    generator = torch.Generator().manual_seed(group)
+    batch, kv_heads, q_len, past, head_dim, cap = 2, 2, 21, 6, 32, 1.5
+    slots = past + q_len
+    query = torch.randn(batch, kv_heads * group, q_len, head_dim, generator=generator) * 2
+    keys = torch.randn(batch, kv_heads, slots, head_dim, generator=generator) * 2
+    values = torch.randn(batch, kv_heads, slots, head_dim, generator=generator)
+    scale = head_dim**-0.5
+    out, lse = prefill_attention(query, keys, values, scale, block_m=16, block_n=16, softcap=cap)
+    expected, probs = reference_prefill(query, keys, values, scale, softcap=cap)
+    uncapped, _ = reference_prefill(query, keys, values, scale)
+    assert (out.double() - expected).abs().max() < 1e-5
+    assert (expected - uncapped).abs().max() > 0.1  # the cap really changes the attention here
+    sums = window_sums_from_lse(query, keys, lse, scale, 5, block_m=16, block_n=16, all_slots=True, softcap=cap)
+    assert (sums.double() - probs[:, :, -5:, :].sum(2)).abs().max() < 1e-5
+    step = decode_attention(query[:, :, -1], keys, values, scale, split_size=16, block_n=16, softcap=cap)
+    assert (step.double() - reference(query[:, :, -1], keys, values, scale, softcap=cap)).abs().max() < 1e-5
+
+
+def test_gemma2_with_kernels_matches_pytorch(tiny_models, tmp_path):
+    """A Gemma 2 checkpoint (soft-capped scores, sliding and global layers, left padding) decodes through the
+    Triton kernels as through the PyTorch path; and the PyTorch path as transformers' Gemma 2 does."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import run_convert
+    from surgery.arch import SurgeryForCausalLM
+
+    out = run_convert(tiny_models["gemma2"], tmp_path / "gemma2", recipe="none")
+    model = SurgeryForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reference_model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"], dtype=torch.float32).eval()
+    ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    results = {}
+    for implementation in ("sdpa", "surgery_triton"):
+        model.config._attn_implementation = implementation
+        with torch.no_grad():
+            results[implementation] = model.generate(ids, **kwargs)
+    with torch.no_grad():
+        results["transformers"] = reference_model.generate(ids, **kwargs)
+    for name in ("surgery_triton", "transformers"):
+        assert torch.equal(results["sdpa"].sequences, results[name].sequences), name
+        for expected, got in zip(results["sdpa"].logits, results[name].logits):
+            assert (expected - got).abs().max() < 1e-4, name
