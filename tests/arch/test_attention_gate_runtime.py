@@ -38,7 +38,7 @@ def reference(model, ids, first=None):
     batch, n = ids.shape
     first = torch.zeros(batch, dtype=torch.long) if first is None else first
     hidden = model.model.embed_tokens(ids)
-    cos, sin = model.model.rotary_emb(hidden, torch.arange(n)[None])
+    cos, sin = model.model.rotary_emb(hidden, torch.arange(n)[None])["full_attention"]
     group = config.num_attention_heads // config.num_key_value_heads
     stored, flags = {}, {}
     for index, layer in enumerate(model.model.layers):

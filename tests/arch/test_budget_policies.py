@@ -75,7 +75,7 @@ def reference_decode(model, ids, prompt, kept):
 def _plain_layer(model, index, hidden, prompt, kept):
     config = model.config
     n = hidden.shape[0]
-    cos, sin = model.model.rotary_emb(hidden[None], torch.arange(n)[None])
+    cos, sin = model.model.rotary_emb(hidden[None], torch.arange(n)[None])["full_attention"]
     group = config.num_attention_heads // config.num_key_value_heads
     layer = model.model.layers[index]
     attention = layer.self_attn
@@ -134,7 +134,7 @@ def snapkv_reference_selection(model, ids, layer, window, budget_tokens):
         hidden = model.model(ids, use_cache=False, output_hidden_states=True).hidden_states[layer][0].double()
         attention = model.model.layers[layer].self_attn
         x = model.model.layers[layer].input_layernorm(hidden.float()).double()
-        cos, sin = model.model.rotary_emb(hidden[None], torch.arange(n)[None])
+        cos, sin = model.model.rotary_emb(hidden[None], torch.arange(n)[None])["full_attention"]
         q = apply_rope(attention.q_proj(x.float()).double().view(n, -1, 8).transpose(0, 1)[None], cos.double(), sin.double())[0]
         k = apply_rope(attention.k_proj(x.float()).double().view(n, -1, 8).transpose(0, 1)[None], cos.double(), sin.double())[0]
     selections = []
@@ -390,8 +390,8 @@ def test_dynamickv_allocation_equals_a_plain_recomputation():
     class Recording(DynamicKV):
         original, history = {}, []
 
-        def score_layer(self, layer, query, key, padding, scaling, cache, lse=None):
-            self.scores[layer] = self.scorer(query, key, padding, scaling, lse)
+        def score_layer(self, layer, query, key, padding, scaling, cache, lse=None, softcap=None):
+            self.scores[layer] = self.scorer(query, key, padding, scaling, lse, softcap)
             self.original[layer] = self.scores[layer].pooled[0].clone()
             self.observe(layer, cache)
             self.history.append({seen: int(cache.layers[seen].valid[0, 0].sum()) for seen in self.original})

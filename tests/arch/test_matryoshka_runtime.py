@@ -71,7 +71,7 @@ def test_attention_follows_the_paper_formula_in_float64():
     projection = attention.kv_projection
     x = torch.randn(1, 7, 48, dtype=torch.float64)
     positions = torch.arange(7)[None]
-    cos, sin = model.model.rotary_emb(x, positions)
+    cos, sin = model.model.rotary_emb(x, positions)["full_attention"]
 
     q = apply_rope(attention._heads(attention.q_proj(x)), cos, sin)
     k = apply_rope(attention._heads(attention.k_proj(x)), cos, sin)

@@ -54,7 +54,7 @@ def reference_logits(model, ids, key_source=KEY_SOURCE, allowed=None, first=None
     first = torch.zeros(batch, dtype=torch.long) if first is None else first
     positions = torch.arange(n)[None]  # RoPE by slot, as the model without position_ids; the rule by `first`
     hidden = model.model.embed_tokens(ids)
-    cos, sin = model.model.rotary_emb(hidden, positions)
+    cos, sin = model.model.rotary_emb(hidden, positions)["full_attention"]
     keys_by_layer = []
     group = config.num_attention_heads // config.num_key_value_heads
     for index, layer in enumerate(model.model.layers):

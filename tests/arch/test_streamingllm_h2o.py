@@ -78,7 +78,7 @@ def test_h2o_keeps_the_recent_half_and_the_heaviest_hitters():
     for layer in (0, 2, 5):
         attention = model.model.layers[layer].self_attn
         x = model.model.layers[layer].input_layernorm(hidden[layer])
-        cos, sin = model.model.rotary_emb(x, torch.arange(n)[None])
+        cos, sin = model.model.rotary_emb(x, torch.arange(n)[None])["full_attention"]
         q = apply_rope(attention.q_proj(x).view(1, n, -1, 8).transpose(1, 2), cos, sin)
         k = apply_rope(attention.k_proj(x).view(1, n, -1, 8).transpose(1, 2), cos, sin)
         scores = plain_accumulated_attention(q, k)[0]

@@ -23,7 +23,7 @@ def test_an_identity_checkpoint_ships_the_core_only():
     files = export.remote_code(tiny())
     assert set(files) == CORE and len(files) <= 10
     assert not set(files) & (RECIPE_RUNTIMES | {"budget_surgery.py", "policies_surgery.py"})
-    assert sum(data.count(b"\n") for data in files.values()) < 2100  # 3,177 lines in 19 files before
+    assert sum(data.count(b"\n") for data in files.values()) < 2400  # 3,177 lines in 19 files before; Gemma, Phi-3 +190
 
 
 def test_kvsharer_runs_on_the_core_and_ships_nothing_more():
