@@ -52,11 +52,12 @@ class Recorder(BudgetPolicy):
         self.scorers = {window: ObservationWindowScorer(window) for window in sorted(set(windows))}
         self.recorded = {(protocol, window): {} for protocol in PROTOCOLS for window in self.scorers}
 
-    def score_layer(self, layer, query, key, padding, scaling, cache, lse=None):
+    def score_layer(self, layer, query, key, padding, scaling, cache, lse=None, softcap=None):
         c = self.context
         for window, scorer in self.scorers.items():
-            self.recorded["query-aware", window][layer] = scorer(query, key, padding, scaling)
-            self.recorded["context-only", window][layer] = scorer(query[:, :, :c], key[:, :, :c], None, scaling)
+            self.recorded["query-aware", window][layer] = scorer(query, key, padding, scaling, softcap=softcap)
+            self.recorded["context-only", window][layer] = scorer(query[:, :, :c], key[:, :, :c], None, scaling,
+                                                                  softcap=softcap)
 
     def finish(self, cache):
         pass
@@ -200,7 +201,7 @@ def main() -> None:
         source = resolve(args.checkpoint)
         model = SurgeryForCausalLM.from_pretrained(source.folder, config=surgery_config_from_source(source.config),
                                                    dtype=torch.float32).eval()
-    owners = model.config.owner_layers
+    owners = model.config.full_attention_owners
     windows = [policy.default_window for policy in POLICY_CLASSES.values()]
     haystack = Haystack(tokenizer, corpus_text(HAYSTACK))
     configs = configs_of(budgets)

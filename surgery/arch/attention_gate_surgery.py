@@ -392,16 +392,18 @@ class GatedKVLayer(PlainCacheLayer):
 
 
 class AttentionGateRuntime(Runtime):
-    """Every K/V-owning layer has a gate, and a cache store that keeps, per KV head, only the slots it flags."""
+    """Every full-attention K/V-owning layer has a gate, and a cache store that keeps, per KV head, only the slots
+    it flags; a sliding layer keeps its window, which already bounds its cache."""
 
     module = "attention_gate"
 
     def cache_layer(self, config, layer_idx: int):
-        sliding = config.layer_types[layer_idx] == "sliding_attention"
-        return GatedKVLayer(config.num_key_value_heads, config.sliding_window if sliding else None)
+        if layer_idx not in config.full_attention_owners:
+            return None
+        return GatedKVLayer(config.num_key_value_heads)
 
     def build_attention(self, attention, config) -> None:
-        if attention.owns_kv:
+        if attention.layer_idx in config.full_attention_owners:
             attention.gate = AttentionGate(config.hidden_size, attention.num_kv_heads, config.attention_gate_heads,
                                            config.attention_gate_width, config.attention_gate_threshold)
 

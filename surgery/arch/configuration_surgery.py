@@ -171,6 +171,8 @@ class SurgeryConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Reject plans that cannot run: a layer may only read the cache of an earlier layer that owns its K/V."""
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
         if len(self.kv_source) != self.num_hidden_layers:
             raise ValueError(f"kv_source has {len(self.kv_source)} entries for {self.num_hidden_layers} layers")
         for layer, source in enumerate(self.kv_source):
@@ -178,6 +180,9 @@ class SurgeryConfig(PreTrainedConfig):
                 raise ValueError(f"layer {layer} cannot read the cache of layer {source}: it must be an earlier layer")
             if self.kv_source[source] != source:
                 raise ValueError(f"layer {layer} reads layer {source}, which itself shares; point it at the root")
+            if self.layer_types[layer] != self.layer_types[source]:
+                raise ValueError(f"layer {layer} ({self.layer_types[layer]}) cannot read the cache of layer {source} "
+                                 f"({self.layer_types[source]}): a layer shares only with a layer of its kind")
         for name in ("matryoshka_key_ranks", "matryoshka_value_ranks"):
             ranks = getattr(self, name)
             if ranks is None:
@@ -205,8 +210,7 @@ class SurgeryConfig(PreTrainedConfig):
                 isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < self.num_hidden_layers
                 for layer in self.grown_layers)):
             raise ValueError(f"grown_layers must list layers in 0..{self.num_hidden_layers - 1}")
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+
 
     def _validate_key_source(self) -> None:
         """PoD's groups: each head borrows the keys of an earlier layer that keeps all of that head's keys itself."""
@@ -219,6 +223,9 @@ class SurgeryConfig(PreTrainedConfig):
                 if not 0 <= source <= layer or self.pod_key_source[source][head] != source:
                     raise ValueError(f"pod_key_source[{layer}][{head}] = {source}: a head borrows the keys of an "
                                      "earlier layer that keeps that head's keys itself")
+                if source != layer and (self.is_sliding(layer) or self.is_sliding(source)):
+                    raise ValueError(f"pod_key_source[{layer}][{head}] = {source}: only full-attention layers share "
+                                     "distant keys (a sliding layer has none)")
             if self.kv_source[layer] != layer or self.projected_ranks(layer) is not None:
                 raise ValueError("pod_key_source (PoD) cannot be combined with kv_source sharing or projected ranks")
         if self.pod_sink_tokens < 0 or self.pod_recent_tokens < 1:
@@ -256,6 +263,9 @@ class SurgeryConfig(PreTrainedConfig):
             raise ValueError(f"modification_threshold must lie in (0, 1), got {self.modification_threshold}")
         shared = {source for layer, source in enumerate(self.kv_source) if source != layer}
         for layer in self.modification_layers:
+            if self.is_sliding(layer):
+                raise ValueError(f"routed layer {layer} is a sliding-window layer: only full-attention layers are "
+                                 "routed (a sliding layer's cache already holds only its window)")
             if self.kv_source[layer] != layer or layer in shared:
                 raise ValueError(f"routed layer {layer} may not share K/V (KVSharer): its cache holds only the "
                                  "tokens it routed")
@@ -303,6 +313,12 @@ class SurgeryConfig(PreTrainedConfig):
     def owner_layers(self) -> list[int]:
         """Layers that compute and cache their own K/V."""
         return [layer for layer, source in enumerate(self.kv_source) if source == layer]
+
+    @property
+    def full_attention_owners(self) -> list[int]:
+        """K/V-owning layers without a sliding window: the caches that grow with the sequence. Token budgets,
+        Attention-Gates, mixture-of-depths routing and PoD act on these; a sliding layer keeps its window."""
+        return [layer for layer in self.owner_layers if not self.is_sliding(layer)]
 
     @property
     def sharing_layers(self) -> list[int]:

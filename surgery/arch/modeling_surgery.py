@@ -325,7 +325,7 @@ class SurgeryAttention(nn.Module):
         dropout = self.config.attention_dropout if self.training else 0.0
         out, lse = attend(queries, views, self.scaling, attention_implementation(self.config), self.sliding_window,
                           dropout, skip=context.cache.view_skip)
-        if self.owns_kv and context.policy is not None:
+        if context.policy is not None and self.layer_idx in context.policy.owners:  # full-attention owners
             context.policy.score_layer(self.layer_idx, query, full_key, context.prompt_padding, self.scaling,
                                        context.cache, lse, self.softcap)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))

@@ -60,7 +60,7 @@ def policy_for_prefill(config, budget, budget_tokens, past_length, query_length,
         lengths = attention_mask[:, :query_length].sum(-1)
     else:
         lengths = torch.full((batch,), query_length, device=device)
-    return build_policy(config.kv_policy, budget, budget_tokens, config.owner_layers, lengths.cpu(), config.kv_window,
+    return build_policy(config.kv_policy, budget, budget_tokens, config.full_attention_owners, lengths.cpu(), config.kv_window,
                         config.kv_layer_weights, config.kv_pooling, config.kv_min_tokens or 0)
 
 
@@ -87,7 +87,7 @@ def compress_context(model, input_ids: torch.LongTensor, kv_budget: float | None
         window = probe_ids.shape[1]
         tokens += window
     lengths = torch.full((ids.shape[0],), ids.shape[1])
-    budget_policy = build_policy(name, None, tokens, config.owner_layers, lengths, window, config.kv_layer_weights,
+    budget_policy = build_policy(name, None, tokens, config.full_attention_owners, lengths, window, config.kv_layer_weights,
                                  config.kv_pooling)
     cache = SurgeryCache.for_config(config, model.model.runtimes)
     cache.slack = 0 if probe_ids is None else probe_ids.shape[1]  # PoD windows keep room for the dropped probe

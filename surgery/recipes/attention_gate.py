@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.base.errors import SurgeryError
 from surgery.base.lazy import lazy_import
-from surgery.recipes.base import Recipe
+from surgery.recipes.base import Recipe, every_layer_slides
 
 torch = lazy_import("torch")
 
@@ -70,6 +70,8 @@ class AttentionGateRecipe(Recipe):
             raise SurgeryError("the model already has Attention-Gates", hint="convert the original model instead")
         if config.kv_policy is not None:
             raise SurgeryError(f"the model already evicts with {config.kv_policy}", hint="convert the original model")
+        if not config.full_attention_owners:
+            raise every_layer_slides(config, "a gate would evict only inside that window")
         if self.gate_width is not None and self.gate_width > config.head_dim:
             raise SurgeryError(f"--gate-width {self.gate_width} is wider than a KV head ({config.head_dim}): a gate "
                                "should be small next to the attention it steers", hint=f"use at most {config.head_dim // 4}")
@@ -88,7 +90,7 @@ class AttentionGateRecipe(Recipe):
         inner = plan["heads"] * width
         self.seed = plan["seed"]
         self.shapes = {}
-        for layer in config.owner_layers:
+        for layer in config.full_attention_owners:  # a sliding layer keeps its window, ungated
             prefix = f"model.layers.{layer}{GATE_MODULE}"
             for part in ("query", "key", "value"):
                 self.shapes[f"{prefix}{part}.weight"] = (inner, config.hidden_size)

@@ -108,3 +108,10 @@ class Recipe:
 
     def options(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+def every_layer_slides(config: SurgeryConfig, why: str) -> SurgeryError:
+    """The refusal of a recipe that acts on full-attention layers only, for a model whose every layer slides."""
+    return SurgeryError(f"every layer of this {config.source_model_type or 'model'} attends within a sliding window of "
+                        f"{config.sliding_window} tokens, so its cache already holds at most that many per layer: {why}",
+                        hint="convert a model with full-attention layers")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.base.errors import SurgeryError
-from surgery.recipes.base import Recipe
+from surgery.recipes.base import Recipe, every_layer_slides
 
 if TYPE_CHECKING:
     from surgery.arch.configuration_surgery import SurgeryConfig
@@ -36,6 +36,8 @@ class TokenBudgetRecipe(Recipe):
             raise SurgeryError("--keep and --keep-tokens both given", hint="pass only one of them")
         if config.kv_policy is not None:
             raise SurgeryError(f"the model already evicts with {config.kv_policy}", hint="use one budget policy")
+        if not config.full_attention_owners:
+            raise every_layer_slides(config, "a token budget would evict only inside that window")
 
     def plan(self, runner, calibration_ids, seed: int = 0, progress: bool = True) -> dict[str, Any]:
         budget = DEFAULT_KEEP if self.keep is None and self.keep_tokens is None else self.keep

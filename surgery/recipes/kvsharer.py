@@ -111,7 +111,8 @@ class KVSharer(Recipe):
         identity = list(range(num_layers))
         reference = runner.run(identity)
         keys, values = mean_post_rope_kv(reference, calibration_ids.shape[0])
-        distances = pair_distances(keys, values)
+        kinds = runner.config.layer_types  # a layer shares only with a layer of its kind: the same window and RoPE
+        distances = {pair: d for pair, d in pair_distances(keys, values).items() if kinds[pair[0]] == kinds[pair[1]]}
         reference_final = reference.final  # the rest of the reference run stays only as the runner's state
         del reference, keys, values
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.base.errors import SurgeryError
 from surgery.base.lazy import lazy_import
-from surgery.recipes.base import Recipe
+from surgery.recipes.base import Recipe, every_layer_slides
 from surgery.recipes.growth import layer_of
 from surgery.metrics.compute import routers as routers_of
 
@@ -72,8 +72,16 @@ class MoDification(Recipe):
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def layers(self, config: SurgeryConfig) -> list[int]:
+        """The routed layers: every other layer (1, 3, ...) by default, full-attention layers only (a sliding layer's
+        cache already holds only its window)."""
         if self.route_layers is None:
-            return list(range(1, config.num_hidden_layers, 2))
+            layers = [layer for layer in range(1, config.num_hidden_layers, 2) if not config.is_sliding(layer)]
+            if not layers:
+                raise every_layer_slides(config, "routing would skip tokens only inside that window") \
+                    if not config.full_attention_owners else SurgeryError(
+                        "no odd-numbered layer of this model attends to its whole context",
+                        hint=f"name full-attention layers with --route-layers, e.g. {config.full_attention_owners[0]}")
+            return layers
         try:
             layers = sorted({int(part) for part in str(self.route_layers).split(",") if part.strip()})
         except ValueError:
@@ -82,6 +90,12 @@ class MoDification(Recipe):
         if not layers or layers[0] < 0 or layers[-1] >= config.num_hidden_layers:
             raise SurgeryError(f"--route-layers {self.route_layers} names no layer or one outside 0..{config.num_hidden_layers - 1}",
                                hint=f"pick layers between 0 and {config.num_hidden_layers - 1}")
+        sliding = [layer for layer in layers if config.is_sliding(layer)]
+        if sliding:
+            raise SurgeryError(f"--route-layers names sliding-window layers ({', '.join(map(str, sliding))}), whose "
+                               "cache already holds only their window",
+                               hint="route full-attention layers: " + (", ".join(map(str, config.full_attention_owners))
+                                                                     or "this model has none"))
         return layers
 
     def validate(self, config: SurgeryConfig) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.base.errors import SurgeryError
 from surgery.base.lazy import lazy_import
-from surgery.recipes.base import CalibrationRequest, Recipe
+from surgery.recipes.base import CalibrationRequest, Recipe, every_layer_slides
 modeling_surgery = lazy_import("surgery.arch.modeling_surgery")
 
 torch = lazy_import("torch")
@@ -98,6 +98,11 @@ class GreedyGrouping:
         self.similarity: list[list[float]] = []
         self.bottoms: list[tuple[int, torch.Tensor]] = []  # per KV head: (bottom layer, its attention for that head)
 
+    def keep_own(self, layer: int, heads: int) -> None:
+        """A layer outside every group (a sliding-window layer): its own keys, and the open groups stay open."""
+        self.key_source.append([layer] * heads)
+        self.similarity.append([1.0] * heads)
+
     def add(self, layer: int, attention: torch.Tensor) -> None:
         """attention: (samples, kv_heads, queries, keys) of the next layer."""
         heads = attention.shape[1]
@@ -143,6 +148,11 @@ class PoD(Recipe):
     def validate(self, config: SurgeryConfig) -> None:
         if config.pod_key_source is not None:
             raise SurgeryError("the model already shares keys with PoD", hint="convert the original model instead")
+        if len(config.full_attention_owners) < 2:
+            if not config.full_attention_owners:
+                raise every_layer_slides(config, "no layer has distant tokens to share")
+            raise SurgeryError("PoD shares distant keys between full-attention layers, and this model has one",
+                               hint="convert a model with several full-attention layers")
 
     def plan(self, runner: LayerRunner, calibration_ids: torch.Tensor, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
@@ -157,6 +167,9 @@ class PoD(Recipe):
             return distant_attention(attention, self.sinks, self.recent) if self.similarity == "distant" else attention
 
         def inspect(index, layer, hidden):
+            if config.is_sliding(index):  # no distant tokens: keeps its own keys, and is no group's bottom
+                grouping.keep_own(index, config.num_key_value_heads)
+                return
             grouping.add(index, torch.cat([signal(last_query_attention(layer, h, runner.rotary, config,
                                                                        self.last_queries)) for h in hidden]))
 

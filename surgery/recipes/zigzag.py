@@ -40,7 +40,7 @@ class ZigZagKV(TokenBudgetRecipe):
         batch's prefill, layer by layer, runs with a ZigZag policy object whose scores are read back."""
 
         config = runner.config
-        owners = config.owner_layers
+        owners = config.full_attention_owners
         policies = [policies_surgery.build_policy("zigzag", 0.5, None, owners, torch.full((len(batch),), batch.shape[1]), config.kv_window)
                     for batch in runner.batches]
         runner.run(runner.kv_source, commit=False, record=False, policies=policies)

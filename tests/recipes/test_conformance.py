@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 from cases import CALIBRATION, CALIBRATION_OVERRIDES, OPTIONS, ZERO_STRENGTH
-from factories import FAMILY_EXTRAS, save_tiny
+from factories import ALL_FAMILIES, save_tiny
 from helpers import assert_clean_failure, cli, run_convert
 from surgery.base.errors import SurgeryError
 from surgery.recipes import RECIPES
 
 pytestmark = pytest.mark.slow
-FAMILIES = list(FAMILY_EXTRAS)
+FAMILIES = ALL_FAMILIES
 PROMPT, TOTAL = 40, 46  # prefill 40 tokens, then decode 6 one at a time
 MAX_POSITIONS = 2048
 
@@ -158,7 +158,8 @@ def test_incremental_decoding_equals_a_full_forward(recipe, family, family_runs)
 def planned_kv_bytes(config: dict, case: dict, n: int = PROMPT) -> int:
     """The K/V bytes the plan in config.json says a prefill of n tokens leaves, written from the plan's fields: a
     sharing layer holds nothing, a projected head its ranks, a PoD borrowing head only its proximal keys, an
-    evicting layer its budget (the counts the policy chose, whose total the budget fixes)."""
+    evicting layer its budget (the counts the policy chose, whose total the budget fixes), a sliding-window layer
+    its last window − 1 tokens."""
     item = 4  # float32
     if config["model_type"] != "surgery":  # a plain family checkpoint, as stock transformers caches it
         kv_heads = config["num_key_value_heads"]
@@ -172,10 +173,11 @@ def planned_kv_bytes(config: dict, case: dict, n: int = PROMPT) -> int:
     for layer, source in enumerate(config["kv_source"]):
         if source != layer:
             continue
+        sliding = config["layer_types"][layer] == "sliding_attention" and config.get("sliding_window")
         key_widths = (config.get("matryoshka_key_ranks") or [None] * (layer + 1))[layer] or [head_dim] * kv_heads
         value_widths = (config.get("matryoshka_value_ranks") or [None] * (layer + 1))[layer] or [head_dim] * kv_heads
-        tokens = n
-        if config.get("kv_policy"):
+        tokens = min(n, config["sliding_window"] - 1) if sliding else n
+        if config.get("kv_policy") and not sliding:
             held, _ = case["held"][layer]
             tokens = held // kv_heads
         borrowing = [h for h, s in enumerate((config.get("pod_key_source") or [[layer] * kv_heads] * (layer + 1))[layer])
@@ -183,7 +185,7 @@ def planned_kv_bytes(config: dict, case: dict, n: int = PROMPT) -> int:
         proximal = min(n, config.get("pod_sink_tokens", 0) + config.get("pod_recent_tokens", 0))
         keys = sum(width * (proximal if h in borrowing else tokens) for h, width in enumerate(key_widths))
         total += (keys + sum(value_widths) * tokens) * item
-        if config.get("attention_gate_heads"):  # a gate keeps its own keys and values of every token it saw
+        if config.get("attention_gate_heads") and not sliding:  # a gate keeps its own K/V of every token it saw
             total += 2 * config["attention_gate_heads"] * config["attention_gate_width"] * n * item
     return total
 
@@ -194,7 +196,8 @@ def test_cache_holds_what_the_plan_says(recipe, family, family_runs):
     config = json.loads((case["folder"] / "config.json").read_text())
     assert case["kv_bytes"] == planned_kv_bytes(config, case)
     if config.get("kv_policy"):  # the budget fixes the total across layers: B = keep·n per layer on average
-        owners = [layer for layer, source in enumerate(config["kv_source"]) if source == layer]
+        owners = [layer for layer, source in enumerate(config["kv_source"]) if source == layer
+                  and config["layer_types"][layer] != "sliding_attention"]  # sliding layers keep their window
         kept = sum(case["held"][layer][0] for layer in owners) / config["num_key_value_heads"]
         assert abs(kept - round(config["kv_budget"] * PROMPT) * len(owners)) <= len(owners)
         assert evicts(case)
