@@ -24,6 +24,7 @@ test: install
 # against the oldest transformers pyproject.toml allows, in a venv that shares everything else.
 OLDEST_TRANSFORMERS = 5.4.0
 ARCH_TESTS = tests/arch tests/kernels tests/checkpoint/test_remote_code.py tests/checkpoint/test_formats.py \
+             tests/recipes/test_families.py "tests/checkpoint/test_gguf.py::test_family_gguf_streams_like_transformers_and_converts_to_the_identity" \
              "tests/recipes/test_conformance.py::test_loads_and_generates_without_surgery"
 test-oldest: install
 	$(PYTHON) -m venv --system-site-packages .venv-oldest

@@ -23,8 +23,9 @@ MIXTRAL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 SURGERY_EXPERT = re.compile(r"^(model\.layers\.\d+)\.mlp\.(experts\.\d+\.)(gate_proj|up_proj|down_proj)(\.weight)$")
 SURGERY_ROUTER = re.compile(r"^(model\.layers\.\d+)\.mlp\.gate\.weight$")
 PHI3_FUSED = re.compile(r"^(model\.layers\.\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight$")
-LANGUAGE_MODEL = (("model.language_model.", "model."), ("language_model.model.", "model."),
-                  ("language_model.lm_head.", "lm_head."))
+# (stored prefix, surgery prefix), the longest first: transformers 5.4 saves `model.language_model.model.`
+LANGUAGE_MODEL = (("model.language_model.model.", "model."), ("model.language_model.", "model."),
+                  ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from factories import save_tiny
 from helpers import cli, decode_stepwise, load_remote, run_convert
 from surgery.checkpoint.tensor_io import LazyCheckpoint
 
@@ -54,7 +55,9 @@ def test_attention_recipes_run_unchanged_on_moe_models(tiny_models, tmp_path, fa
         full = model(ids, use_cache=False).logits
     assert torch.allclose(decode_stepwise(model, ids, prompt=6)[0], full, atol=1e-5)
 
-    evicting = load_remote(run_convert(tiny_models[family], tmp_path / "snap", recipe="snapkv",
+    # budgets act on full-attention layers: a Mixtral without a sliding window, as Mixtral-8x7B has none
+    full_attention = save_tiny(tmp_path / "full", family, sliding_window=None) if family == "mixtral" else tiny_models[family]
+    evicting = load_remote(run_convert(full_attention, tmp_path / "snap", recipe="snapkv",
                                        recipe_options={"keep": 0.5, "keep_at_least": 1, "window": 2}))
     with torch.no_grad():
         cache = evicting(ids[:1], use_cache=True).past_key_values
