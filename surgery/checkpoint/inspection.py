@@ -25,8 +25,9 @@ def describe(model: str, allow_pickle: bool = False) -> dict[str, str]:
 
         with safe_open(checkpoint.folder / shard, framework="pt") as handle:
             parameters += sum(prod(handle.get_slice(name).get_shape()) for name in handle.keys())
-    owners = config.num_hidden_layers - len(config.sharing_layers)
-    kv_bytes = 2 * owners * config.num_key_value_heads * config.head_dim * DTYPE_BYTES.get(dtype, 4)
+    per_layer = 2 * config.num_key_value_heads * config.head_dim * DTYPE_BYTES.get(dtype, 4)
+    growing = len(config.full_attention_owners)  # a sliding layer's cache stops growing at its window
+    sliding = len(config.owner_layers) - growing
     info = {
         "model": source.name,
         "folder": str(source.folder),
@@ -40,8 +41,12 @@ def describe(model: str, allow_pickle: bool = False) -> dict[str, str]:
         "context": str(config.max_position_embeddings),
         "parameters (stored)": f"{parameters / 1e6:.1f}M",
         "dtype": dtype,
-        f"KV bytes/token ({dtype})": f"{kv_bytes:,} ({owners} layers with a cache)",
+        f"KV bytes/token ({dtype})": f"{growing * per_layer:,} ({growing} full-attention layers with a cache)",
     }
+    if sliding:
+        window = config.sliding_window
+        info["sliding-window layers"] = (f"{sliding} with a cache, window {window}: at most "
+                                         f"{sliding * per_layer * (window - 1):,} bytes in all (window − 1 tokens each)")
     if config.sharing_layers:
         info["sharing layers"] = ", ".join(f"{i}->{config.kv_source[i]}" for i in config.sharing_layers)
     if config.moe_layers:

@@ -78,8 +78,9 @@ def test_convert_then_inspect(tiny_models, tmp_path):
     result = run("inspect", str(out))
     assert result.exit_code == 0
     assert "qwen2" in result.output and "KV bytes/token (float32)" in result.output
-    # 4 layers x 2 KV heads x 16 dims x K and V x 4 bytes
-    assert "1,024" in result.output
+    # the tiny Qwen2's layers 2-3 slide over 6 tokens: 2 growing layers x 2 KV heads x 16 dims x K and V x 4 bytes,
+    # and the sliding layers' bound: 2 layers x 256 bytes x 5 tokens
+    assert "512 (2 full-attention layers" in result.output and "at most 2,560 bytes" in result.output
 
 
 def test_recipes_lists_papers():
