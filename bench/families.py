@@ -42,7 +42,7 @@ def stock_bytes_per_token(folder: Path, ids: torch.Tensor) -> float:
 
 
 def recipe_bytes_per_token(folder: Path, ids: torch.Tensor) -> float:
-    model = load_model(folder, dtype=torch.float32)
+    model, _ = load_model(str(folder))
     with torch.no_grad():
         output = model(ids, use_cache=True)
     cache = getattr(output, "cache", None) or output.past_key_values

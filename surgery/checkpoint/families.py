@@ -212,6 +212,14 @@ def language_config(source):
     return source.text_config if source.model_type in TEXT_OF else source
 
 
+def language_fields(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The language model's fields of a config.json (vocab_size, max_position_embeddings, ...): an image-text
+    model's text config with its family's defaults filled in, else the dict as it is."""
+    if isinstance(config_dict, dict) and config_dict.get("model_type") in TEXT_OF:
+        return language_config(source_config(config_dict)).to_dict()
+    return config_dict
+
+
 def surgery_config_from_source(config_dict: dict[str, Any]) -> SurgeryConfig:
     """Build the identity-plan surgery config for a source `config.json` dict (without executing remote code)."""
     source = language_config(source_config(config_dict))

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from surgery.arch.configuration_surgery import SURGERY_FORMAT, SurgeryConfig
 from surgery.arch.modeling_surgery import SurgeryForCausalLM
 from surgery.base.errors import SurgeryError, first_line, root_reason
-from surgery.checkpoint.families import TOKENIZER_FILES, family_model_class, source_config
+from surgery.checkpoint.families import TOKENIZER_FILES, family_model_class, language_fields, source_config
 from surgery.checkpoint.sources import Source, resolve
 from surgery.checkpoint.tensor_io import LazyCheckpoint
 from surgery import __version__
@@ -93,7 +93,7 @@ def clean_tokenizer_config(tokenizer_config: dict, source: Path) -> dict:
     length = clean.get("model_max_length")
     if isinstance(length, (int, float)) and length > UNSET_MAX_LENGTH:
         config = read_json(source / "config.json") if (source / "config.json").is_file() else {}
-        context = config.get("max_position_embeddings") if isinstance(config, dict) else None
+        context = language_fields(config).get("max_position_embeddings") if isinstance(config, dict) else None
         if isinstance(context, int):
             clean["model_max_length"] = context
         else:
@@ -219,7 +219,7 @@ def load_model(spec: str, allow_pickle: bool = False, trust_remote_code: bool = 
 
 def check_same_vocabulary(model: Source, other: Source, role: str) -> None:
     """Refuse to compare or distil across vocabularies: token ids would mean different things."""
-    sizes = model.config.get("vocab_size"), other.config.get("vocab_size")
+    sizes = language_fields(model.config).get("vocab_size"), language_fields(other.config).get("vocab_size")
     if sizes[0] != sizes[1]:
         raise SurgeryError(f"the {role} {other.name} has a vocabulary of {sizes[1]} tokens, the model {sizes[0]}",
                            hint=f"pass a {role} with the same tokenizer")
