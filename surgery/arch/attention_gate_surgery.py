@@ -216,9 +216,8 @@ class GatedKVLayer(PlainCacheLayer):
     Keys of a MatryoshkaKV layer arrive packed (batch, 1, seq, Σ rank); `widths` says how wide each head's block is.
     """
 
-    def __init__(self, kv_heads: int, window: int | None = None):
+    def __init__(self, kv_heads: int):
         self.kv_heads = kv_heads
-        self.window = window  # the layer's sliding window: then even a single query compares positions
         self.seen = 0
         self.widths: tuple[list[int], list[int]] | None = None
         self.heads: list[HeadSlots] | None = None  # settled: what earlier forwards kept
@@ -228,7 +227,7 @@ class GatedKVLayer(PlainCacheLayer):
         self.real: torch.Tensor | None = None  # (batch, q): this forward's tokens that are not left padding
 
     def __repr__(self) -> str:
-        return f"GatedKVLayer(kv_heads={self.kv_heads}, window={self.window}, seen={self.seen})"
+        return f"GatedKVLayer(kv_heads={self.kv_heads}, seen={self.seen})"
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -297,7 +296,7 @@ class GatedKVLayer(PlainCacheLayer):
         forward's tokens, so a single query needs neither positions nor a mask where every slot is real."""
         views = []
         for head in self.heads:
-            plain = q == 1 and self.window is None and bool(head.valid.all())
+            plain = q == 1 and bool(head.valid.all())  # gated layers are full-attention layers: no window
             views.append(KVView(head.keys[:, None], head.values[:, None], None if plain else head.positions[:, None],
                                 None if plain else head.valid[:, None]))
         return HeadViews(views)
@@ -388,7 +387,7 @@ class GatedKVLayer(PlainCacheLayer):
         raise NotImplementedError("cannot crop a gated cache: evicted tokens are gone")
 
     def reset(self) -> None:
-        self.__init__(self.kv_heads, self.window)
+        self.__init__(self.kv_heads)
 
 
 class AttentionGateRuntime(Runtime):

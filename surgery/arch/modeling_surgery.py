@@ -362,7 +362,7 @@ class SurgeryDecoderLayer(nn.Module):
         cos, sin = position_embeddings
         routed = route.gather(hidden_states)
         store = context.cache.layers[self.self_attn.layer_idx]
-        first_slot = store.first_slot(route, windowed=self.self_attn.sliding_window is not None)
+        first_slot = store.first_slot(route)
         out = self.block(routed, (route.gather(cos), route.gather(sin)), context.routed(route, first_slot))
         return route.scatter(hidden_states, out - routed)
 

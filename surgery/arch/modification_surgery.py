@@ -136,12 +136,13 @@ class RoutedKVLayer(PlainCacheLayer):
         self.seen += tokens
         self.last = (0, tokens)
 
-    def first_slot(self, route: Route, windowed: bool) -> int | None:
+    def first_slot(self, route: Route) -> int | None:
         """The slot the route's first token will take when this forward can attend by slot index: the slots stay
-        contiguous (every sequence of the batch routed the same count, before and now: no padding slot anywhere) and
-        no sliding window counts positions. Else None, and this forward's view carries the slots' positions."""
+        contiguous (every sequence of the batch routed the same count, before and now: no padding slot anywhere; a
+        routed layer is a full-attention layer, so no window counts positions). Else None, and this forward's view
+        carries the slots' positions."""
         holes = not bool(route.valid.all()) or (self.valid is not None and not bool(self.valid.all()))
-        self.by_slot = not holes and not windowed
+        self.by_slot = not holes
         if not self.by_slot:
             return None
         return 0 if self.values is None else self.values.shape[-2]

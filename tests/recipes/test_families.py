@@ -144,3 +144,11 @@ def test_gemma3_image_text_source_converts_to_a_text_only_checkpoint(tiny_models
 def test_a_bidirectional_gemma_is_refused_in_one_line(tmp_path):
     source = save_tiny(tmp_path / "source", "gemma3_text", use_bidirectional_attention=True)
     assert_clean_failure(cli("convert", source, "--out", tmp_path / "out"), "attends bidirectionally")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3"])
+def test_inspect_reads_each_family_folder(tiny_models, family):
+    result = cli("inspect", tiny_models[family])
+    assert result.exit_code == 0, result.output
+    assert family in result.output and "KV bytes/token (float32)" in result.output
+    assert ("sliding-window layers" in result.output) == (family != "phi3")
