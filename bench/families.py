@@ -78,7 +78,7 @@ def main() -> None:
                     measured = recipe_bytes_per_token(folder, ids)
                     cells[recipe] = f"{measured:,.0f} ({measured / base:.2f})"
                 except SurgeryError as error:
-                    cells[recipe] = "refused: " + str(error).split(":")[0]
+                    cells[recipe] = "refused: " + str(error)
                 print(family, recipe, cells[recipe], flush=True)
             rows[family] = cells
             write(rows, args.prompt)
@@ -100,8 +100,20 @@ def write(rows: dict, prompt: int) -> None:
         "| family | " + " | ".join(columns) + " |",
         "|---" * (len(columns) + 1) + "|",
     ]
+    reasons: list[str] = []  # each refusal's line once, as a numbered note under the table
+
+    def cell(text: str) -> str:
+        if not text.startswith("refused: "):
+            return text
+        reason = text.removeprefix("refused: ")
+        if reason not in reasons:
+            reasons.append(reason)
+        return f"refused ({reasons.index(reason) + 1})"
+
     for family, cells in rows.items():
-        lines.append(f"| {family} | " + " | ".join(cells.get(column, "") for column in columns) + " |")
+        lines.append(f"| {family} | " + " | ".join(cell(cells.get(column, "")) for column in columns) + " |")
+    lines += ["", "Refusals, as `surgery convert` prints them:", ""]
+    lines += [f"{number}. {reason}" for number, reason in enumerate(reasons, 1)]
     missing = [family for family in ALL_FAMILIES if family not in rows]
     if missing:
         lines += ["", f"Missing rows: {', '.join(missing)} (not run in this invocation)."]
