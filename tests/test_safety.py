@@ -182,11 +182,11 @@ def test_newer_checkpoint_format_is_refused(kvsharer_checkpoint, tmp_path):
     folder = tmp_path / "future"
     shutil.copytree(kvsharer_checkpoint, folder)
     config = json.loads((folder / "config.json").read_text())
-    assert config["surgery_format"] == 2
+    assert config["surgery_format"] == 3
     config["surgery_format"] = 99
     (folder / "config.json").write_text(json.dumps(config))
     for args in (["generate", folder], ["inspect", folder], ["eval", folder]):
-        assert_clean_failure(cli(*args), "format 99", "up to 2", "upgrade")
+        assert_clean_failure(cli(*args), "format 99", "up to 3", "upgrade")
 
 
 def test_sharing_layer_turned_owner_is_an_error_not_random_weights(kvsharer_checkpoint, tmp_path):

@@ -10,7 +10,8 @@ from transformers.modeling_rope_utils import RopeParameters
 
 # The checkpoint layout this code reads and writes. Bumped whenever the layout changes, so an older surgery refuses
 # a newer checkpoint instead of misreading it.
-SURGERY_FORMAT = 2  # 2: recipe config keys named after their recipe (checkpoint/loading.FORMAT_1_KEYS)
+SURGERY_FORMAT = 3  # 2: recipe config keys named after their recipe (checkpoint/loading.FORMAT_1_KEYS); 3: Gemma and
+# Phi-3 fields, sliding layers hold only their window, gates and routers on full-attention layers only
 
 
 @strict
@@ -173,6 +174,10 @@ class SurgeryConfig(PreTrainedConfig):
         """Reject plans that cannot run: a layer may only read the cache of an earlier layer that owns its K/V."""
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "embedding_scale"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
         if len(self.kv_source) != self.num_hidden_layers:
             raise ValueError(f"kv_source has {len(self.kv_source)} entries for {self.num_hidden_layers} layers")
         for layer, source in enumerate(self.kv_source):

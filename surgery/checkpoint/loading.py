@@ -150,9 +150,16 @@ FORMAT_1_KEYS = {"kv_gate_heads": "attention_gate_heads", "kv_gate_width": "atte
 
 
 def upgraded(raw: dict[str, Any], found: int) -> dict[str, Any]:
-    """A config.json of an older format, in the keys of the current one."""
+    """A config.json of an older format, in the keys of the current one. Before format 3 a gate sat on every
+    K/V-owning layer, sliding ones included, which this package no longer builds: such a checkpoint is refused
+    rather than run with some of its gates left out."""
     if found == 1:
         raw = {FORMAT_1_KEYS.get(key, key): value for key, value in raw.items()}
+    sliding = raw.get("sliding_window") and "sliding_attention" in (raw.get("layer_types") or [])
+    if found < 3 and raw.get("attention_gate_heads") and sliding:
+        raise SurgeryError("this checkpoint (surgery format {}) gates sliding-window layers, which surgery now leaves "
+                           "ungated".format(found), hint="load it with its own code (trust_remote_code=True in "
+                                                          "transformers) or convert the source again")
     return {**raw, "surgery_format": SURGERY_FORMAT}
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import cli
@@ -19,7 +20,7 @@ def test_format_1_is_read_in_the_current_keys(tmp_path):
     folder = shutil.copytree(FORMAT_1, tmp_path / "old")
     config = read_checkpoint_config(folder)
     assert config.attention_gate_heads == 1 and config.attention_gate_width == 2
-    assert config.surgery_format == 2
+    assert config.surgery_format == 3
     result = cli("inspect", folder)
     assert result.exit_code == 0, result.stderr
     assert "attention-gate" in result.output
@@ -28,6 +29,7 @@ def test_format_1_is_read_in_the_current_keys(tmp_path):
 # Stock transformers and the folder's own code, in an interpreter that cannot import surgery.
 STOCK = """
 import sys; sys.modules["surgery"] = None
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
@@ -65,3 +67,21 @@ def test_a_broken_format_1_config_is_one_line_and_changes_nothing(tmp_path):
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
     assert_clean_failure(cli("inspect", folder), "not a valid surgery config")
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
+def test_format_2_is_read_unless_it_gates_sliding_layers(tiny_models, tmp_path):
+    """Format 2 put a gate on sliding-window layers too, which format 3 leaves ungated: such a checkpoint is refused
+    in one line rather than run with gates left out; any other format-2 checkpoint reads as it is."""
+    import json
+
+    from helpers import run_convert
+    from surgery.base.errors import SurgeryError
+
+    plain = run_convert(tiny_models["qwen2"], tmp_path / "plain", "none")
+    gated = run_convert(tiny_models["qwen2"], tmp_path / "gated", "attention-gate")
+    for folder in (plain, gated):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "surgery_format": 2}))
+    assert read_checkpoint_config(plain).surgery_format == 3
+    with pytest.raises(SurgeryError, match="gates sliding-window layers"):
+        read_checkpoint_config(gated)
