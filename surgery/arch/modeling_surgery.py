@@ -1,7 +1,9 @@
 """The surgery decoder: one llama-family model whose layers are configured by a conversion plan.
 
-With an empty plan it computes exactly what the source family (llama, mistral, qwen2, qwen3 and the MoE families)
-computes. It reads like transformers' `modeling_llama.py`: project, RoPE, cache, attend, output. The core beside it
+With an empty plan it computes exactly what the source family (llama, mistral, qwen2, qwen3, the MoE families,
+gemma2, gemma3, phi3) computes; the families' differences are named config fields (Gemma's (1 + w) and sandwich
+norms, scaled embeddings, score scalar and soft-caps, per-type RoPE; Phi-3's partial rotary and longrope), read
+where they act. It reads like transformers' `modeling_llama.py`: project, RoPE, cache, attend, output. The core beside it
 is the attention over cache views (`attention_surgery.py`), the cache and its stores (`cache_surgery.py`,
 `kvlayer_surgery.py`) and the MLP or mixture of experts (`mlp_surgery.py`). What a recipe adds at run time lives in
 its own module (`pod_surgery.py`, `attention_gate_surgery.py`, ...), which plugs in through the hooks of
