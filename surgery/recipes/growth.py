@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from surgery.checkpoint.rewrite import TensorPlan
 
 Layout = list[tuple[str, int]]
-NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+# A block's norms (Gemma's sandwich norms included), which LESA's `--norms first` copies from layer 0.
+NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
+         "post_feedforward_layernorm.weight")
 
 
 def layer_name(index: int, suffix: str) -> str:

@@ -152,3 +152,14 @@ def test_inspect_reads_each_family_folder(tiny_models, family):
     assert result.exit_code == 0, result.output
     assert family in result.output and "KV bytes/token (float32)" in result.output
     assert ("sliding-window layers" in result.output) == (family != "phi3")
+
+
+def test_lesa_norms_first_copies_every_block_norm_of_gemma(tiny_models, tmp_path):
+    """`--norms first` (the official LESA code) gives a new layer layer 0's norms: Gemma's four per block."""
+    from safetensors.torch import load_file
+
+    out = run_convert(tiny_models["gemma2"], tmp_path / "out", "lesa", num_samples=2, seq_len=32, seed=3,
+                      recipe_options={"target_layers": 5, "norms": "first", "predictor_epochs": 1, "predictor_width": 16})
+    weights, new = load_file(out / "model.safetensors"), config_of(out)["grown_layers"][0]
+    for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+        assert torch.equal(weights[f"model.layers.{new}.{norm}.weight"], weights[f"model.layers.0.{norm}.weight"]), norm
