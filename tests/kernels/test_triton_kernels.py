@@ -112,6 +112,18 @@ def tiny_model(**extra):
     return tiny_surgery_model(max_positions=128, **extra)
 
 
+def generate_both_ways(model, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Greedy generation with its logits, through the PyTorch path ("sdpa") and the Triton kernels."""
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    results = {}
+    for implementation in ("sdpa", "surgery_triton"):
+        model.config._attn_implementation = implementation
+        with torch.no_grad():
+            results[implementation] = model.generate(ids, **kwargs)
+    return results
+
+
 @pytest.mark.parametrize("layout", ["dense", "shared", "projected", "evicted", "padded", "pyramid-padded"])
 def test_model_decode_with_kernels_matches_pytorch(layout):
     """Greedy decoding through the Triton decode kernel gives the PyTorch path's logits, layout by layout."""
@@ -127,13 +139,7 @@ def test_model_decode_with_kernels_matches_pytorch(layout):
     mask = torch.ones_like(ids)
     if layout in ("padded", "pyramid-padded"):
         mask[1, :7] = 0
-    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
-                  return_dict_in_generate=True)
-    results = {}
-    for implementation in ("sdpa", "surgery_triton"):
-        model.config._attn_implementation = implementation
-        with torch.no_grad():
-            results[implementation] = model.generate(ids, **kwargs)
+    results = generate_both_ways(model, ids, mask)
     assert torch.equal(results["sdpa"].sequences, results["surgery_triton"].sequences)
     for expected, got in zip(results["sdpa"].logits, results["surgery_triton"].logits):
         assert (expected - got).abs().max() < 1e-4
@@ -281,15 +287,11 @@ def test_gemma2_with_kernels_matches_pytorch(tiny_models, tmp_path):
     ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
-    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
-                  return_dict_in_generate=True)
-    results = {}
-    for implementation in ("sdpa", "surgery_triton"):
-        model.config._attn_implementation = implementation
-        with torch.no_grad():
-            results[implementation] = model.generate(ids, **kwargs)
+    results = generate_both_ways(model, ids, mask)
     with torch.no_grad():
-        results["transformers"] = reference_model.generate(ids, **kwargs)
+        results["transformers"] = reference_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                                           pad_token_id=0, output_logits=True,
+                                                           return_dict_in_generate=True)
     for name in ("surgery_triton", "transformers"):
         assert torch.equal(results["sdpa"].sequences, results[name].sequences), name
         for expected, got in zip(results["sdpa"].logits, results[name].logits):
