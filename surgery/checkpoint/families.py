@@ -259,7 +259,7 @@ def plain_family_config(config_dict: dict[str, Any], model: SurgeryConfig):
     hold the model exactly."""
     model_type = read_model_type(config_dict)
     if model_type in TEXT_OF:
-        config_dict = {**language_config(source_config(config_dict)).to_dict(), "model_type": TEXT_OF[model_type]}
+        config_dict = {**language_fields(config_dict), "model_type": TEXT_OF[model_type]}
         model_type = TEXT_OF[model_type]
     if model_type in FUSED_FAMILIES:
         return None

@@ -163,3 +163,14 @@ def test_lesa_norms_first_copies_every_block_norm_of_gemma(tiny_models, tmp_path
     weights, new = load_file(out / "model.safetensors"), config_of(out)["grown_layers"][0]
     for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
         assert torch.equal(weights[f"model.layers.{new}.{norm}.weight"], weights[f"model.layers.0.{norm}.weight"]), norm
+
+
+def test_an_image_text_config_without_its_text_config_is_refused_in_one_line(tiny_models, tmp_path):
+    import shutil
+
+    source = shutil.copytree(tiny_models["gemma3"], tmp_path / "source")
+    config = config_of(source)
+    del config["text_config"]
+    (source / "config.json").write_text(json.dumps(config))
+    assert_clean_failure(cli("convert", source, "--out", tmp_path / "out"), "has no text_config")
+    assert not (tmp_path / "out").exists()
